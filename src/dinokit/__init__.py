@@ -1,0 +1,18 @@
+"""dinokit: DINO-family self-supervised learning for vision."""
+
+from dinokit.backbones import Backbone, BackboneOutput, build_backbone
+from dinokit.heads import DINOHead
+from dinokit.losses import DINOLoss
+from dinokit.methods import DINO, DINOOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DINO",
+    "Backbone",
+    "BackboneOutput",
+    "DINOHead",
+    "DINOLoss",
+    "DINOOutput",
+    "build_backbone",
+]

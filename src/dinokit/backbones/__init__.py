@@ -1,0 +1,111 @@
+"""Backbones: timm ViTs, timm/torchvision CNNs or any ``nn.Module`` behind one interface."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from dinokit.backbones.base import Backbone, BackboneOutput
+from dinokit.backbones.generic import ModuleBackbone
+from dinokit.backbones.vit import ViTBackbone, is_timm_vit
+
+__all__ = [
+    "Backbone",
+    "BackboneOutput",
+    "ModuleBackbone",
+    "ViTBackbone",
+    "build_backbone",
+    "is_timm_vit",
+]
+
+_TORCHVISION_PREFIX = "torchvision/"
+_CLASSIFIER_ATTRS = ("fc", "classifier", "head", "heads")
+
+
+def _strip_classifier(model: nn.Module) -> nn.Module:
+    """Replace a torchvision classifier (``fc``, ``classifier``, ``heads``) by identity."""
+    for attr in _CLASSIFIER_ATTRS:
+        if isinstance(getattr(model, attr, None), (nn.Linear, nn.Sequential)):
+            setattr(model, attr, nn.Identity())
+            return model
+    return model
+
+
+def _timm_model(name: str, pretrained: bool, num_registers: int, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
+    if not timm.list_models(name) and not timm.is_model(name) and not name.startswith("hf"):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise ValueError(f"unknown timm model name {name!r}; similar names: {close}")
+    kw: dict[str, Any] = {"num_classes": 0, "pretrained": pretrained, **kwargs}
+    is_vit_name = "vit" in name or "deit" in name or "eva" in name
+    if is_vit_name:
+        kw.setdefault("dynamic_img_size", True)
+        if num_registers:
+            kw.setdefault("reg_tokens", num_registers)
+    try:
+        return timm.create_model(name, **kw)
+    except TypeError as e:
+        if "dynamic_img_size" in str(e) and "dynamic_img_size" not in kwargs:
+            kw.pop("dynamic_img_size")
+            return timm.create_model(name, **kw)
+        raise
+
+
+def build_backbone(
+    encoder: str | nn.Module | Backbone,
+    *,
+    pretrained: bool = False,
+    num_registers: int = 0,
+    encoder_kwargs: dict[str, Any] | None = None,
+) -> Backbone:
+    """Turn a model name or module into a :class:`Backbone`.
+
+    Args:
+        encoder: a timm model name (``"vit_small_patch16_224"``, ``"resnet50"``; ViTs get
+            ``dynamic_img_size=True``), ``"torchvision/<name>"`` for a torchvision model, an
+            ``nn.Module`` (a timm ViT, a CNN or anything returning ``[B, D]``/``[B, T, D]``/
+            ``[B, D, H, W]``), or an existing :class:`Backbone` (returned as is).
+        pretrained: load the published weights (needs network or a local hub cache).
+        num_registers: register tokens for ViTs (timm's ``reg_tokens`` for names; added tokens
+            for a ViT module built without them).
+        encoder_kwargs: extra keyword arguments for ``timm.create_model`` or the torchvision
+            builder (``img_size``, ``drop_path_rate``, ``in_chans``, ...).
+    """
+    kwargs = dict(encoder_kwargs or {})
+    if isinstance(encoder, Backbone):
+        if num_registers and encoder.num_registers != num_registers:
+            raise ValueError(
+                f"num_registers={num_registers} but the given backbone has {encoder.num_registers}"
+            )
+        return encoder
+    if isinstance(encoder, str):
+        if encoder.startswith(_TORCHVISION_PREFIX):
+            import torchvision
+
+            name = encoder[len(_TORCHVISION_PREFIX) :]
+            if name not in torchvision.models.list_models():
+                raise ValueError(f"unknown torchvision model {name!r}")
+            weights = "DEFAULT" if pretrained else None
+            model = _strip_classifier(torchvision.models.get_model(name, weights=weights, **kwargs))
+            if num_registers:
+                raise ValueError("num_registers needs a timm ViT, not a torchvision model")
+            return ModuleBackbone(model)
+        model = _timm_model(encoder, pretrained, num_registers, kwargs)
+        if is_timm_vit(model):
+            return ViTBackbone(model, timm_name=encoder)
+        if num_registers:
+            raise ValueError(f"num_registers={num_registers} needs a ViT; {encoder!r} is not one")
+        return ModuleBackbone(model, timm_name=encoder)
+    if not isinstance(encoder, nn.Module):
+        raise TypeError(
+            f"encoder must be a model name, an nn.Module or a Backbone, got {type(encoder).__name__}"
+        )
+    if is_timm_vit(encoder):
+        have = int(getattr(encoder, "num_reg_tokens", 0) or 0)
+        extra = max(0, num_registers - have) if num_registers else 0
+        return ViTBackbone(encoder, extra_registers=extra)
+    if num_registers:
+        raise ValueError(f"num_registers={num_registers} needs a ViT; got {type(encoder).__name__}")
+    return ModuleBackbone(encoder)

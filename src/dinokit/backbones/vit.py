@@ -1,0 +1,161 @@
+"""timm Vision Transformers behind the dinokit feature interface.
+
+Adds what DINO-family methods need on top of timm's ``VisionTransformer``: a learned mask token
+applied before the position embedding (iBOT), register tokens kept apart from the patches
+(Darcet et al., ICLR 2024), the last block's self-attention (DINO's attention maps) and the CLS
+tokens of the last ``n`` blocks (DINO's linear evaluation input).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dinokit.backbones.base import Backbone, BackboneOutput
+
+
+def is_timm_vit(model: nn.Module) -> bool:
+    """Whether ``model`` looks like a timm ``VisionTransformer`` (patch_embed, blocks, norm)."""
+    return all(hasattr(model, a) for a in ("patch_embed", "blocks", "norm", "_pos_embed")) and (
+        hasattr(model, "num_prefix_tokens")
+    )
+
+
+class ViTBackbone(Backbone):
+    """A timm ViT; token order is ``[CLS, registers..., patches...]``.
+
+    Args:
+        model: a timm ``VisionTransformer`` (built with ``dynamic_img_size=True`` so that 224- and
+            96-pixel crops share one model).
+        extra_registers: register tokens to add on top of the ones the model already has (for a
+            ViT built elsewhere without ``reg_tokens``); they carry no position embedding.
+        timm_name: the timm architecture name, recorded for export.
+    """
+
+    supports_attention = True
+
+    def __init__(self, model: nn.Module, extra_registers: int = 0, timm_name: str | None = None):
+        super().__init__()
+        if not is_timm_vit(model):
+            raise TypeError(f"ViTBackbone needs a timm VisionTransformer, got {type(model).__name__}")
+        if extra_registers < 0:
+            raise ValueError(f"extra_registers must be >= 0, got {extra_registers}")
+        self.model = model
+        self.timm_name = timm_name
+        self.embed_dim = int(model.embed_dim)
+        self.in_chans = int(model.patch_embed.proj.in_channels)
+        ps = model.patch_embed.patch_size
+        self.patch_size = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+        self.has_cls_token = getattr(model, "cls_token", None) is not None
+        self.native_registers = int(getattr(model, "num_reg_tokens", 0) or 0)
+        self.extra_registers = int(extra_registers)
+        self.num_registers = self.native_registers + self.extra_registers
+        self.supports_masking = True
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, extra_registers, self.embed_dim)) if extra_registers else None
+        )
+        if self.register_tokens is not None:
+            nn.init.trunc_normal_(self.register_tokens, std=0.02)
+        self.mask_token: nn.Parameter | None = None
+        self.dynamic_img_size = bool(getattr(model, "dynamic_img_size", False))
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """CLS + register tokens in front of the patches."""
+        return int(self.model.num_prefix_tokens) + self.extra_registers
+
+    def enable_mask_token(self) -> None:
+        """Create the learned mask token (idempotent); masked patches are replaced by it."""
+        if self.mask_token is None:
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def _check_size(self, x: Tensor) -> None:
+        h, w = x.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(
+                f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}"
+            )
+        if not self.dynamic_img_size:
+            expected = tuple(self.model.patch_embed.img_size)
+            if (h, w) != expected:
+                raise ValueError(
+                    f"image size {h}x{w} differs from the ViT's fixed size {expected[0]}x"
+                    f"{expected[1]}; build it with dynamic_img_size=True for multi-crop"
+                )
+
+    def tokens(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
+        """Token sequence entering the blocks, ``[B, T, D]``.
+
+        ``masks`` (``[B, N]`` bool, True = masked) replaces those patches by the mask token before
+        the position embedding, as in iBOT/DINOv2.
+        """
+        self.check_input(x)
+        self._check_size(x)
+        m = self.model
+        t = m.patch_embed(x)  # [B, H, W, D] (dynamic size) or [B, N, D]
+        if masks is not None:
+            if self.mask_token is None:
+                raise RuntimeError("masks given but the mask token is off; call enable_mask_token()")
+            flat = t.reshape(t.shape[0], -1, t.shape[-1])
+            if masks.shape != flat.shape[:2]:
+                raise ValueError(
+                    f"masks has shape {tuple(masks.shape)} but the images give "
+                    f"{tuple(flat.shape[:2])} (batch, patches)"
+                )
+            flat = torch.where(masks.unsqueeze(-1), self.mask_token.to(flat.dtype), flat)
+            t = flat.reshape(t.shape)
+        t = m._pos_embed(t)
+        if self.register_tokens is not None:
+            n0 = int(m.num_prefix_tokens)
+            regs = self.register_tokens.expand(t.shape[0], -1, -1).to(t.dtype)
+            t = torch.cat([t[:, :n0], regs, t[:, n0:]], dim=1)
+        t = m.patch_drop(t)
+        return m.norm_pre(t)
+
+    def _split(self, t: Tensor) -> BackboneOutput:
+        p = self.num_prefix_tokens
+        start = 1 if self.has_cls_token else 0
+        regs = t[:, start:p] if self.num_registers else None
+        patches = t[:, p:]
+        if self.has_cls_token:
+            cls = t[:, 0]
+        else:
+            cls = patches.mean(dim=1)
+        return BackboneOutput(cls=cls, patches=patches, registers=regs)
+
+    def forward(self, x: Tensor, masks: Tensor | None = None) -> BackboneOutput:
+        t = self.tokens(x, masks)
+        t = self.model.blocks(t)
+        t = self.model.norm(t)
+        return self._split(t)
+
+    def last_self_attention(self, x: Tensor) -> Tensor:
+        """Softmax attention of the last block, ``[B, heads, T, T]``, computed explicitly."""
+        t = self.tokens(x)
+        blocks = list(self.model.blocks)
+        for blk in blocks[:-1]:
+            t = blk(t)
+        last = blocks[-1]
+        attn_mod = last.attn
+        h = last.norm1(t)
+        B, T, _ = h.shape
+        heads = attn_mod.num_heads
+        head_dim = attn_mod.qkv.out_features // (3 * heads)
+        qkv = attn_mod.qkv(h).reshape(B, T, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k = attn_mod.q_norm(qkv[0]), attn_mod.k_norm(qkv[1])
+        scores = (q * attn_mod.scale) @ k.transpose(-2, -1)
+        return scores.softmax(dim=-1)
+
+    def intermediate_cls(self, x: Tensor, n: int) -> Tensor:
+        """Normalised CLS tokens of the last ``n`` blocks, concatenated: ``[B, n * D]``."""
+        blocks = list(self.model.blocks)
+        if not 1 <= n <= len(blocks):
+            raise ValueError(f"n must be in [1, {len(blocks)}] for this ViT, got {n}")
+        t = self.tokens(x)
+        outs = []
+        for i, blk in enumerate(blocks):
+            t = blk(t)
+            if i >= len(blocks) - n:
+                outs.append(self._split(self.model.norm(t)).cls)
+        return torch.cat(outs, dim=-1)

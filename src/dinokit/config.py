@@ -1,0 +1,384 @@
+"""One typed config tree for YAML presets, ``key=value`` overrides, ``--help`` and the Python API.
+
+Every option is a dataclass field with a default and a ``help`` string, so the defaults, the CLI
+help text and the validation all come from this file. Unknown keys, wrong types and out-of-range
+values fail before any work starts, with the dotted key named (and the closest valid key for a
+typo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the dotted key."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" reads best here
+    if isinstance(default, (list, dict, tuple)) and not isinstance(default, tuple):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    """The method and its network."""
+
+    method: Literal["dino", "dinov2", "dinov3"] = _f("dino", "DINO-family method")
+    backbone: str = _f(
+        "vit_small_patch16_224",
+        "timm model name, or torchvision/<name>; ViTs get dynamic_img_size=True",
+    )
+    backbone_kwargs: dict = _f({}, "extra timm.create_model arguments (img_size, patch_size, ...)")
+    pretrained: bool = _f(False, "start from the published weights of the named backbone")
+    init_weights: str | None = _f(
+        None, "backbone-only weights to start from (.safetensors/.pt: timm or dinokit export)"
+    )
+    n_prototypes: int = _f(65536, "prototypes K of the CLS head", min=2)
+    head_hidden_dim: int = _f(2048, "hidden width of the head MLP", min=1)
+    head_bottleneck_dim: int = _f(256, "bottleneck width before the prototypes", min=1)
+    head_layers: int = _f(3, "layers of the head MLP", min=1)
+    head_batch_norm: bool = _f(False, "BatchNorm in the head MLP (for CNN backbones)")
+    norm_last_layer: bool = _f(True, "fix the prototype weight-norm gain at 1 (stabler)")
+    temperature_student: float = _f(0.1, "student temperature tau_s", gt=0)
+    temperature_teacher_warmup: float = _f(0.04, "teacher temperature at epoch 0", gt=0)
+    temperature_teacher: float = _f(0.07, "teacher temperature after warm-up", gt=0)
+    warmup_epochs_temperature_teacher: int = _f(30, "epochs of teacher temperature warm-up", min=0)
+    center_momentum: float = _f(0.9, "EMA momentum of the teacher centre", ge=0, le=1)
+    ema_decay_start: float = _f(0.996, "teacher EMA momentum at step 0", ge=0, le=1)
+    ema_decay_end: float = _f(1.0, "teacher EMA momentum at the last step", ge=0, le=1)
+    drop_path_rate: float = _f(0.0, "stochastic depth of the student ViT", ge=0, le=1)
+    # DINOv2 / DINOv3
+    n_patch_prototypes: int = _f(8192, "[dinov2/3] prototypes of the iBOT patch head", min=2)
+    shared_head: bool = _f(False, "[dinov2/3] share one head for CLS and patch tokens")
+    centering: Literal["sinkhorn", "ema"] = _f("sinkhorn", "[dinov2/3] teacher centring")
+    sinkhorn_iterations: int = _f(3, "[dinov2/3] Sinkhorn-Knopp iterations", min=1)
+    patch_loss_weight: float = _f(1.0, "[dinov2/3] weight of the iBOT patch loss", ge=0)
+    koleo_weight: float = _f(0.1, "[dinov2/3] weight of the KoLeo regulariser", ge=0)
+    n_registers: int = _f(0, "[dinov2/3] register tokens (DINOv3 preset: 4)", min=0)
+    gram_weight: float = _f(0.0, "[dinov3] weight of Gram anchoring (0 = off)", ge=0)
+    gram_start_step: int = _f(0, "[dinov3] step at which Gram anchoring starts", min=0)
+    gram_ramp_steps: int = _f(0, "[dinov3] steps over which its weight ramps up", min=0)
+    gram_refresh_every: int | None = _f(None, "[dinov3] refresh the Gram teacher every N steps")
+    gram_teacher_path: str | None = _f(None, "[dinov3] Gram teacher backbone weights file")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are cropped."""
+
+    dataset: Literal["folder", "fashion-mnist", "digits", "demo"] = _f(
+        "folder", "folder = your images under data.path; demo = Fashion-MNIST, else digits"
+    )
+    path: str | None = _f(None, "image folder (recursive; class sub-folders give labels)")
+    val_path: str | None = _f(None, "labelled folder for validation loss and k-NN monitor")
+    limit: int | None = _f(None, "use only the first N training images", min=1)
+    val_limit: int | None = _f(None, "use only the first N validation images", min=1)
+    batch_size: int = _f(64, "images per process per step", min=1)
+    num_workers: int = _f(4, "DataLoader worker processes", min=0)
+    strict_images: bool = _f(False, "fail on the first unreadable image instead of skipping it")
+    crop_preset: Literal["imagenet", "small"] = _f("imagenet", "augmentation defaults")
+    source_size: int = _f(28, "for crop_preset=small: size of the source images", min=4)
+    global_size: int | None = _f(None, "global crop size (preset default if unset)", min=4)
+    local_size: int | None = _f(None, "local crop size (preset default if unset)", min=4)
+    n_global: int = _f(2, "global crops per image", min=1)
+    n_local: int = _f(8, "local crops per image", min=0)
+    global_scale: tuple = _f((0.4, 1.0), "RandomResizedCrop scale of global crops", scale=True)
+    local_scale: tuple = _f((0.05, 0.4), "RandomResizedCrop scale of local crops", scale=True)
+    channels: int = _f(3, "channels fed to the network (1 or 3)", min=1, max=3)
+    mask_probability: float = _f(0.5, "[dinov2/3] fraction of global crops masked", ge=0, le=1)
+    mask_ratio_range: tuple = _f((0.1, 0.5), "[dinov2/3] masked patch ratio range", ratio=True)
+    mask_mode: Literal["block", "random"] = _f("block", "[dinov2/3] block (iBOT) or random masks")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedules (per iteration, with the linear scaling rule)."""
+
+    optimizer: Literal["adamw", "sgd", "lars"] = _f("adamw", "optimiser")
+    lr: float = _f(0.0005, "base learning rate for a global batch of lr_reference_batch", gt=0)
+    lr_scaling: Literal["linear", "sqrt", "none"] = _f("linear", "lr scaling rule with batch size")
+    lr_reference_batch: int = _f(256, "reference batch of the scaling rule", min=1)
+    min_lr: float = _f(1e-6, "learning rate at the end of the cosine", ge=0)
+    warmup_epochs: float = _f(10, "epochs of linear lr warm-up", ge=0)
+    weight_decay: float = _f(0.04, "weight decay at step 0", ge=0)
+    weight_decay_end: float = _f(0.4, "weight decay at the last step (cosine)", ge=0)
+    momentum: float = _f(0.9, "SGD/LARS momentum", ge=0, le=1)
+    betas: tuple = _f((0.9, 0.999), "AdamW betas")
+    clip_grad: float = _f(3.0, "gradient clipping norm (0 = off)", ge=0)
+    clip_mode: Literal["per_param", "global"] = _f(
+        "per_param", "per_param = DINO's per-parameter norm clipping; global = total norm"
+    )
+    freeze_last_layer_epochs: int = _f(1, "epochs during which the prototypes stay frozen", min=0)
+    layer_decay: float = _f(1.0, "layer-wise lr decay for ViTs (DINOv2: 0.9; 1 = off)", gt=0, le=1)
+    patch_embed_lr_mult: float = _f(1.0, "lr multiplier of the patch embedding (DINOv2: 0.2)", gt=0)
+
+
+@dataclass
+class TrainerConfig:
+    """The Lightning Trainer and the run directory."""
+
+    epochs: int = _f(100, "training epochs", min=1)
+    max_steps: int = _f(-1, "stop after this many optimiser steps (-1 = epochs decide)")
+    accelerator: str = _f("auto", "cpu, gpu, auto, ...")
+    devices: str = _f("auto", "device count or list (Lightning syntax)")
+    num_nodes: int = _f(1, "nodes (torchrun / SLURM)", min=1)
+    strategy: str = _f("auto", "auto, ddp, fsdp, ...")
+    precision: str = _f("32", "32, bf16-mixed or 16-mixed (loss scaling)")
+    accumulate_grad_batches: int = _f(1, "gradient accumulation steps", min=1)
+    seed: int = _f(0, "random seed (data order, augmentations, init)")
+    output_dir: str = _f("runs", "parent folder of run directories")
+    run_name: str | None = _f(None, "run directory name (default: timestamp + method)")
+    resume: str | None = _f(None, "'last' or a checkpoint path: continue that run exactly")
+    log_every_n_steps: int = _f(10, "logging interval in steps", min=1)
+    checkpoint_every_n_steps: int | None = _f(None, "also checkpoint every N steps", min=1)
+    knn_every_n_epochs: int = _f(0, "k-NN monitor interval on data.val_path (0 = off)", min=0)
+    progress: bool = _f(True, "show a progress bar")
+    compile: bool = _f(False, "torch.compile the student backbone")
+
+
+@dataclass
+class Config:
+    """A dinokit run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML-safe: tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> Config:
+        """Check cross-field rules; returns self."""
+        d, m = self.data, self.model
+        if d.dataset == "folder" and not d.path:
+            raise ConfigError("data.path: required when data.dataset is 'folder'")
+        if m.method != "dino" and d.n_global < 1:
+            raise ConfigError("data.n_global: DINOv2/v3 need at least one global crop")
+        if d.n_global + d.n_local < 2:
+            raise ConfigError(
+                "data.n_local: the DINO loss needs at least two crops per image "
+                f"(n_global={d.n_global}, n_local={d.n_local})"
+            )
+        if m.ema_decay_end < m.ema_decay_start:
+            raise ConfigError(
+                f"model.ema_decay_end ({m.ema_decay_end}) must be >= model.ema_decay_start "
+                f"({m.ema_decay_start})"
+            )
+        return self
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "trainer": TrainerConfig,
+}
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else tp), type(None) in get_args(tp)
+    return tp, False
+
+
+def _coerce(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
+    """Convert ``value`` to the field type ``tp`` and check its range; errors name ``key``."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{key}: may not be empty")
+    if get_origin(tp) is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {list(choices)}, got {value!r}")
+        return value
+    try:
+        if tp is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                value = value.lower() in ("true", "yes", "1")
+            if not isinstance(value, bool):
+                raise TypeError
+        elif tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            value = int(value)
+        elif tp is float:
+            if isinstance(value, bool):
+                raise TypeError
+            value = float(value)
+        elif tp is str:
+            value = str(value)
+        elif tp is tuple:
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            value = tuple(float(v) for v in value)
+        elif tp is dict:
+            if not isinstance(value, dict):
+                raise TypeError
+    except (TypeError, ValueError):
+        name = getattr(tp, "__name__", str(tp))
+        raise ConfigError(f"{key}: expected {name}, got {value!r}") from None
+    _check_range(key, value, meta)
+    return value
+
+
+def _check_range(key: str, v: Any, meta: dict[str, Any]) -> None:
+    if "min" in meta and v < meta["min"]:
+        raise ConfigError(f"{key}: must be >= {meta['min']}, got {v}")
+    if "max" in meta and v > meta["max"]:
+        raise ConfigError(f"{key}: must be <= {meta['max']}, got {v}")
+    if "gt" in meta and not v > meta["gt"]:
+        raise ConfigError(f"{key}: must be > {meta['gt']}, got {v}")
+    if "ge" in meta and v < meta["ge"]:
+        raise ConfigError(f"{key}: must be >= {meta['ge']}, got {v}")
+    if "le" in meta and v > meta["le"]:
+        raise ConfigError(f"{key}: must be <= {meta['le']}, got {v}")
+    if meta.get("scale") or meta.get("ratio"):
+        lo_ok = (lambda x: x > 0) if meta.get("scale") else (lambda x: x >= 0)
+        if len(v) != 2 or not (lo_ok(v[0]) and v[0] <= v[1] <= 1):
+            rng = "(0, 1]" if meta.get("scale") else "[0, 1]"
+            raise ConfigError(f"{key}: must be two ordered numbers in {rng}, got {list(v)}")
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def all_keys() -> list[str]:
+    """Every dotted key, e.g. ``optim.lr``."""
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _field_map(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def from_dict(data: dict[str, Any] | None, base: Config | None = None) -> Config:
+    """Build a validated :class:`Config` from a nested dict, on top of ``base`` (or defaults)."""
+    cfg = dataclasses.replace(base) if base is not None else Config()
+    cfg = Config(**{s: dataclasses.replace(getattr(cfg, s)) for s in SECTIONS})
+    for section, values in (data or {}).items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r}{_suggest(section, list(SECTIONS))}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
+        for k, v in values.items():
+            set_value(cfg, f"{section}.{k}", v)
+    return cfg.validate()
+
+
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    """Set a dotted key with type coercion and range checks."""
+    if "." not in key:
+        raise ConfigError(f"config key {key!r} must be section.name{_suggest(key, all_keys())}")
+    section, name = key.split(".", 1)
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config key {key!r}{_suggest(key, all_keys())}")
+    fmap = _field_map(SECTIONS[section])
+    if name not in fmap:
+        raise ConfigError(f"unknown config key {key!r}{_suggest(key, all_keys())}")
+    f = fmap[name]
+    hints = typing.get_type_hints(SECTIONS[section])
+    setattr(getattr(cfg, section), name, _coerce(key, value, hints[name], dict(f.metadata)))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``key=value`` strings (values parsed as YAML: ``0.1``, ``true``, ``[0.3, 1.0]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=0.001)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        set_value(cfg, key.strip(), value)
+    return cfg.validate()
+
+
+def preset_names() -> list[str]:
+    """Presets shipped in the package (``dinokit/configs/*.yaml``)."""
+    files = resources.files("dinokit").joinpath("configs").iterdir()
+    return sorted(p.name[: -len(".yaml")] for p in files if p.name.endswith(".yaml"))
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a preset name or a YAML path, then apply ``key=value`` overrides.
+
+    A YAML file may name ``base: <preset>`` to start from a preset.
+    """
+    data: dict[str, Any] = {}
+    if source is not None:
+        data = read_yaml(source)
+    base = None
+    if "base" in data:
+        base = load_config(data.pop("base"))
+    cfg = from_dict(data, base)
+    return apply_overrides(cfg, list(overrides or []))
+
+
+def read_yaml(source: str | Path) -> dict[str, Any]:
+    """Read a preset (by name) or a YAML file into a dict; errors name the file."""
+    path = Path(source)
+    if not path.suffix and str(source) in preset_names():
+        text = resources.files("dinokit").joinpath("configs", f"{source}.yaml").read_text()
+        name = f"preset {source!r}"
+    elif path.is_file():
+        text = path.read_text()
+        name = str(path)
+    else:
+        raise ConfigError(
+            f"config {str(source)!r} is neither a file nor a preset; presets: {preset_names()}"
+        )
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: top level must be a mapping of sections")
+    return data
+
+
+def help_text() -> str:
+    """Every option with its type, default and help, for ``dinokit train --help``."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:  {cls.__doc__.strip()}")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            tp, _ = _unwrap_optional(hints[f.name])
+            tname = (
+                "|".join(map(str, get_args(tp))) if get_origin(tp) is Literal else tp.__name__
+            )
+            lines.append(f"  {section}.{f.name}={default!r}  ({tname})  {f.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""A training DataLoader whose position can be saved and restored exactly.
+
+* :class:`EpochSampler` draws a permutation per epoch from ``(seed, epoch)``, shards it over the
+  processes itself (so Lightning must not replace it) and can start after ``n`` samples.
+* :class:`SeededViews` applies the augmentation of sample ``i`` in epoch ``e`` under a torch seed
+  derived from ``(seed, e, i)``: the crops do not depend on worker count or on what ran before,
+  so a resumed run sees exactly the crops an uninterrupted one would.
+* :class:`ResumableDataLoader` counts the batches it has yielded and exposes
+  ``state_dict``/``load_state_dict``, which Lightning stores in its checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+_MIX = 0x9E3779B97F4A7C15
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample's augmentation, well mixed from its three inputs."""
+    x = (seed * 1_000_003 + epoch) * _MIX + index * 0xBF58476D1CE4E5B9
+    x ^= x >> 31
+    return x & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class EpochSampler(Sampler[int]):
+    """Seeded shuffling per epoch, sharded over processes, dropping the ragged tail.
+
+    Yields ``epoch * len(dataset) + index`` so the dataset knows the epoch of each sample.
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True):
+        if n < 1:
+            raise ValueError("the training dataset is empty")
+        self.n, self.seed, self.shuffle, self.drop_last = n, seed, shuffle, drop_last
+        self.epoch = 0
+        self.start = 0  # samples of this process to skip (set when resuming mid-epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0
+        self.epoch = epoch
+
+    def _indices(self) -> list[int]:
+        rank, world = _rank_world()
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        per_rank = self.n // world if self.drop_last else math.ceil(self.n / world)
+        if not self.drop_last:
+            order += order[: per_rank * world - self.n]
+        return order[rank : per_rank * world : world]
+
+    def __iter__(self) -> Iterator[int]:
+        base = self.epoch * self.n
+        return iter([base + i for i in self._indices()[self.start :]])
+
+    def __len__(self) -> int:
+        # The full epoch, also when resuming: Lightning counts the batches already done itself.
+        _, world = _rank_world()
+        return self.n // world if self.drop_last else math.ceil(self.n / world)
+
+
+class SeededViews(Dataset):
+    """``dataset[i]`` (an image or ``(image, label, ...)``) -> ``(transform(image), label)``, with
+    the transform's randomness seeded from ``(seed, epoch, i)``."""
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Any], Any], seed: int = 0):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+        self.n = len(dataset)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: int) -> tuple[Any, int]:
+        epoch, index = divmod(int(key), self.n)
+        item = self.dataset[index]
+        if isinstance(item, (tuple, list)):
+            image, label = item[0], (int(item[1]) if len(item) > 1 and item[1] is not None else -1)
+        else:
+            image, label = item, -1
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            views = self.transform(image)
+        return views, label
+
+
+class ResumableDataLoader(DataLoader):
+    """DataLoader over an :class:`EpochSampler` that remembers how far the epoch got."""
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = True, **kwargs: Any):
+        n = len(dataset)  # type: ignore[arg-type]
+        sampler = EpochSampler(n, seed=seed, shuffle=shuffle, drop_last=drop_last)
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                         **kwargs)
+        self._yielded = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler: EpochSampler = self.sampler  # type: ignore[assignment]
+        self._yielded = sampler.start // self.batch_size  # type: ignore[operator]
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+        sampler.start = 0
+
+    def state_dict(self) -> dict[str, int]:
+        sampler: EpochSampler = self.sampler  # type: ignore[assignment]
+        return {"epoch": sampler.epoch, "batches": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        sampler: EpochSampler = self.sampler  # type: ignore[assignment]
+        sampler.epoch = int(state["epoch"])
+        sampler.start = int(state["batches"]) * int(self.batch_size)  # type: ignore[arg-type]
+        self._yielded = int(state["batches"])
