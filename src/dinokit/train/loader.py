@@ -106,6 +106,9 @@ class ResumableDataLoader(DataLoader):
                  drop_last: bool = True, **kwargs: Any):
         n = len(dataset)  # type: ignore[arg-type]
         sampler = EpochSampler(n, seed=seed, shuffle=shuffle, drop_last=drop_last)
+        # Its own generator: starting an epoch must not draw from the global RNG, or a resumed
+        # run would see the training RNG (drop path, masks) shifted by one draw.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                          **kwargs)
         self._yielded = 0
