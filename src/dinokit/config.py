@@ -24,7 +24,7 @@ class ConfigError(ValueError):
     """A bad config key or value; the message names the dotted key."""
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" reads best here
+def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict, tuple)) and not isinstance(default, tuple):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -238,9 +238,8 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
             if not isinstance(value, (list, tuple)):
                 raise TypeError
             value = tuple(float(v) for v in value)
-        elif tp is dict:
-            if not isinstance(value, dict):
-                raise TypeError
+        elif tp is dict and not isinstance(value, dict):
+            raise TypeError
     except (TypeError, ValueError):
         name = getattr(tp, "__name__", str(tp))
         raise ConfigError(f"{key}: expected {name}, got {value!r}") from None

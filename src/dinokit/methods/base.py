@@ -54,7 +54,7 @@ class MethodOutput(Mapping):
 
 def check_views(global_views: Any, local_views: Any) -> tuple[list[Tensor], list[Tensor]]:
     """Validate multi-crop inputs; errors name the argument, the index and the shapes seen."""
-    if global_views is None or isinstance(global_views, Tensor) and global_views.ndim == 4:
+    if global_views is None or (isinstance(global_views, Tensor) and global_views.ndim == 4):
         if global_views is None:
             raise ValueError("global_views is required in training (or pass images= to embed)")
         raise TypeError(

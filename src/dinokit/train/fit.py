@@ -127,9 +127,8 @@ def _knn_monitor(cfg: Config) -> pl.Callback | None:
 
     tf = EvalTransform.for_config(build_multicrop_config(cfg))
     train = build_dataset(cfg, "train", transform=tf)
-    if cfg.data.dataset == "folder":
-        if not cfg.data.val_path:
-            raise ConfigError("trainer.knn_every_n_epochs needs data.val_path (labelled images)")
+    if cfg.data.dataset == "folder" and not cfg.data.val_path:
+        raise ConfigError("trainer.knn_every_n_epochs needs data.val_path (labelled images)")
     val = build_dataset(cfg, "val", transform=tf)
     loader = dict(batch_size=256, num_workers=cfg.data.num_workers)
     return KNNMonitor(

@@ -151,7 +151,7 @@ class DINOModule(pl.LightningModule):
     def build_schedules(self, total_steps: int, steps_per_epoch: int, global_batch: int) -> None:
         """LR, weight-decay and momentum schedules over ``total_steps`` optimiser steps."""
         peak = scaled_lr(self.lr, global_batch, self.lr_scaling, self.lr_reference_batch)
-        warmup = min(int(round(self.warmup_epochs * steps_per_epoch)), total_steps)
+        warmup = min(round(self.warmup_epochs * steps_per_epoch), total_steps)
         if self.lr_schedule_kind == "constant":
             self.lr_schedule = lambda step: peak
         else:

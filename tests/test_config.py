@@ -1,0 +1,121 @@
+"""The typed config: presets load and validate; bad keys and values fail before training."""
+
+from __future__ import annotations
+
+import pytest
+
+from dinokit.cli import main
+from dinokit.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    help_text,
+    load_config,
+    preset_names,
+)
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_shipped_preset_loads_and_validates(name):
+    cfg = load_config(name)
+    assert isinstance(cfg, Config)
+    assert cfg.model.method in ("dino", "dinov2", "dinov3")
+
+
+def test_expected_presets_are_shipped():
+    assert {"demo", "vit_small_imagenet", "resnet50_imagenet", "my_images", "dinov2_vit_small",
+            "dinov3_vit_small"} <= set(preset_names())
+
+
+def test_vit_small_imagenet_is_the_paper_recipe():
+    cfg = load_config("vit_small_imagenet")
+    global_batch = cfg.data.batch_size * int(cfg.trainer.devices)
+    assert global_batch == 1024
+    assert cfg.optim.lr == 0.0005 and cfg.optim.warmup_epochs == 10
+    assert cfg.model.norm_last_layer is False and cfg.data.n_local == 10
+    assert (cfg.model.temperature_teacher_warmup, cfg.model.temperature_teacher,
+            cfg.model.warmup_epochs_temperature_teacher) == (0.04, 0.07, 30)
+    assert cfg.trainer.epochs == 100
+
+
+def test_dinov3_preset_inherits_dinov2_and_adds_registers_and_gram():
+    v2, v3 = load_config("dinov2_vit_small"), load_config("dinov3_vit_small")
+    assert v3.model.method == "dinov3" and v3.model.n_registers == 4 and v3.model.gram_weight > 0
+    assert v3.optim.layer_decay == v2.optim.layer_decay == 0.9
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(Config(data=Config().data.__class__(path="x")),
+                          ["optim.lr=0.002", "data.n_local=0", "model.norm_last_layer=false",
+                           "data.local_scale=[0.1, 0.3]"])
+    assert cfg.optim.lr == 0.002 and cfg.data.n_local == 0
+    assert cfg.model.norm_last_layer is False and cfg.data.local_scale == (0.1, 0.3)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=1", "did you mean 'optim.lr'"),
+        ("modle.method=dino", "did you mean 'model.method'"),
+        ("model.temperature_teacher=0", "model.temperature_teacher: must be > 0"),
+        ("model.temperature_student=-1", "model.temperature_student: must be > 0"),
+        ("model.ema_decay_start=1.5", "model.ema_decay_start: must be <= 1"),
+        ("model.center_momentum=-0.1", "model.center_momentum: must be >= 0"),
+        ("data.global_scale=[0.4, 1.5]", "data.global_scale: must be two ordered numbers in (0, 1]"),
+        ("data.local_scale=[0, 0.4]", "data.local_scale"),
+        ("data.batch_size=abc", "data.batch_size: expected int"),
+        ("data.batch_size=2.5", "data.batch_size: expected int"),
+        ("model.method=byol", "model.method: must be one of"),
+        ("trainer.epochs=0", "trainer.epochs: must be >= 1"),
+        ("optim.lr", "must look like key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        load_config("demo", [override])
+
+
+def test_bad_yaml_files_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  n_prototype: 10\n")
+    with pytest.raises(ConfigError, match="did you mean 'model.n_prototypes'"):
+        load_config(bad)
+    bad.write_text("trainr:\n  epochs: 1\n")
+    with pytest.raises(ConfigError, match="did you mean 'trainer'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="neither a file nor a preset"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="data.path"):
+        load_config(None, [])  # dataset=folder without a path
+    with pytest.raises(ConfigError, match="at least two crops"):
+        load_config("demo", ["data.n_global=1", "data.n_local=0"])
+    assert load_config("demo", ["data.n_global=1", "data.n_local=1"]).data.n_local == 1
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config("dinov3_vit_small", ["optim.lr=0.003"])
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+
+
+def test_help_lists_every_option_with_default():
+    text = help_text()
+    for key in ("model.n_prototypes=65536", "optim.lr=0.0005", "data.n_local=8",
+                "trainer.precision='32'", "model.gram_weight=0.0"):
+        assert key in text
+
+
+def test_cli_print_config_and_errors(capsys):
+    assert main(["train", "--config", "demo", "--print-config", "optim.lr=0.123"]) == 0
+    assert "lr: 0.123" in capsys.readouterr().out
+    assert main(["train", "--config", "demo", "optim.lrr=1"]) == 2
+    assert "did you mean 'optim.lr'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    assert "model.n_prototypes" in capsys.readouterr().out
