@@ -1,0 +1,1 @@
+"""Evaluation: features, k-NN, linear probe, online k-NN monitor."""
