@@ -136,7 +136,8 @@ def test_zero_local_crops_and_cnn_backbone():
         (dict(global_views=None), ValueError, "global_views is required"),
         (dict(global_views=torch.randn(2, 3, 32, 32)), TypeError, "wrap it in a list"),
         (dict(global_views=[torch.randn(2, 4, 32, 32)] * 2), ValueError, "4 channels"),
-        (dict(global_views=[torch.randn(3, 32, 32)] * 2), ValueError, r"global_views\[0\] must be \[B, C, H, W\]"),
+        (dict(global_views=[torch.randn(3, 32, 32)] * 2), ValueError,
+         r"global_views\[0\] must be \[B, C, H, W\]"),
         (dict(global_views=["x", "y"]), TypeError, r"global_views\[0\] must be a torch.Tensor"),
     ],
 )

@@ -196,17 +196,17 @@ def fit(cfg: Config) -> FitResult:
                     weights_only=True)
     last = run_dir / "checkpoints" / "last.ckpt"
     if trainer.is_global_zero:
-        _write_curves(run_dir)
+        _write_curves(run_dir, cfg.model.n_prototypes)
     return FitResult(run_dir, last if last.is_file() else None, method, module, trainer)
 
 
-def _write_curves(run_dir: Path) -> None:
+def _write_curves(run_dir: Path, n_prototypes: int) -> None:
     try:
         from dinokit.viz.curves import plot_training_curves
     except ImportError:  # pragma: no cover - while viz is being built
         return
     try:
-        plot_training_curves(run_dir, run_dir / "pictures" / "curves.png")
+        plot_training_curves(run_dir, run_dir / "pictures" / "curves.png", n_prototypes)
     except (ValueError, FileNotFoundError) as e:
         warnings.warn(f"training curves not drawn: {e}", stacklevel=2)
 

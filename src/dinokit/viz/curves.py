@@ -1,0 +1,68 @@
+"""Training curves from a run directory's ``logs/metrics.csv`` (Lightning's CSVLogger)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from dinokit.viz._figure import new_figure, save
+
+PANELS = [
+    ("loss", ["train/loss", "val/loss"]),
+    ("k-NN top-1 (%)", ["val/knn_top1"]),
+    ("teacher entropy (nats)", ["train/teacher_entropy"]),
+    ("learning rate", ["train/lr"]),
+    ("EMA momentum / teacher temperature", ["train/momentum", "train/teacher_temp"]),
+    ("DINOv2/v3 terms", ["train/loss_cls", "train/loss_patch", "train/loss_koleo", "train/loss_gram"]),
+]
+
+
+def _metrics_file(source: str | Path) -> Path:
+    p = Path(source)
+    if p.is_file():
+        return p
+    found = sorted(p.glob("logs/**/metrics.csv")) or sorted(p.glob("**/metrics.csv"))
+    if not found:
+        raise FileNotFoundError(f"no metrics.csv under {p} (is it a dinokit run directory?)")
+    return found[0]
+
+
+def read_metrics(source: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """``metric -> [(step, value), ...]`` from a run directory or a CSV path; empty cells skipped."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(_metrics_file(source), newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(float(row.get("step") or 0))
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in (None, ""):
+                    continue
+                v = float(value)
+                if math.isfinite(v):
+                    series.setdefault(key, []).append((step, v))
+    return series
+
+
+def plot_training_curves(source: str | Path, path: str | Path, n_prototypes: int | None = None) -> Path:
+    """One panel per available group of metrics; a dashed line at ln K marks uniform collapse."""
+    series = read_metrics(source)
+    panels = [(title, [k for k in keys if k in series]) for title, keys in PANELS]
+    panels = [(t, ks) for t, ks in panels if ks]
+    if not panels:
+        raise ValueError(f"no known metric in {_metrics_file(source)} (found {sorted(series)})")
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = new_figure(4.2 * cols, 3.0 * rows)
+    for i, (title, keys) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for k in keys:
+            steps, values = zip(*series[k])
+            ax.plot(steps, values, label=k, lw=1.2, marker="o" if len(values) < 20 else None)
+        if n_prototypes and title in ("loss", "teacher entropy (nats)"):
+            ax.axhline(math.log(n_prototypes), ls="--", c="grey", lw=1, label="ln K (uniform collapse)")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save(fig, path)

@@ -1,0 +1,75 @@
+"""The real CLI on a tiny model for a few steps: losses equal the stored golden values (a silent
+change of the training loop shows up here in seconds), plus run-level bad inputs and resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinokit.cli import main
+
+GOLDEN = Path(__file__).parent / "golden" / "demo_digits_losses.json"
+TINY = [
+    "data.dataset=digits", "data.limit=192", "data.batch_size=32", "data.num_workers=0",
+    "trainer.epochs=2", "trainer.progress=false", "trainer.log_every_n_steps=1",
+    "model.backbone_kwargs={img_size: 28, patch_size: 7, depth: 1, embed_dim: 32, num_heads: 2, in_chans: 1}",
+    "model.n_prototypes=64", "model.head_hidden_dim=32", "model.head_bottleneck_dim=16",
+]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def _train(tmp_path, name, *extra):
+    args = ["train", "--config", "demo", *TINY, f"trainer.output_dir={tmp_path}", f"trainer.run_name={name}"]
+    return main([*args, *extra])
+
+
+def test_golden_losses(tmp_path):
+    assert _train(tmp_path, "golden") == 0
+    run = tmp_path / "golden"
+    losses = _losses(run)
+    assert len(losses) == 12  # 192 / 32 = 6 steps per epoch, 2 epochs
+    if os.environ.get("DINOKIT_UPDATE_GOLDEN"):
+        GOLDEN.write_text(json.dumps(losses, indent=1))
+    expected = json.loads(GOLDEN.read_text())
+    assert losses == pytest.approx(expected, rel=2e-3)
+    for f in ("config.yaml", "checkpoints/last.ckpt", "pictures/curves.png", "tb"):
+        assert (run / f).exists(), f
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["dinokit"]["config"]["model"]["n_prototypes"] == 64
+
+
+def test_resume_continues_and_refuses_incompatible_changes(tmp_path, capsys):
+    assert _train(tmp_path, "r", "trainer.epochs=1") == 0
+    assert _train(tmp_path, "r", "trainer.epochs=2", "trainer.resume=last") == 0
+    assert len(_losses(tmp_path / "r")) == 12
+    assert _train(tmp_path, "r", "trainer.resume=last", "model.n_prototypes=32") == 2
+    assert "model.n_prototypes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["data.dataset=folder", "data.path=/no/such/dir"], "does not exist"),
+    (["data.batch_size=1000"], "larger than the dataset"),
+    (["trainer.resume=last"], "does not exist"),
+    (["model.init_weights=/no/such/file.safetensors"], "does not exist"),
+])
+def test_bad_runs_fail_before_training(tmp_path, capsys, extra, message):
+    assert _train(tmp_path, "bad", *extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_init_weights_from_another_architecture_names_the_keys(tmp_path, capsys):
+    assert _train(tmp_path, "src", "trainer.epochs=1") == 0
+    ckpt = tmp_path / "src" / "checkpoints" / "last.ckpt"
+    other = ["model.backbone_kwargs={img_size: 28, patch_size: 7, depth: 2, embed_dim: 32, num_heads: 2, "
+             "in_chans: 1}", f"model.init_weights={ckpt}"]
+    assert _train(tmp_path, "dst", *other) == 2
+    assert "missing keys" in capsys.readouterr().err
