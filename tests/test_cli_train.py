@@ -3,7 +3,6 @@ change of the training loop shows up here in seconds), plus run-level bad inputs
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
@@ -12,19 +11,19 @@ import pytest
 import torch
 
 from dinokit.cli import main
+from dinokit.viz.curves import read_metrics
 
 GOLDEN = Path(__file__).parent / "golden" / "demo_digits_losses.json"
 TINY = [
     "data.dataset=digits", "data.limit=192", "data.batch_size=32", "data.num_workers=0",
     "trainer.epochs=2", "trainer.progress=false", "trainer.log_every_n_steps=1",
-    "model.backbone_kwargs={img_size: 28, patch_size: 7, depth: 1, embed_dim: 32, num_heads: 2, in_chans: 1}",
+    "model.backbone_kwargs={img_size: 28, patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2, in_chans: 1}",
     "model.n_prototypes=64", "model.head_hidden_dim=32", "model.head_bottleneck_dim=16",
 ]
 
 
 def _losses(run_dir: Path) -> list[float]:
-    with open(run_dir / "logs" / "metrics.csv") as f:
-        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    return [v for _, v in read_metrics(run_dir)["train/loss"]]
 
 
 def _train(tmp_path, name, *extra):
@@ -48,9 +47,15 @@ def test_golden_losses(tmp_path):
 
 
 def test_resume_continues_and_refuses_incompatible_changes(tmp_path, capsys):
-    assert _train(tmp_path, "r", "trainer.epochs=1") == 0
-    assert _train(tmp_path, "r", "trainer.epochs=2", "trainer.resume=last") == 0
-    assert len(_losses(tmp_path / "r")) == 12
+    assert _train(tmp_path, "r") == 0
+    epoch0 = tmp_path / "r" / "checkpoints" / "epoch000.ckpt"
+    assert _train(tmp_path, "r", f"trainer.resume={epoch0}") == 0  # redo epoch 1 from the checkpoint
+    resumed = _losses(tmp_path / "r")
+    assert len(resumed) == 12  # the first epoch's log survives the resume
+    golden = json.loads(GOLDEN.read_text())
+    assert resumed == pytest.approx(golden, rel=2e-3)  # and the run continues exactly
+    with pytest.warns(UserWarning, match="schedules"):
+        assert _train(tmp_path, "r", "trainer.epochs=3", "trainer.resume=last") == 0
     assert _train(tmp_path, "r", "trainer.resume=last", "model.n_prototypes=32") == 2
     assert "model.n_prototypes" in capsys.readouterr().err
 
@@ -69,7 +74,7 @@ def test_bad_runs_fail_before_training(tmp_path, capsys, extra, message):
 def test_init_weights_from_another_architecture_names_the_keys(tmp_path, capsys):
     assert _train(tmp_path, "src", "trainer.epochs=1") == 0
     ckpt = tmp_path / "src" / "checkpoints" / "last.ckpt"
-    other = ["model.backbone_kwargs={img_size: 28, patch_size: 7, depth: 2, embed_dim: 32, num_heads: 2, "
+    other = ["model.backbone_kwargs={img_size: 28, patch_size: 4, depth: 2, embed_dim: 32, num_heads: 2, "
              "in_chans: 1}", f"model.init_weights={ckpt}"]
     assert _train(tmp_path, "dst", *other) == 2
     assert "missing keys" in capsys.readouterr().err

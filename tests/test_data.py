@@ -76,7 +76,7 @@ def test_solarisation_only_on_the_second_global_crop_with_its_probability():
 
 def test_blur_probabilities_per_crop():
     torch.manual_seed(0)
-    t = MultiCropTransform(_only(blur_p=(1.0, 0.1, 0.5), blur_kernel=3))
+    t = MultiCropTransform(_only(blur_p=(1.0, 0.1, 0.5), blur_kernel=3, blur_sigma=(1.0, 2.0)))
     img = torch.zeros(3, 8, 8)
     img[:, ::2, ::2] = 1.0  # a checkerboard: blur lowers its contrast
     rates = torch.zeros(4)
@@ -195,14 +195,16 @@ def test_collate_shapes_and_errors():
 
 
 def test_collate_masks_follow_the_ratio_range():
-    gen = make_mask_generator("block", (4, 4))
-    collate = MultiCropCollate(gen, patch_size=8, mask_probability=0.5, mask_ratio_range=(0.1, 0.5))
+    gen = make_mask_generator("block", (8, 8))  # 32-px crops, 4-px patches: 64 patches
+    collate = MultiCropCollate(gen, patch_size=4, mask_probability=0.5, mask_ratio_range=(0.1, 0.5))
     torch.manual_seed(0)
     masks = torch.cat([collate(_items(8, n_local=0))["masks"] for _ in range(10)])
-    assert masks.shape == (160, 16)
+    assert masks.shape == (160, 64)
     ratios = masks.float().mean(1)
     assert (ratios == 0).float().mean() == pytest.approx(0.5)
-    assert ratios.max() <= 0.5 + 1e-6
+    assert ratios.max() <= 0.5 + 1e-6 and ratios[ratios > 0].min() >= 4 / 64
+    # crop i of the masked ones draws its ratio in the i-th slice of [0.1, 0.5]: spread, not constant
+    assert ratios[ratios > 0].std() > 0.05
 
 
 def test_block_masks_respect_the_target_and_block_size():

@@ -39,9 +39,9 @@ def test_chunked_equals_unchunked_and_all_ks_in_one_pass():
     full = knn_classify(tr, y, te, ks=(1, 5, 20))
     for chunk in (1, 3):
         part = knn_classify(tr, y, te, ks=(1, 5, 20), chunk_size=chunk)
-        for k in full:
-            torch.testing.assert_close(part[k], full[k])
-    torch.testing.assert_close(knn_classify(tr, y, te, ks=(5,))[5], full[5])
+        for k in full:  # chunked matmuls may differ in the last float bits
+            torch.testing.assert_close(part[k], full[k], rtol=1e-5, atol=0)
+    torch.testing.assert_close(knn_classify(tr, y, te, ks=(5,))[5], full[5], rtol=1e-5, atol=0)
     res = knn_evaluate(tr, y, te, torch.zeros(13, dtype=torch.long), ks=(5,))
     assert 0 <= res[5]["top1"] <= 100 and res[5]["top5"] is None  # 3 classes: no top-5
 

@@ -84,7 +84,11 @@ def check_resume_compatible(ckpt: Path, cfg: Config) -> None:
     old = (obj.get("dinokit") or {}).get("config")
     if not old:
         raise ConfigError(f"trainer.resume: {ckpt} is not a dinokit training checkpoint")
-    changed = [k for k in config_changes(old, cfg.to_dict()) if k not in RESUMABLE_CHANGES]
+    all_changes = config_changes(old, cfg.to_dict())
+    if {"trainer.epochs", "trainer.max_steps"} & set(all_changes):
+        warnings.warn("trainer.epochs/max_steps changed on resume: the lr, weight-decay and momentum "
+                      "schedules are stretched to the new length", stacklevel=2)
+    changed = [k for k in all_changes if k not in RESUMABLE_CHANGES]
     if changed:
         raise ConfigError(
             f"trainer.resume: the config differs from the run's in keys that break exact "
@@ -178,6 +182,8 @@ def fit(cfg: Config) -> FitResult:
     if ckpt is not None:
         check_resume_compatible(ckpt, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if ckpt is not None:
+        _keep_previous_metrics(run_dir)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
@@ -198,6 +204,15 @@ def fit(cfg: Config) -> FitResult:
     if trainer.is_global_zero:
         _write_curves(run_dir, cfg.model.n_prototypes)
     return FitResult(run_dir, last if last.is_file() else None, method, module, trainer)
+
+
+def _keep_previous_metrics(run_dir: Path) -> None:
+    """Lightning's CSV logger deletes metrics.csv when a run resumes: keep it as a numbered part
+    (``read_metrics`` stitches the parts back together)."""
+    current = run_dir / "logs" / "metrics.csv"
+    if current.is_file():
+        n = len(list(current.parent.glob("metrics.part*.csv")))
+        current.rename(current.parent / f"metrics.part{n:03d}.csv")
 
 
 def _write_curves(run_dir: Path, n_prototypes: int) -> None:

@@ -28,18 +28,32 @@ def _metrics_file(source: str | Path) -> Path:
     return found[0]
 
 
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def read_metrics(source: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """``metric -> [(step, value), ...]`` from a run directory or a CSV path; empty cells skipped."""
+    """``metric -> [(step, value), ...]`` from a run directory or a CSV path; empty cells skipped.
+
+    A resumed run's earlier parts (``metrics.partNNN.csv``) come first; rows of a part at or after
+    the first step of the next part (logged after the checkpoint, before a crash) are dropped."""
+    last = _metrics_file(source)
+    files = [*sorted(last.parent.glob("metrics.part*.csv")), last]
+    parts = [_read_rows(f) for f in files]
+    rows: list[dict[str, str]] = []
+    for i, part in enumerate(parts):
+        nxt = next((int(float(r["step"])) for p in parts[i + 1 :] for r in p[:1] if r.get("step")), None)
+        rows += [r for r in part if nxt is None or int(float(r.get("step") or 0)) < nxt]
     series: dict[str, list[tuple[int, float]]] = {}
-    with open(_metrics_file(source), newline="") as f:
-        for row in csv.DictReader(f):
-            step = int(float(row.get("step") or 0))
-            for key, value in row.items():
-                if key in ("step", "epoch") or value in (None, ""):
-                    continue
-                v = float(value)
-                if math.isfinite(v):
-                    series.setdefault(key, []).append((step, v))
+    for row in rows:
+        step = int(float(row.get("step") or 0))
+        for key, value in row.items():
+            if key in ("step", "epoch") or value in (None, ""):
+                continue
+            v = float(value)
+            if math.isfinite(v):
+                series.setdefault(key, []).append((step, v))
     return series
 
 
