@@ -5,7 +5,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/bootstrap.sh
 echo "[test] ruff"
-.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff check src tests $(test -d benchmarks && echo benchmarks)
 echo "[test] pytest"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MPLBACKEND=Agg
 .venv/bin/python -m pytest -q -n "${DINOKIT_TEST_WORKERS:-2}" --dist loadfile "$@"

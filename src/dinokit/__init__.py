@@ -1,6 +1,7 @@
 """dinokit: DINO-family self-supervised learning for vision."""
 
 from dinokit.backbones import Backbone, BackboneOutput, build_backbone
+from dinokit.export import export_backbone, load_backbone
 from dinokit.heads import DINOHead
 from dinokit.losses import DINOLoss
 from dinokit.methods import DINO, DINOOutput
@@ -15,4 +16,6 @@ __all__ = [
     "DINOLoss",
     "DINOOutput",
     "build_backbone",
+    "export_backbone",
+    "load_backbone",
 ]
