@@ -78,3 +78,17 @@ def test_init_weights_from_another_architecture_names_the_keys(tmp_path, capsys)
              "in_chans: 1}", f"model.init_weights={ckpt}"]
     assert _train(tmp_path, "dst", *other) == 2
     assert "missing keys" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["dinov2_tiny_cpu", "dinov3_tiny_cpu"])
+def test_dinov2_and_dinov3_presets_train_through_the_cli(tmp_path, preset):
+    args = ["train", "--config", preset, "data.dataset=digits", "data.limit=128", "data.batch_size=32",
+            "data.num_workers=0", "trainer.progress=false", "trainer.log_every_n_steps=1",
+            f"trainer.output_dir={tmp_path}", "trainer.run_name=r"]
+    assert main(args) == 0
+    metrics = read_metrics(tmp_path / "r")
+    for key in ("train/loss_cls", "train/loss_patch", "train/loss_koleo"):
+        assert len(metrics[key]) == 4, key
+    if preset.startswith("dinov3"):
+        ckpt = torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=True)
+        assert any(k.startswith("method.gram_teacher.") for k in ckpt["state_dict"])  # saved for resume

@@ -4,7 +4,7 @@ from dinokit.backbones import Backbone, BackboneOutput, build_backbone
 from dinokit.export import export_backbone, load_backbone
 from dinokit.heads import DINOHead
 from dinokit.losses import DINOLoss
-from dinokit.methods import DINO, DINOOutput
+from dinokit.methods import DINO, DINOOutput, DINOv2, DINOv3
 
 __version__ = "0.1.0"
 
@@ -15,6 +15,8 @@ __all__ = [
     "DINOHead",
     "DINOLoss",
     "DINOOutput",
+    "DINOv2",
+    "DINOv3",
     "build_backbone",
     "export_backbone",
     "load_backbone",
