@@ -8,10 +8,20 @@ from dinokit.methods import DINO, DINOOutput, DINOv2, DINOv3
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``dinokit.DINOEstimator`` is imported on first use (scikit-learn is only needed there)."""
+    if name == "DINOEstimator":
+        from dinokit.estimator import DINOEstimator
+
+        return DINOEstimator
+    raise AttributeError(f"module 'dinokit' has no attribute {name!r}")
+
 __all__ = [
     "DINO",
     "Backbone",
     "BackboneOutput",
+    "DINOEstimator",
     "DINOHead",
     "DINOLoss",
     "DINOOutput",
