@@ -20,7 +20,12 @@ import torch
 from torch import Tensor
 
 from dinokit.schedules import CosineSchedule, scaled_lr
-from dinokit.train.optim import build_optimizer, clip_per_parameter_, param_groups
+from dinokit.train.optim import (
+    build_optimizer,
+    clip_per_parameter_,
+    param_groups,
+    set_group_hyperparameters,
+)
 
 OptimizerSpec = str | type | Callable[..., torch.optim.Optimizer]
 
@@ -206,10 +211,7 @@ class DINOModule(pl.LightningModule):
         lr, wd = self.lr_schedule(step), self.wd_schedule(step)  # type: ignore[misc]
         opt = self.optimizers()
         opt = getattr(opt, "optimizer", opt)
-        for g in opt.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
-            if "weight_decay" in g:
-                g["weight_decay"] = wd * g.get("wd_scale", 1.0)
+        set_group_hyperparameters(opt, lr, wd)
         self._scheduled_step = step
         self._current = {"lr": lr, "wd": wd}
 

@@ -140,3 +140,11 @@ def clip_per_parameter_(params: Iterable[Tensor], max_norm: float) -> None:
     norms = torch._foreach_norm(grads)
     scales = [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms]
     torch._foreach_mul_(grads, scales)
+
+
+def set_group_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """Apply this step's scheduled values: ``lr * lr_scale`` and ``weight_decay * wd_scale`` per group."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+        if "weight_decay" in g:
+            g["weight_decay"] = weight_decay * g.get("wd_scale", 1.0)

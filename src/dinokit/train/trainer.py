@@ -16,7 +16,12 @@ from torch import Tensor
 
 from dinokit.schedules import CosineSchedule, scaled_lr
 from dinokit.train.module import unpack_batch
-from dinokit.train.optim import build_optimizer, clip_per_parameter_, param_groups
+from dinokit.train.optim import (
+    build_optimizer,
+    clip_per_parameter_,
+    param_groups,
+    set_group_hyperparameters,
+)
 
 
 def _to_device(x: Any, device: torch.device) -> Any:
@@ -89,10 +94,8 @@ class DINOTrainer:
         self.history: list[EpochStats] = []
 
     def _set_schedules(self) -> None:
-        lr, wd = self.lr_schedule(self.global_step), self.wd_schedule(self.global_step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
-            g["weight_decay"] = wd * g.get("wd_scale", 1.0)
+        set_group_hyperparameters(self.optimizer, self.lr_schedule(self.global_step),
+                                  self.wd_schedule(self.global_step))
 
     def _forward(self, batch: Any) -> Any:
         b = unpack_batch(_to_device(batch, self.device), self.n_global)
