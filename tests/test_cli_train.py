@@ -92,3 +92,23 @@ def test_dinov2_and_dinov3_presets_train_through_the_cli(tmp_path, preset):
     if preset.startswith("dinov3"):
         ckpt = torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=True)
         assert any(k.startswith("method.gram_teacher.") for k in ckpt["state_dict"])  # saved for resume
+
+
+def test_online_knn_monitor_logs_accuracy(tmp_path):
+    assert _train(tmp_path, "knn", "trainer.knn_every_n_epochs=1", "data.val_limit=64") == 0
+    knn = read_metrics(tmp_path / "knn")["val/knn_top1"]
+    assert len(knn) == 2 and all(0 <= v <= 100 for _, v in knn)
+
+
+def test_unreadable_images_are_counted_at_the_end(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(40):
+        Image.new("L", (28, 28), i * 5).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"no image")
+    args = ["train", "--config", "demo", *TINY, "data.dataset=folder", f"data.path={folder}",
+            "data.limit=null", f"trainer.output_dir={tmp_path}", "trainer.run_name=f", "trainer.epochs=1"]
+    with pytest.warns(UserWarning, match="1 unreadable image"):
+        assert main(args) == 0

@@ -201,9 +201,19 @@ def fit(cfg: Config) -> FitResult:
         trainer.fit(module, train_dataloaders=loader, ckpt_path=str(ckpt) if ckpt else None,
                     weights_only=True)
     last = run_dir / "checkpoints" / "last.ckpt"
+    _report_skipped(loader.dataset)
     if trainer.is_global_zero:
         _write_curves(run_dir, cfg.model.n_prototypes)
     return FitResult(run_dir, last if last.is_file() else None, method, module, trainer)
+
+
+def _report_skipped(dataset: object) -> None:
+    """The count of unreadable images skipped during the run (each was named when skipped)."""
+    inner = getattr(dataset, "dataset", dataset)
+    inner = getattr(inner, "dataset", inner)  # SeededViews -> Subset -> ImageFolderDataset
+    skipped = getattr(inner, "skipped", None)
+    if skipped:
+        warnings.warn(f"{len(skipped)} unreadable image(s) were skipped: {inner.summary()}", stacklevel=2)
 
 
 def _keep_previous_metrics(run_dir: Path) -> None:
