@@ -110,3 +110,14 @@ def test_pictures_are_written_and_not_blank(tmp_path):
     assert _png_ok(plot_training_curves(tmp_path, tmp_path / "curves.png", n_prototypes=64))
     with pytest.raises(FileNotFoundError, match="no metrics.csv"):
         plot_training_curves(tmp_path / "logs" / "x", tmp_path / "c.png")
+
+
+def test_pca_foreground_is_the_object_not_the_border():
+    # 4 images on an 8x8 grid: a centred 6x6 object covering MORE than half the cells (as in
+    # Fashion-MNIST), so "the minority is the foreground" would pick the background
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(4, 8, 8, 8, generator=g) * 0.05
+    feats[:, 1:7, 1:7, 0] += 3.0
+    feats[:, 1:7, 1:7, 1] += torch.linspace(-1, 1, 6)  # some structure inside the object
+    maps = pca_patch_maps(feats.reshape(4, 64, 8), (8, 8))
+    assert maps.foreground[:, 1:7, 1:7].all() and not maps.foreground[:, 0].any()

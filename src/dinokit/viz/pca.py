@@ -32,8 +32,8 @@ def pca_patch_maps(patch_tokens: Tensor, grid: tuple[int, int], *, n_components:
                    foreground_threshold: float | None = 0.0) -> PCAMaps:
     """``patch_tokens [B, N, D]`` on an ``(h, w)`` grid -> :class:`PCAMaps`.
 
-    The first component's sign is chosen so the foreground (above ``foreground_threshold``) is
-    the minority of patches; ``None`` keeps every patch as foreground.
+    The first component's sign is chosen so that the border of the patch grid (mostly background
+    in object-centred images) falls below ``foreground_threshold``; ``None`` keeps every patch.
     """
     b, n, d = patch_tokens.shape
     h, w = grid
@@ -45,7 +45,11 @@ def pca_patch_maps(patch_tokens: Tensor, grid: tuple[int, int], *, n_components:
     if foreground_threshold is None:
         fg = torch.ones_like(first, dtype=torch.bool)
     else:
-        if (first > foreground_threshold).float().mean() > 0.5:
+        border = torch.ones(h, w, dtype=torch.bool)
+        border[1:-1, 1:-1] = False
+        border = border.flatten().repeat(b)
+        above = first > foreground_threshold
+        if h > 2 and w > 2 and above[border].float().mean() > above[~border].float().mean():
             first = -first
         fg = first > foreground_threshold
         if int(fg.sum()) < n_components + 1:
