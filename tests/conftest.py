@@ -1,24 +1,48 @@
-"""Shared tiny fixtures: every test runs on the CPU in seconds."""
+"""Shared tiny fixtures: every test runs on the CPU in seconds (the machines have 2 shared cores)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from dinokit.backbones import build_backbone
 
 torch.set_num_threads(1)
 
+#: A 2-block ViT on 32-px images: 4x4 patches of 8 px, width 48, 2 heads.
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=2)
 
 
 def tiny_vit(num_registers: int = 0, **kw):
-    """A 2-block ViT on 32-px images (4x4 patches of 8 px), built in milliseconds."""
+    """The tiny ViT as a dinokit backbone (``dynamic_img_size=True``, so 16- and 48-px crops work)."""
     return build_backbone("vit_tiny_patch16_224", num_registers=num_registers,
                           encoder_kwargs={**TINY_VIT, **kw})
 
 
+def tiny_cnn(in_chans: int = 3, width: int = 8) -> nn.Module:
+    """A 2-conv CNN with BatchNorm returning a ``[B, width, H/2, W/2]`` feature map."""
+    return nn.Sequential(
+        nn.Conv2d(in_chans, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 3, stride=2, padding=1),
+        nn.ReLU(),
+    )
+
+
+def seed_all(seed: int = 0) -> None:
+    """Seed torch's global generator (model initialisation)."""
+    torch.manual_seed(seed)
+
+
+@pytest.fixture
+def seeded():
+    """Use in a test that builds models: the global generator starts from seed 0."""
+    seed_all(0)
+
+
 @pytest.fixture
 def vit():
-    torch.manual_seed(0)
+    seed_all(0)
     return tiny_vit()

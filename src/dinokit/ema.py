@@ -33,6 +33,13 @@ class EMAUpdater:
         if t_params.keys() != s_params.keys():
             diff = sorted(set(s_params) ^ set(t_params))[:5]
             raise ValueError(f"teacher and student differ in parameters, e.g. {diff}")
+        shapes = [n for n, p in s_params.items() if t_params[n].shape != p.shape]
+        if shapes:
+            n = shapes[0]
+            raise ValueError(
+                f"teacher and student differ in parameter shapes, e.g. {n}: teacher "
+                f"{tuple(t_params[n].shape)} vs student {tuple(s_params[n].shape)}"
+            )
         self._t = [t_params[n] for n in s_params]
         self._s = list(s_params.values())
         t_bufs = dict(teacher.named_buffers())

@@ -52,8 +52,14 @@ class MethodOutput(Mapping):
         return {k: getattr(self, k) for k in self._present()}
 
 
-def check_views(global_views: Any, local_views: Any) -> tuple[list[Tensor], list[Tensor]]:
-    """Validate multi-crop inputs; errors name the argument, the index and the shapes seen."""
+def check_views(
+    global_views: Any, local_views: Any, in_chans: int | None = None
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Validate multi-crop inputs; errors name the argument, the index and the shapes seen.
+
+    ``in_chans`` (the backbone's input channels, when known) is checked here too, so that a wrong
+    channel count is reported against ``global_views[0]`` rather than the concatenated batch.
+    """
     if global_views is None or (isinstance(global_views, Tensor) and global_views.ndim == 4):
         if global_views is None:
             raise ValueError("global_views is required in training (or pass images= to embed)")
@@ -74,6 +80,11 @@ def check_views(global_views: Any, local_views: Any) -> tuple[list[Tensor], list
                 raise ValueError(f"{name}[{i}] must be [B, C, H, W], got shape {tuple(v.shape)}")
             if ref is None:
                 ref = (v.shape[0], v.shape[1])
+                if in_chans is not None and v.shape[1] != in_chans:
+                    raise ValueError(
+                        f"{name}[{i}] has {v.shape[1]} channels (shape {tuple(v.shape)}) but the "
+                        f"backbone expects {in_chans}"
+                    )
             elif (v.shape[0], v.shape[1]) != ref:
                 raise ValueError(
                     f"{name}[{i}] has batch size {v.shape[0]} and {v.shape[1]} channels (shape "

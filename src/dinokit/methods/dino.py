@@ -137,7 +137,7 @@ class DINO(SelfDistillationMethod):
         if images is not None:
             emb = self.embed(images)
             return DINOOutput(loss=emb.new_zeros(()), embedding=emb)
-        g, lv = check_views(global_views, local_views)
+        g, lv = check_views(global_views, local_views, self.student_backbone.in_chans)
         n_g, b = len(g), g[0].shape[0]
         teacher_temp = self.teacher_temperature
 

@@ -155,7 +155,7 @@ class DINOv2(SelfDistillationMethod):
         if images is not None:
             emb = self.embed(images)
             return DINOv2Output(loss=emb.new_zeros(()), embedding=emb)
-        g, lv = check_views(global_views, local_views)
+        g, lv = check_views(global_views, local_views, self.student_backbone.in_chans)
         if len({tuple(v.shape[-2:]) for v in g}) != 1:
             raise ValueError(f"DINOv2 needs global views of one size, got {[tuple(v.shape[-2:]) for v in g]}")
         n_g, b = len(g), g[0].shape[0]
