@@ -91,7 +91,7 @@ def test_dinov2_and_dinov3_presets_train_through_the_cli(tmp_path, preset):
         assert len(metrics[key]) == 4, key
     if preset.startswith("dinov3"):
         ckpt = torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=True)
-        assert any(k.startswith("method.gram_teacher.") for k in ckpt["state_dict"])  # saved for resume
+        assert any(".gram_teacher." in k for k in ckpt["state_dict"])  # saved for resume
 
 
 def test_online_knn_monitor_logs_accuracy(tmp_path):

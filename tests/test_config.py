@@ -119,3 +119,47 @@ def test_cli_print_config_and_errors(capsys):
         main(["train", "--help"])
     assert e.value.code == 0
     assert "model.n_prototypes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("optim.lr=.inf", "optim.lr: must be a finite number"),
+    ("optim.weight_decay=.nan", "optim.weight_decay: must be a finite number"),
+    ("optim.clip_grad=.nan", "optim.clip_grad: must be a finite number"),
+    ("data.global_scale=[0.4, .nan]", "data.global_scale: must hold finite numbers"),
+    ("optim.betas=[0.9, 1.5]", "optim.betas: must be two numbers in"),
+    ("model.n_prototypes=1000000000000", "model.n_prototypes: must be <="),
+    ("data.num_workers=100000", "data.num_workers: must be <="),
+    ("trainer.log_every_n_steps=10000000000000", "trainer.log_every_n_steps: .* out of range"),
+    ("model.backbone=[vit]", "model.backbone: expected str"),
+    ("trainer.accelerator=quantum", "trainer.accelerator: must be one of"),
+    ("trainer.strategy=warp", "trainer.strategy: 'warp' is not a Lightning strategy"),
+    ("trainer.precision=8", "trainer.precision: must be one of"),
+    ("trainer.devices=many", "trainer.devices: must be auto"),
+    ("trainer.max_steps=0", "trainer.max_steps: must be -1"),
+    ("trainer.seed=-1", "trainer.seed: must be >= 0"),
+])
+def test_nonsense_values_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config("demo", [override])
+
+
+def test_valid_lightning_names_and_device_lists_are_accepted():
+    cfg = load_config("demo", ["trainer.strategy=ddp_find_unused_parameters_true", "trainer.precision=bf16-mixed",
+                               "trainer.devices=[0, 1]", "trainer.accelerator=gpu", "trainer.resume=auto"])
+    assert cfg.trainer.devices == "0,1" and cfg.trainer.precision == "bf16-mixed"
+
+
+def test_config_files_that_are_not_configs(tmp_path):
+    for text, message in [("", "empty"), ("[1, 2]", "must be a mapping"), ("42", "must be a mapping")]:
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(ConfigError, match="binary"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="did you mean 'demo'"):
+        load_config("dem")

@@ -126,16 +126,17 @@ def test_unreadable_images_are_skipped_with_a_warning_or_fail_in_strict_mode(tmp
     (root / "cats" / "broken.png").write_bytes(b"not an image")
     good = root / "cats" / "cats0.png"
     (root / "cats" / "truncated.png").write_bytes(good.read_bytes()[:40])
-    ds = ImageFolderDataset(root)
-    with pytest.warns(UserWarning, match="broken.png"):
+    with pytest.warns(UserWarning, match="broken.png"):  # the first file is probed at once
+        ds = ImageFolderDataset(root)
+    with pytest.warns(UserWarning, match="truncated.png"):
         items = [ds[i] for i in range(len(ds))]
     assert all(isinstance(img, Image.Image) for img, _ in items)
     assert len(ds.skipped) == 2 and "2 unreadable" in ds.summary()
-    strict = ImageFolderDataset(root, strict=True)
     with pytest.raises(ImageReadError, match="broken.png"):
+        strict = ImageFolderDataset(root, strict=True)
         [strict[i] for i in range(len(strict))]
-    checked = ImageFolderDataset(root)
     with pytest.warns(UserWarning):
+        checked = ImageFolderDataset(root)
         assert len(checked.verify()) == 2
     assert len(checked) == 6
 
@@ -213,10 +214,11 @@ def test_block_masks_respect_the_target_and_block_size():
     for target in (10, 40, 80):
         m = gen(target, rng)
         assert 4 <= int(m.sum()) <= target
-    single = gen(6, random.Random(1))
-    rows, cols = single.nonzero(as_tuple=True)
-    assert int(single.sum()) >= 4  # one block of at least 4 patches
-    assert (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1) == int(single.sum())
+    # As the official generator, once fewer than min_num_patches remain it still places smaller
+    # blocks, so small targets are usually met exactly (pinned against the official one in
+    # tests/test_parity_official.py).
+    hits = sum(int(gen(6, random.Random(s)).sum()) == 6 for s in range(50))
+    assert hits >= 35
 
 
 def test_random_mask_exact_counts():

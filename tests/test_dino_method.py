@@ -181,11 +181,13 @@ def test_momentum_without_total_steps_stays_at_its_start_value():
 
 
 def test_set_epoch_changes_the_teacher_temperature():
-    """0.04 at epoch 0, linear to 0.07 at the end of the 30-epoch warm-up, and the forward uses it."""
+    """DINO's np.linspace(0.04, 0.07, 30): 0.04 at epoch 0, 0.07 from epoch 29 on; the forward uses it."""
     model = _dino().eval()
     assert model.teacher_temperature == pytest.approx(0.04)
     model.set_epoch(15)
-    assert model.teacher_temperature == pytest.approx(0.055)
+    assert model.teacher_temperature == pytest.approx(0.04 + 0.03 * 15 / 29)
+    model.set_epoch(29)
+    assert model.teacher_temperature == pytest.approx(0.07)
     model.set_epoch(30)
     assert model.teacher_temperature == pytest.approx(0.07)
     g, lv = _views()

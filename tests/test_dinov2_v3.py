@@ -64,8 +64,10 @@ def test_patch_loss_uses_masked_tokens_only():
     with torch.no_grad():
         t = m.teacher_backbone(torch.cat(g)).patches[masks]
         s = m.student_backbone(torch.cat(g), masks=masks).patches[masks]
-        t_probs = m.ibot_loss.teacher_probs(m.teacher["patch_head"](t), m.teacher_temperature)
-        want = ibot_patch_loss(m.student["patch_head"](s), t_probs, masks, 0.1)
+        t_probs = m.term("patch").ibot_loss.teacher_probs(m.teacher["patch_head"](t), m.teacher_temperature)
+        weights = torch.full((3,), 1.0 / 3)  # one crop with 3 masked tokens
+        # Official normalisation: summed over the masked tokens, divided by ALL 8 global crops.
+        want = ibot_patch_loss(m.student["patch_head"](s), t_probs, weights, 8, 0.1)
     torch.testing.assert_close(out.loss_patch, want)
 
 
@@ -136,7 +138,7 @@ def test_gram_teacher_from_file_and_wrong_architecture(tmp_path):
 
 
 def test_bad_inputs():
-    with pytest.raises(TypeError, match="iBOT needs a ViT"):
+    with pytest.raises(TypeError, match="needs a ViT with a CLS token|need patch tokens|mask token"):
         DINOv2(build_backbone("resnet18"), **HEADS)
     with pytest.raises(ValueError, match="mask_ratio"):
         _v2(mask_ratio=1.5)

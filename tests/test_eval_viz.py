@@ -121,3 +121,95 @@ def test_pca_foreground_is_the_object_not_the_border():
     feats[:, 1:7, 1:7, 1] += torch.linspace(-1, 1, 6)  # some structure inside the object
     maps = pca_patch_maps(feats.reshape(4, 64, 8), (8, 8))
     assert maps.foreground[:, 1:7, 1:7].all() and not maps.foreground[:, 0].any()
+
+
+# ------------------------------------------------------------------ evaluation across processes
+class _Counting(torch.utils.data.Dataset):
+    """7 labelled images (an odd count: the shares differ); records which indices were read."""
+
+    def __init__(self, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.x, self.y = torch.rand(7, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+        self.read = []
+
+    def __len__(self):
+        return 7
+
+    def __getitem__(self, i):
+        self.read.append(int(i))
+        return self.x[i], self.y[i]
+
+
+def _eval_worker(rank, init, out):
+    import torch.distributed as dist
+
+    from dinokit.eval.features import extract_features_sharded
+    from dinokit.eval.monitor import KNNMonitor
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    vit = tiny_vit()
+    bank, val = _Counting(0), _Counting(1)
+    f, y = extract_features_sharded(vit, bank, batch_size=2)
+    read = list(bank.read)
+    res = KNNMonitor(bank, torch.utils.data.DataLoader(val, batch_size=3), ks=(3,)).evaluate(vit)
+    torch.save({"f": f, "y": y, "read": read, "knn": res, "val_read": val.read}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_sharded_features_and_monitor_equal_one_process(tmp_path):
+    """2 gloo processes: each sample is extracted once, the gathered features are in dataset
+    order, and the monitor's summed votes give the 1-process accuracy."""
+    import torch.multiprocessing as mp
+
+    from dinokit.eval.monitor import KNNMonitor
+
+    mp.start_processes(_eval_worker, args=(f"file://{tmp_path}/pg", str(tmp_path / "r")), nprocs=2,
+                       start_method="fork")
+    r = [torch.load(tmp_path / f"r.{i}", weights_only=True) for i in range(2)]
+    torch.manual_seed(0)
+    vit = tiny_vit()
+    bank, val = _Counting(0), _Counting(1)
+    f, y = extract_features(vit, torch.utils.data.DataLoader(bank, batch_size=7), progress=False)
+    assert sorted(r[0]["read"] + r[1]["read"]) == list(range(7))  # each sample once
+    assert sorted(r[0]["val_read"] + r[1]["val_read"]) == list(range(7))  # the monitor's share only
+    for part in r:
+        torch.testing.assert_close(part["f"], f, rtol=1e-5, atol=1e-6)
+        assert torch.equal(part["y"], y)
+    one = KNNMonitor(bank, val, ks=(3,)).evaluate(vit)
+    ref = knn_evaluate(f, y, extract_features(vit, [(val.x, val.y)], progress=False)[0], val.y, ks=(3,))[3]
+    assert r[0]["knn"] == r[1]["knn"] == one == pytest.approx(ref)
+
+
+def test_knn_counts_over_query_shares_add_up_and_the_bank_moves_once(monkeypatch):
+    from dinokit.eval.knn import knn_correct
+
+    g = torch.Generator().manual_seed(0)
+    tr, te = torch.randn(40, 8, generator=g), torch.randn(11, 8, generator=g)
+    y, yt = torch.randint(0, 6, (40,), generator=g), torch.randint(0, 6, (11,), generator=g)
+    whole = knn_correct(tr, y, te, yt, ks=(5,))[5]
+    shares = knn_correct(tr, y, te[::2], yt[::2], ks=(5,))[5] + knn_correct(tr, y, te[1::2], yt[1::2], ks=(5,))[5]
+    torch.testing.assert_close(shares, whole)
+    res = knn_evaluate(tr, y, te, yt, ks=(5,))[5]
+    assert res["top1"] == pytest.approx(100 * whole[0].item() / 11)
+    assert res["top5"] == pytest.approx(100 * whole[1].item() / 11)
+    calls = []
+    original = torch.nn.functional.normalize
+    monkeypatch.setattr(torch.nn.functional, "normalize", lambda x, **kw: calls.append(len(x)) or original(x, **kw))
+    knn_classify(tr, y, te, ks=(5,), chunk_size=2)
+    assert calls.count(40) == 1 and len(calls) == 1 + 6  # the bank once, then 6 query chunks
+
+
+def test_linear_probe_sweeps_beyond_one_and_flags_an_edge():
+    from dinokit.eval.linear import DEFAULT_LRS, linear_probe
+
+    assert max(DEFAULT_LRS) > 1.0 and min(DEFAULT_LRS) < 0.01
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 4, generator=g)
+    y = (x[:, 0] + 0.3 * x[:, 1] > 0).long()
+    with pytest.warns(UserWarning, match="edge of the sweep"):
+        res = linear_probe(x, y, x, y, lrs=(1e-4, 2e-4), epochs=2, progress=False)
+    assert res.at_edge
+    with pytest.raises(ValueError, match="lrs"):
+        linear_probe(x, y, x, y, lrs=(), progress=False)

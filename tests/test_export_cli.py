@@ -58,7 +58,8 @@ def test_foreign_files_give_clear_errors(tmp_path, capsys):
     assert "not a dinokit/timm checkpoint" in capsys.readouterr().err
     torch.save({"weights": torch.zeros(2)}, bad)
     assert main(["export", "--checkpoint", str(bad), "--output", str(tmp_path / "o")]) == 2
-    assert "not a dinokit training checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds backbone-only weights" in err and "expected a dinokit training checkpoint" in err
 
 
 def test_eval_commands_print_accuracy_and_save_json(run_dir, capsys):
@@ -101,10 +102,23 @@ def test_cnn_attention_and_unlabelled_knn_are_explained(tmp_path, capsys):
     assert main(["eval", "knn", "--checkpoint", str(tmp_path / "cnn"), "--train-data", str(flat),
                  "--val-data", str(flat)]) == 2
     assert "need labelled data" in capsys.readouterr().err
+    # export from the run directory keeps in_chans=1; timm and dinokit both load it
+    assert main(["export", "--checkpoint", str(tmp_path / "cnn"), "--output", str(tmp_path / "exp")]) == 0
+    from dinokit.cli._common import load
+
+    trained = load(str(tmp_path / "cnn")).backbone
+    x = torch.randn(2, 1, 32, 32)
+    model = timm.create_model(f"local-dir:{tmp_path / 'exp'}", pretrained=True).eval()
+    with torch.no_grad():
+        ref = trained(x).cls
+        torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True), ref,
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(dinokit.load_backbone(tmp_path / "exp.safetensors")(x).cls, ref,
+                                   rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("cmd", [["eval", "knn"], ["eval", "linear"], ["viz", "attention"], ["viz", "pca"],
-                                 ["viz", "tsne"], ["viz", "curves"], ["export"], ["demo"], ["presets"]])
+                                 ["viz", "tsne"], ["viz", "curves"], ["export"], ["embed"], ["demo"], ["presets"]])
 def test_every_command_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])
@@ -124,3 +138,74 @@ def test_linear_probe_separable_features():
         assert res.top1 == 100.0, mode
     with pytest.raises(ValueError, match="labelled"):
         linear_probe(x, None, x, y)
+
+
+def _tiny_method(kind):
+    torch.manual_seed(0)
+    if kind == "vit":
+        return dinokit.DINO("vit_tiny_patch16_224", encoder_kwargs=dict(img_size=28, patch_size=4, depth=1,
+                            embed_dim=32, num_heads=2, in_chans=1), n_prototypes=16, projector_hidden_dim=16,
+                            projector_bottleneck_dim=8)
+    if kind == "dinov3":
+        return dinokit.DINOv3("vit_small_patch16_dinov3", encoder_kwargs=dict(depth=1, embed_dim=32, num_heads=2),
+                              n_prototypes=16, n_patch_prototypes=16, projector_hidden_dim=16,
+                              projector_bottleneck_dim=8)
+    return dinokit.DINO("resnet18", encoder_kwargs=dict(in_chans=1), n_prototypes=16, projector_hidden_dim=16,
+                        projector_bottleneck_dim=8)
+
+
+@pytest.mark.parametrize("kind", ["vit", "cnn", "dinov3"])
+def test_export_from_a_method_keeps_how_the_backbone_was_built(kind, tmp_path):
+    from dinokit.export import export_timm_folder
+
+    method = _tiny_method(kind)
+    with torch.no_grad():  # make the student differ from the teacher, to see which one is exported
+        for p in method.student_backbone.parameters():
+            p.add_(0.5)
+    chans = method.teacher_backbone.in_chans
+    x = torch.randn(2, chans, 32, 32)
+    path = dinokit.export_backbone(method, tmp_path / "bb")
+    meta = json.loads((tmp_path / "bb.json").read_text())
+    if kind == "cnn":
+        assert meta["timm_kwargs"]["in_chans"] == 1  # was {}: loading failed on conv1's shape
+    folder = export_timm_folder(method, tmp_path / "hub")
+    timm_model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    teacher = method.teacher_backbone.eval()
+    with torch.no_grad():
+        ref = teacher(x).cls
+        torch.testing.assert_close(dinokit.load_backbone(path)(x).cls, ref, rtol=0, atol=0)
+        torch.testing.assert_close(dinokit.load_backbone(folder)(x).cls, ref, rtol=0, atol=0)
+        feats = timm_model.forward_features(x)
+        got = feats[:, 0] if feats.ndim == 3 else timm_model.forward_head(feats, pre_logits=True)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        assert not torch.allclose(method.student_backbone.eval()(x).cls, ref)
+    export_timm_folder(method, tmp_path / "student", which="student")
+    with torch.no_grad():
+        torch.testing.assert_close(dinokit.load_backbone(tmp_path / "student")(x).cls,
+                                   method.student_backbone(x).cls, rtol=0, atol=0)
+
+
+def test_export_command_writes_a_timm_folder_with_the_runs_preprocessing(run_dir, tmp_path):
+    from dinokit.config import from_dict
+    from dinokit.train.build import build_multicrop_config
+    from dinokit.weights import read_file
+
+    assert main(["export", "--checkpoint", str(run_dir), "--output", str(tmp_path / "exp")]) == 0
+    cfg = from_dict(read_file(run_dir / "checkpoints" / "last.ckpt")["dinokit"]["config"])
+    mc = build_multicrop_config(cfg)
+    hub = json.loads((tmp_path / "exp" / "config.json").read_text())
+    assert hub["architecture"] == "vit_tiny_patch16_224" and hub["model_args"]["in_chans"] == 1
+    assert hub["pretrained_cfg"]["mean"] == pytest.approx(list(mc.mean))
+    assert hub["pretrained_cfg"]["std"] == pytest.approx(list(mc.std))
+    assert hub["pretrained_cfg"]["input_size"] == [1, mc.global_size, mc.global_size]
+    from dinokit.cli._common import load
+
+    trained = load(str(run_dir)).backbone
+    model = timm.create_model(f"local-dir:{tmp_path / 'exp'}", pretrained=True).eval()
+    loaded = dinokit.load_backbone(tmp_path / "exp")
+    assert loaded.preprocessing["mean"] == pytest.approx(list(mc.mean))
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        ref = trained(x).cls
+        torch.testing.assert_close(model.forward_features(x)[:, 0], ref, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x).cls, ref, rtol=0, atol=0)

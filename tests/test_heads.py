@@ -137,3 +137,11 @@ def test_sizes_below_one_name_the_argument(arg):
     kwargs[arg] = 0
     with pytest.raises(ValueError, match=f"{arg} must be >= 1"):
         DINOHead(**kwargs)
+
+
+def test_dinov3_head_has_plain_prototypes_and_every_option_is_named():
+    head = DINOHead(4, out_dim=3, hidden_dim=8, bottleneck_dim=4, weight_norm=False)
+    assert isinstance(head.last_layer, nn.Linear) and head.last_layer.bias is None
+    assert [n for n, _ in head.last_layer.named_parameters()] == ["weight"]
+    assert head.last_layer_parameters() == [head.last_layer.weight]
+    assert "weight_norm" in inspect.signature(DINOHead).parameters

@@ -12,7 +12,15 @@ from torch import nn
 
 from dinokit import DINO, build_backbone
 from dinokit.train import DINOModule
-from dinokit.train.optim import LARS, build_optimizer, clip_per_parameter_, layer_id, param_groups
+from dinokit.train.optim import (
+    LARS,
+    build_optimizer,
+    clip_per_parameter_,
+    layer_id,
+    param_groups,
+    set_group_hyperparameters,
+    skip_step_if_,
+)
 
 
 def _tiny_dino(**kw):
@@ -115,7 +123,7 @@ def test_schedules_are_applied_every_step():
     rec = Recorder()
     _fit(module, epochs=2, callbacks=[rec])
     total, warm = 16, 8
-    expected_lr = [0.1 * s / warm if s < warm else
+    expected_lr = [0.1 * s / (warm - 1) if s < warm else
                    0.5 * 0.1 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
                    for s in range(total)]
     expected_wd = [0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * s / total)) for s in range(total)]
@@ -149,3 +157,68 @@ def test_nan_loss_stops_with_a_clear_error():
     with pytest.raises(ValueError, match="training loss is nan"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, torch.utils.data.DataLoader(bad, batch_size=None))
+
+
+def test_build_optimizer_uses_fused_kernels_where_torch_has_them():
+    p = nn.Parameter(torch.ones(2, 2))
+    for name in ("adamw", "adam", "sgd"):
+        opt = build_optimizer(name, [{"params": [p]}])
+        assert opt.defaults.get("fused") is True, name  # CPU fused kernels (torch >= 2.4)
+        assert not build_optimizer(name, [{"params": [p]}], fused=False).defaults.get("fused")
+
+
+def _adamw_pair(fused):
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(3, 2))
+    opt = build_optimizer("adamw", [{"params": [p], "lr": 0.1, "weight_decay": 0.05}], fused=fused)
+    for g in opt.param_groups:
+        g["lr"], g["weight_decay"] = 0.1, 0.05
+    return p, opt
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_skip_step_if_leaves_parameters_and_state_unchanged_on_the_device(fused):
+    p, opt = _adamw_pair(fused)
+    p.grad = torch.ones_like(p)
+    opt.step()  # some history: moments and a step count
+    state = {k: v.clone() for k, v in opt.state[p].items()}
+    before = p.detach().clone()
+    p.grad = torch.full_like(p, float("nan"))
+    skip_step_if_(opt, torch.tensor(True))
+    assert torch.equal(p, before)
+    for k, v in opt.state[p].items():
+        assert torch.equal(v, state[k]), k
+    assert not hasattr(opt, "found_inf")
+    # found_inf False: exactly the plain step
+    q, ref = _adamw_pair(fused)
+    q.grad = torch.ones_like(q)
+    ref.step()
+    q.grad = torch.full_like(q, 0.5)
+    ref.step()
+    p.grad = torch.full_like(p, 0.5)
+    skip_step_if_(opt, torch.tensor(False))
+    torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_skip_step_if_on_a_first_step_resets_new_state():
+    p = nn.Parameter(torch.ones(2))
+    opt = LARS([p], lr=0.1)
+    p.grad = torch.ones(2)
+    skip_step_if_(opt, torch.tensor(True))
+    assert torch.equal(p, torch.ones(2)) and torch.equal(opt.state[p]["mu"], torch.zeros(2))
+
+
+def test_last_layer_lr_multiplier_freezes_flagged_groups():
+    method = _tiny_dino(norm_last_layer=False)
+    groups = param_groups(method.student.named_parameters())  # official: names with "last_layer"
+    flagged = {n for g in groups if g["is_last_layer"] for n in g["names"]}
+    assert flagged == {"head.last_layer.weight_v", "head.last_layer.weight_g"}
+    opt = build_optimizer("adamw", groups)
+    set_group_hyperparameters(opt, lr=0.1, weight_decay=0.04, last_layer_lr=0.0)
+    assert {g["lr"] for g in opt.param_groups if g["is_last_layer"]} == {0.0}
+    assert {g["lr"] for g in opt.param_groups if not g["is_last_layer"]} == {0.1}
+
+
+def test_bad_no_decay_rule_is_named():
+    with pytest.raises(ValueError, match="no_decay_rule"):
+        param_groups([("w", nn.Parameter(torch.ones(2, 2)))], no_decay_rule="timm")

@@ -103,3 +103,50 @@ def test_resume_differs_without_data_position(tmp_path):
     teacher_a = reference.teacher_backbone.state_dict()
     teacher_b = resumed.teacher_backbone.state_dict()
     assert any(not torch.equal(teacher_a[k], teacher_b[k]) for k in teacher_a)
+
+
+# ------------------------------------------------------------------ through the CLI (issue 9, 11)
+TINY_CLI = [
+    "data.dataset=digits", "data.limit=192", "data.batch_size=32", "data.num_workers=0",
+    "trainer.epochs=2", "trainer.progress=false", "trainer.log_every_n_steps=1",
+    "model.backbone_kwargs={img_size: 28, patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2, in_chans: 1}",
+    "model.n_prototypes=64", "model.head_hidden_dim=32", "model.head_bottleneck_dim=16",
+    # schedules that do not depend on the run length, so a longer resumed run can be compared
+    "optim.warmup_epochs=0", "optim.min_lr=0.0005", "optim.lr=0.0005", "optim.weight_decay_end=0.04",
+    "model.ema_decay_start=0.996", "model.ema_decay_end=0.996",
+]
+
+
+def _cli(tmp_path, name, *extra):
+    from dinokit.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return main(["train", "--config", "demo", *TINY_CLI, f"trainer.output_dir={tmp_path}",
+                     f"trainer.run_name={name}", *extra])
+
+
+def _ckpt(path):
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def test_resume_after_max_steps_continues_exactly(tmp_path):
+    """A run stopped by trainer.max_steps mid-epoch, resumed with a larger max_steps, ends where
+    an uninterrupted run ends: no step lost, none repeated, the epoch's remaining batches kept."""
+    assert _cli(tmp_path, "ref", "trainer.max_steps=11") == 0
+    assert _cli(tmp_path, "cut", "trainer.max_steps=8", "trainer.checkpoint_every_n_steps=4") == 0
+    cut = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    assert _ckpt(cut)["global_step"] == 8
+    assert _cli(tmp_path, "cut", "trainer.max_steps=11", "trainer.resume=last",
+                "trainer.checkpoint_every_n_steps=4") == 0
+    a, b = _ckpt(tmp_path / "ref" / "checkpoints" / "last.ckpt"), _ckpt(cut)
+    assert a["global_step"] == b["global_step"] == 11
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(v, b["state_dict"][k], rtol=0, atol=0, msg=f"{k} differs")
+
+
+def test_last_ckpt_is_the_last_state_with_step_checkpoints(tmp_path):
+    assert _cli(tmp_path, "s", "trainer.checkpoint_every_n_steps=5") == 0
+    names = sorted(p.name for p in (tmp_path / "s" / "checkpoints").iterdir())
+    assert "last-v1.ckpt" not in names and "last.ckpt" in names, names
+    assert _ckpt(tmp_path / "s" / "checkpoints" / "last.ckpt")["global_step"] == 12  # not step 10

@@ -22,12 +22,12 @@ S = CosineSchedule(base=1.0, final=0.1, total_steps=110, warmup_steps=10, warmup
 
 
 def test_warm_up_is_a_linear_ramp_from_start_to_base():
-    """step k < 10: 0.2 + (1.0 - 0.2) * k / 10."""
+    """step k < 10: np.linspace(0.2, 1.0, 10)[k] = 0.2 + 0.8 * k / 9: base reached at step 9."""
     assert S(0) == pytest.approx(0.2)
-    assert S(1) == pytest.approx(0.28)
-    assert S(5) == pytest.approx(0.6)
-    assert S(9) == pytest.approx(0.92)
-    assert S(10) == pytest.approx(1.0)  # end of warm-up: the base value, cosine starts here
+    assert S(1) == pytest.approx(0.2 + 0.8 / 9)
+    assert S(5) == pytest.approx(0.2 + 0.8 * 5 / 9)
+    assert S(9) == 1.0  # end of warm-up: the base value exactly (np.linspace's endpoint)
+    assert S(10) == pytest.approx(1.0)  # the cosine starts at base too
 
 
 def test_cosine_part_follows_the_half_cosine():
@@ -63,7 +63,8 @@ def test_dino_learning_rate():
     epochs, then cosine to 1e-6 (here 100 epochs of 10 steps)."""
     lr = CosineSchedule(base=scaled_lr(0.0005, 1024), final=1e-6, total_steps=1000, warmup_steps=100)
     assert lr(0) == 0.0
-    assert lr(50) == pytest.approx(0.001)
+    assert lr(50) == pytest.approx(0.002 * 50 / 99)
+    assert lr(99) == pytest.approx(0.002)
     assert lr(100) == pytest.approx(0.002)
     assert lr(550) == pytest.approx((0.002 + 1e-6) / 2)
     assert lr(1000) == 1e-6
@@ -85,12 +86,13 @@ def test_dino_teacher_momentum_rises_from_0996_to_1():
 
 
 def test_teacher_temperature_warm_up_over_30_epochs():
-    """Linear 0.04 -> 0.07 over 30 epochs, then constant: 0.04 + 0.03 * 15 / 30 = 0.055."""
+    """np.linspace(0.04, 0.07, 30) then constant (DINO's ``teacher_temp_schedule``): 0.07 at 29."""
     t = TeacherTemperature(warmup=0.04, final=0.07, warmup_epochs=30)
     assert t(0) == pytest.approx(0.04)
-    assert t(10) == pytest.approx(0.05)
-    assert t(15) == pytest.approx(0.055)
+    assert t(10) == pytest.approx(0.04 + 0.03 * 10 / 29)
+    assert t(29) == 0.07
     assert t(30) == pytest.approx(0.07)
+    assert TeacherTemperature(0.04, 0.07, 30, endpoint=False)(15) == pytest.approx(0.055)  # DINOv3
     assert t(100) == pytest.approx(0.07)
     assert TeacherTemperature(0.04, 0.07, warmup_epochs=0)(0) == pytest.approx(0.07)
 

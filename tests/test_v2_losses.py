@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from dinokit.losses import gram_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp
+from dinokit.losses import IBOTPatchLoss, gram_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp
+from dinokit.losses.ibot import masked_token_weights
 
 
 def sk_reference(logits, temp, iters):
@@ -38,27 +39,37 @@ def test_sinkhorn_matches_reference_and_marginals():
 
 
 def test_ibot_hand_computed_and_weighting():
-    # 2 images, 3 patches, K=2. Image 0: patch 1 masked; image 1: patches 0 and 2 masked.
-    masks = torch.tensor([[False, True, False], [True, False, True]])
+    # 4 crops, 3 patches, K=2. Crop 0: patch 1 masked; crop 1: patches 0 and 2; crops 2, 3: none.
+    masks = torch.tensor([[False, True, False], [True, False, True], [False] * 3, [False] * 3])
     s = torch.tensor([[0.0, 0.0], [math.log(3), 0.0], [0.0, math.log(3)]])  # masked tokens in order
     t = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
-    loss = ibot_patch_loss(s, t, masks, student_temp=1.0)
-    h0 = math.log(2)  # image 0, one token
+    weights = masked_token_weights(masks)
+    assert weights.tolist() == [1.0, 0.5, 0.5]
+    loss = ibot_patch_loss(s, t, weights, n_crops=4, student_temp=1.0)
+    h0 = math.log(2)  # crop 0, one token
     h1 = 0.5 * (-(0.5 * math.log(0.75) + 0.5 * math.log(0.25))) + 0.5 * (-math.log(0.75))
-    assert loss.item() == pytest.approx((h0 + h1) / 2, rel=1e-6)
+    # divided by ALL 4 global crops (official forward_masked), not by the 2 masked ones
+    assert loss.item() == pytest.approx((h0 + h1) / 4, rel=1e-6)
+    # the module's older (s, t, masks) form: same value
+    assert IBOTPatchLoss(2, student_temp=1.0)(s, t, masks).item() == pytest.approx((h0 + h1) / 4, rel=1e-6)
 
 
-def test_ibot_ignores_unmasked_tokens_and_handles_no_masks():
+def test_ibot_padding_rows_contribute_exactly_zero():
     g = torch.Generator().manual_seed(1)
-    s_all, t_all = torch.randn(2, 4, 6, generator=g), torch.randn(2, 4, 6, generator=g).softmax(-1)
-    masks = torch.tensor([[True, False, True, False], [False, False, False, True]])
-    base = ibot_patch_loss(s_all[masks], t_all[masks], masks)
-    s2, t2 = s_all.clone(), t_all.clone()
-    s2[~masks] += 100.0
-    t2[~masks] = t2[~masks].flip(-1)
-    assert ibot_patch_loss(s2[masks], t2[masks], masks).item() == pytest.approx(base.item())
-    none = torch.zeros(2, 4, dtype=torch.bool)
-    assert ibot_patch_loss(s_all[none], t_all[none], none).item() == 0.0
+    s, t = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g).softmax(-1)
+    w = torch.tensor([0.5, 0.5, 1.0, 0.0, 0.0])
+    base = ibot_patch_loss(s[:3], t[:3], w[:3], 4)
+    s2, t2 = s.clone(), t.clone()
+    s2[3:] = 1e30  # garbage but finite
+    t2[3:] = 7.0
+    s2.requires_grad_()
+    loss = ibot_patch_loss(s2, t2, w, 4)
+    assert loss.item() == base.item()
+    loss.backward()
+    assert torch.all(s2.grad[3:] == 0) and torch.isfinite(s2.grad).all()
+    assert ibot_patch_loss(s, t, torch.zeros(5), 4).item() == 0.0
+    with pytest.raises(ValueError, match="weights"):
+        ibot_patch_loss(s, t, w[:4], 4)
 
 
 def test_koleo_on_a_circle_and_edge_cases():
@@ -98,3 +109,52 @@ def test_gram_loss():
     assert s.grad is not None and t.grad is None
     with pytest.raises(ValueError, match="must both be"):
         gram_loss(a, b[:, :3])
+
+
+def test_sinkhorn_padding_gets_no_mass_and_does_not_count_in_b():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(7, 4, generator=g)
+    padded = torch.cat([logits, torch.full((3, 4), float("nan")), torch.full((2, 4), 1e6)])
+    valid = torch.arange(12) < 7
+    valid[7:10] = False
+    q = sinkhorn_knopp(padded, 0.3, 3, valid=valid)
+    torch.testing.assert_close(q[:7], sinkhorn_knopp(logits, 0.3, 3))
+    assert torch.equal(q[7:], torch.zeros(5, 4))
+    torch.testing.assert_close(q[:7].sum(0), sk_reference(logits, 0.3, 3).float().sum(0))
+    with pytest.raises(ValueError, match="valid"):
+        sinkhorn_knopp(logits, 0.3, valid=torch.ones(6, dtype=torch.bool))
+
+
+def test_gram_options_and_errors():
+    x = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])  # cosine -1 between the two patches
+    y = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # cosine 0
+    assert gram_loss(x, y).item() == pytest.approx(0.5)  # off-diagonals -1 vs 0: (1 + 1) / 4
+    assert gram_loss(x, y, remove_neg=True).item() == 0.0  # student -1 clamped to 0
+    assert gram_loss(y, x, remove_only_teacher_neg=True).item() == 0.0
+    assert gram_loss(x, y, img_level=False).item() == pytest.approx(0.5)  # one image: same matrix
+    with pytest.raises(ValueError, match="exclusive"):
+        gram_loss(x, y, remove_neg=True, remove_only_teacher_neg=True)
+    with pytest.raises(ValueError, match="img_level"):
+        gram_loss(x[0], y[0])
+    assert gram_loss(x[0], y[0], img_level=False).item() == pytest.approx(0.5)
+
+
+def test_resample_patch_grid_keeps_constant_fields_and_names_bad_grids():
+    from dinokit.losses.gram import resample_patch_grid
+
+    const = torch.ones(2, 36, 3) * torch.tensor([1.0, -2.0, 0.5])
+    out = resample_patch_grid(const, (6, 6), (4, 4))
+    assert out.shape == (2, 16, 3)
+    torch.testing.assert_close(out, torch.ones(2, 16, 3) * torch.tensor([1.0, -2.0, 0.5]))
+    assert resample_patch_grid(const, (6, 6), (6, 6)) is const
+    with pytest.raises(ValueError, match="src_grid"):
+        resample_patch_grid(const, (5, 5), (4, 4))
+
+
+def test_koleo_sum_over_crops_checks_its_shape():
+    from dinokit.losses.koleo import koleo_loss_over_crops
+
+    x = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(koleo_loss_over_crops(x), koleo_loss(x[0]) + koleo_loss(x[1]))
+    with pytest.raises(ValueError, match="n_global, B, D"):
+        koleo_loss_over_crops(x[0])

@@ -1,8 +1,14 @@
 """The EMA teacher update of DINO (Caron et al. 2021, Sec. 3.1): ``t <- m t + (1 - m) s``.
 
-One fused pass over all parameters with ``torch._foreach_*`` (a handful of kernel launches instead
-of one per tensor); buffers (BatchNorm statistics) are copied from the student. The parameter
-pairing is worked out once, not at every step.
+As the official code (DINO ``main_dino.py``, DINOv2/v3 ``update_teacher``/``update_ema``):
+parameters only, as ``t * m + s * (1 - m)`` with ``torch._foreach_mul_`` / ``_foreach_add_`` (a
+handful of kernel launches instead of one per tensor). The teacher's buffers (BatchNorm running
+statistics) are its own and are never touched, unless ``copy_buffers=True``.
+
+The parameter lists are re-derived from the modules at every call (a cheap walk over the module
+tree), so the update follows the modules wherever they are moved: ``.to(dtype)``, a device move,
+FSDP2's ``fully_shard`` (which replaces each ``Parameter`` by a DTensor one). A step can be
+skipped on the device (``apply`` tensor), without a host sync.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def make_teacher(student: nn.Module) -> nn.Module:
@@ -21,43 +27,105 @@ def make_teacher(student: nn.Module) -> nn.Module:
     return teacher
 
 
+def _check_pairing(teacher: nn.Module, student: nn.Module) -> list[str] | None:
+    """Names in the student's order; None when both list them in the same order (zip is enough)."""
+    t_params = dict(teacher.named_parameters())
+    s_params = dict(student.named_parameters())
+    if t_params.keys() != s_params.keys():
+        diff = sorted(set(s_params) ^ set(t_params))[:5]
+        raise ValueError(f"teacher and student differ in parameters, e.g. {diff}")
+    shapes = [n for n, p in s_params.items() if t_params[n].shape != p.shape]
+    if shapes:
+        n = shapes[0]
+        raise ValueError(
+            f"teacher and student differ in parameter shapes, e.g. {n}: teacher "
+            f"{tuple(t_params[n].shape)} vs student {tuple(s_params[n].shape)}"
+        )
+    return None if list(t_params) == list(s_params) else list(s_params)
+
+
 class EMAUpdater:
-    """Pairs a teacher with its student once; each call applies one EMA step.
+    """Checks once that teacher and student have the same parameters; each call applies one EMA
+    step to the parameters the modules hold *now*.
 
     Parameters are paired by name, so both modules must have the same structure.
+
+    Args:
+        teacher, student: modules of the same structure.
+        copy_buffers: also copy the student's buffers into the teacher (not official; off).
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module):
-        t_params = dict(teacher.named_parameters())
-        s_params = dict(student.named_parameters())
-        if t_params.keys() != s_params.keys():
-            diff = sorted(set(s_params) ^ set(t_params))[:5]
-            raise ValueError(f"teacher and student differ in parameters, e.g. {diff}")
-        shapes = [n for n, p in s_params.items() if t_params[n].shape != p.shape]
-        if shapes:
-            n = shapes[0]
-            raise ValueError(
-                f"teacher and student differ in parameter shapes, e.g. {n}: teacher "
-                f"{tuple(t_params[n].shape)} vs student {tuple(s_params[n].shape)}"
-            )
-        self._t = [t_params[n] for n in s_params]
-        self._s = list(s_params.values())
-        t_bufs = dict(teacher.named_buffers())
-        self._bufs = [(t_bufs[n], b) for n, b in student.named_buffers() if n in t_bufs]
+    def __init__(self, teacher: nn.Module, student: nn.Module, copy_buffers: bool = False):
+        self.teacher, self.student = teacher, student
+        self._names = _check_pairing(teacher, student)
+        self.copy_buffers = bool(copy_buffers)
+
+    def _pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+        if self._names is None:
+            return list(self.teacher.parameters()), list(self.student.parameters())
+        t = dict(self.teacher.named_parameters())
+        s = dict(self.student.named_parameters())
+        return [t[n] for n in self._names], [s[n] for n in self._names]
 
     @torch.no_grad()
-    def __call__(self, momentum: float) -> None:
-        """``t <- m t + (1 - m) s`` for every parameter; buffers copied. ``m`` is a float."""
+    def __call__(self, momentum: float, apply: Tensor | None = None) -> None:
+        """``t <- m t + (1 - m) s`` for every parameter.
+
+        Args:
+            momentum: ``m`` in [0, 1] (a float).
+            apply: optional 0-dim bool/float tensor; False/0 leaves the teacher unchanged (the
+                weight becomes ``(1 - m) * apply``; no host sync). A skipped step still reads the
+                student: its parameters must be finite.
+        """
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
-        if momentum < 1.0 and self._t:
-            # _foreach_lerp_: t + (1 - m) (s - t) == m t + (1 - m) s, one fused kernel per dtype.
-            torch._foreach_lerp_(self._t, self._s, 1.0 - momentum)
-        for t, s in self._bufs:
-            t.copy_(s)
+        t_list, s_list = self._pairs()
+        if t_list:
+            if apply is None:
+                if momentum < 1.0:
+                    torch._foreach_mul_(t_list, momentum)
+                    torch._foreach_add_(t_list, s_list, alpha=1.0 - momentum)
+            else:
+                self._masked_update(t_list, s_list, momentum, apply)
+        if self.copy_buffers:
+            t_bufs = dict(self.teacher.named_buffers())
+            for n, b in self.student.named_buffers():
+                if n in t_bufs:
+                    if apply is None:
+                        t_bufs[n].copy_(b)
+                    else:
+                        flag = apply.to(device=b.device).bool()
+                        t_bufs[n].copy_(torch.where(flag, b, t_bufs[n]))
+
+    @staticmethod
+    def _masked_update(t_list: list[Tensor], s_list: list[Tensor], momentum: float, apply: Tensor) -> None:
+        """``t * m' + s * w`` with ``w = (1 - m) * apply`` and ``m' = 1 - w``, per (device, dtype)."""
+        groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+        for t, s in zip(t_list, s_list):
+            key = (t.device, t.dtype, type(t))
+            groups.setdefault(key, ([], []))
+            groups[key][0].append(t)
+            groups[key][1].append(s)
+        for (device, dtype, _), (ts, ss) in groups.items():
+            ts, ss = _local(ts), _local(ss)
+            flag = apply.detach().to(device=device, dtype=torch.bool)
+            one = torch.ones((), device=device, dtype=dtype)
+            m = torch.where(flag, torch.full_like(one, momentum), one)
+            w = torch.where(flag, torch.full_like(one, 1.0 - momentum), torch.zeros_like(one))
+            torch._foreach_mul_(ts, m)
+            torch._foreach_add_(ts, torch._foreach_mul(ss, w))
+
+
+def _local(tensors: list[Tensor]) -> list[Tensor]:
+    """The local shards of DTensor parameters (FSDP2), updated in place; other tensors as they are."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch < 2.4
+        return tensors
+    return [x.to_local() if isinstance(x, DTensor) else x for x in tensors]
 
 
 @torch.no_grad()
-def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """One-off EMA step (builds the pairing each call; use :class:`EMAUpdater` in a loop)."""
-    EMAUpdater(teacher, student)(momentum)
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float, copy_buffers: bool = False) -> None:
+    """One-off EMA step (checks the pairing each call; use :class:`EMAUpdater` in a loop)."""
+    EMAUpdater(teacher, student, copy_buffers=copy_buffers)(momentum)

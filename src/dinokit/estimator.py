@@ -2,46 +2,243 @@
 
 The surface and defaults follow nidl's DINO estimator (seed 003); underneath it composes
 :class:`~dinokit.DINO` and :class:`~dinokit.train.DINOModule` — no second implementation of the
-algorithm. Extra keyword arguments go to ``lightning.pytorch.Trainer`` and survive
-``get_params`` / ``set_params`` / ``sklearn.base.clone``.
+algorithm or of the training step. Extra keyword arguments go to ``lightning.pytorch.Trainer`` and
+survive ``get_params`` / ``set_params`` / ``sklearn.base.clone``.
+
+The learning rate is owned here, not by the module: every choice (``"none"``, ``"warmup_cosine"``,
+a scheduler class or factory, a scheduler instance) becomes a torch scheduler built on the run's
+optimiser by :class:`_SchedulerCallback` and stepped per ``interval`` (``"step"`` or ``"epoch"``).
+Everything a fitted estimator holds is a module-level object, so it pickles and ``torch.save``s.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
-from collections.abc import Callable
+import math
 from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.exceptions import NotFittedError
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
+from dinokit.schedules import CosineSchedule
 from dinokit.train.module import DINOModule, unpack_batch
 
 OPTIMIZERS = {"sgd": "sgd", "adam": "adam", "adamW": "adamw", "adamw": "adamw"}
 SCHEDULERS = ("none", "warmup_cosine")
 DEFAULT_SCHEDULER_KWARGS = {"warmup_epochs": 10, "warmup_start_lr": 1e-6, "min_lr": 0.0, "interval": "step"}
+#: lr_scheduler_kwargs keys read by the estimator itself (never passed to a scheduler class).
+STEPPING_KEYS = ("interval", "monitor")
+INTERVALS = ("step", "epoch")
+_SCHEDULER_FORMS = ("lr_scheduler must be 'none', 'warmup_cosine', a torch LR scheduler class (its "
+                    "arguments in lr_scheduler_kwargs), a callable optimizer -> scheduler, or a "
+                    "scheduler instance whose constructor arguments can be read back")
+
+
+# ---------------------------------------------------------------------- picklable building blocks
+class _OptimizerFactory:
+    """``groups -> Optimizer`` for an optimiser class or a template instance (picklable)."""
+
+    def __init__(self, cls: type, defaults: dict[str, Any]):
+        self.cls, self.defaults = cls, dict(defaults)
+
+    def __call__(self, groups: list[dict], **kwargs: Any) -> torch.optim.Optimizer:
+        return self.cls(groups, **{**self.defaults, **kwargs})
+
+
+class _ScheduleFactor:
+    """``LambdaLR`` factor ``schedule(t) / peak`` of a :class:`~dinokit.schedules.CosineSchedule`."""
+
+    def __init__(self, schedule: CosineSchedule, peak: float):
+        self.schedule, self.peak = schedule, peak
+
+    def __call__(self, t: int) -> float:
+        return self.schedule(t) / self.peak if self.peak else 0.0
+
+
+class _WarmupCosine:
+    """Seed 003's ``warmup_cosine``: linear warm-up from ``warmup_start_lr`` over ``warmup_epochs``,
+    then a cosine to ``min_lr``, counted in steps or epochs (``interval``)."""
+
+    def __init__(self, warmup_epochs: float, warmup_start_lr: float, min_lr: float):
+        self.warmup_epochs, self.warmup_start_lr, self.min_lr = warmup_epochs, warmup_start_lr, min_lr
+
+    def __call__(self, optimizer: torch.optim.Optimizer, *, peak: float, total: int,
+                 units_per_epoch: int) -> LRScheduler:
+        total = max(1, total)
+        warmup = min(round(self.warmup_epochs * units_per_epoch), total)
+        sched = CosineSchedule(peak, min(self.min_lr, peak), total, warmup, self.warmup_start_lr)
+        return LambdaLR(optimizer, _ScheduleFactor(sched, peak))
+
+
+class _UserScheduler:
+    """A scheduler class or factory called as ``factory(optimizer, **kwargs)``."""
+
+    def __init__(self, factory: Any, kwargs: dict[str, Any]):
+        self.factory, self.kwargs = factory, dict(kwargs)
+
+    def __call__(self, optimizer: torch.optim.Optimizer, **_: Any) -> Any:
+        try:
+            sched = self.factory(optimizer, **self.kwargs)
+        except TypeError as e:
+            name = getattr(self.factory, "__name__", repr(self.factory))
+            raise TypeError(f"lr_scheduler={name} rejected lr_scheduler_kwargs {self.kwargs}: {e}") from e
+        if not isinstance(sched, (LRScheduler, ReduceLROnPlateau)):
+            raise TypeError(f"lr_scheduler={self.factory!r} returned {type(sched).__name__}, not a torch "
+                            "LR scheduler")
+        return sched
+
+
+# State of a scheduler that moves as it is stepped; everything else must match the template's.
+_VOLATILE = {"base_lrs", "last_epoch", "_step_count", "_is_initial", "_get_lr_called_within_step",
+             "_last_lr", "T_cur", "T_i", "best", "cooldown_counter", "num_bad_epochs", "verbose",
+             "optimizer"}
+_ALIASES = {"min_lr": "default_min_lr", "lr_lambda": "lr_lambdas"}
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # tensors, arrays: compare as lists
+        try:
+            return torch.as_tensor(a).tolist() == torch.as_tensor(b).tolist()
+        except Exception:
+            return False
+
+
+def scheduler_arguments(template: Any) -> dict[str, Any]:
+    """The constructor arguments of a scheduler instance, read back from its attributes.
+
+    Raises ``ValueError`` (naming the accepted forms) when an argument cannot be read back, or when
+    a scheduler rebuilt from those arguments would differ from the template in any setting.
+    """
+    cls = type(template)
+    name = cls.__name__
+    sig = inspect.signature(cls.__init__)
+    kwargs: dict[str, Any] = {}
+    for p in list(sig.parameters.values())[2:]:  # self, optimizer
+        if p.name in ("last_epoch", "verbose") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        attr = p.name if hasattr(template, p.name) else _ALIASES.get(p.name)
+        if attr is not None and hasattr(template, attr):
+            value = getattr(template, attr)
+            if attr == "lr_lambdas":
+                if len({id(f) for f in value}) != 1:
+                    raise ValueError(f"cannot rebuild {name} with one lr_lambda per parameter group; "
+                                     f"{_SCHEDULER_FORMS}")
+                value = value[0]
+            kwargs[p.name] = value
+        elif p.default is inspect.Parameter.empty:
+            raise ValueError(f"cannot read {name}'s argument {p.name!r} back from the instance; "
+                             f"{_SCHEDULER_FORMS}: e.g. lr_scheduler={name} with lr_scheduler_kwargs="
+                             f"{{{p.name!r}: ...}}")
+    # Check: the same class built from these arguments on a stand-in optimiser has the same settings.
+    opt = getattr(template, "optimizer", None)
+    lrs = [g.get("initial_lr", g["lr"]) for g in opt.param_groups] if opt is not None else [1.0]
+    stand_in = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": lr} for lr in lrs],
+                               lr=lrs[0])
+    try:
+        probe = cls(stand_in, **kwargs)
+    except Exception as e:
+        raise ValueError(f"cannot rebuild {name} from the instance ({e}); {_SCHEDULER_FORMS}") from e
+    want, got = template.state_dict(), probe.state_dict()
+    differ = sorted(k for k in set(want) | set(got) if k not in _VOLATILE and not _same(want.get(k),
+                                                                                       got.get(k)))
+    if differ:
+        raise ValueError(f"cannot rebuild {name} faithfully from the instance (settings {differ} are not "
+                         f"constructor arguments); {_SCHEDULER_FORMS}")
+    return kwargs
+
+
+class _SchedulerCallback(pl.Callback):
+    """Builds the learning-rate scheduler on the run's optimiser at the start of training and steps
+    it after each optimiser step (``interval="step"``) or each epoch (``"epoch"``).
+
+    The base learning rate ``lr`` (times each group's ``lr_scale``) is written into the optimiser
+    first, so every scheduler starts from the estimator's learning rate. ``ReduceLROnPlateau`` is
+    stepped with the logged metric ``monitor``.
+    """
+
+    def __init__(self, build: Any, lr: float, interval: str, monitor: str):
+        self.build, self.lr, self.interval, self.monitor = build, lr, interval, monitor
+        self.scheduler: Any = None
+        self._stepped_at = 0
+        self._pending_state: dict | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        opt = trainer.optimizers[0]
+        for g in opt.param_groups:
+            g["lr"] = self.lr * g.get("lr_scale", 1.0)
+            g.pop("initial_lr", None)
+        self._stepped_at = trainer.global_step
+        if self.build is None:
+            return
+        total_steps = int(trainer.estimated_stepping_batches)
+        per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)) \
+            if math.isfinite(trainer.num_training_batches) else 1
+        if self.interval == "step":
+            total, units = total_steps, per_epoch
+        else:
+            total, units = math.ceil(total_steps / per_epoch), 1
+        self.scheduler = self.build(opt, peak=self.lr, total=total, units_per_epoch=units)
+        if self._pending_state is not None:
+            self.scheduler.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def _step(self, trainer: pl.Trainer) -> None:
+        if isinstance(self.scheduler, ReduceLROnPlateau):
+            value = trainer.callback_metrics.get(self.monitor)
+            if value is None:
+                raise ValueError(f"ReduceLROnPlateau monitors {self.monitor!r}, which was not logged; "
+                                 f"logged: {sorted(trainer.callback_metrics)} (set lr_scheduler_kwargs"
+                                 "['monitor'])")
+            self.scheduler.step(float(value))
+        else:
+            self.scheduler.step()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if self.scheduler is not None and self.interval == "step" and trainer.global_step > self._stepped_at:
+            self._stepped_at = trainer.global_step
+            self._step(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.scheduler is not None and self.interval == "epoch":
+            self._step(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_state = state_dict.get("scheduler")
 
 
 class _EstimatorModule(DINOModule):
-    """DINOModule returning seed 003's step dicts, checking the view count, recording epoch
-    losses, and optionally driving a user LR scheduler."""
+    """DINOModule that returns seed 003's step dicts, checks the view count and records the mean
+    training / validation loss of each epoch. The step itself is DINOModule's.
 
-    def __init__(self, method: nn.Module, *, n_views: int, user_scheduler: Any = None,
-                 scheduler_interval: str = "step", **kwargs: Any):
+    Hooks used: ``forward_batch`` (public; recorded to build the step dicts), ``training_step`` /
+    ``validation_step`` (wrapped, not replaced), and ``_apply_schedules``, wrapped so the module
+    keeps setting weight decay but leaves the learning rate to the estimator's scheduler.
+    """
+
+    def __init__(self, method: nn.Module, *, n_views: int, **kwargs: Any):
         super().__init__(method, **kwargs)
-        self.n_views, self.user_scheduler = n_views, user_scheduler
-        self.scheduler_interval = scheduler_interval
+        self.n_views = n_views
         self.epoch_losses: list[float] = []
-        self._sum = None
-        self._count = 0
-        self.built_scheduler: Any = None
+        self.val_losses: list[float] = []
+        self._sums: dict[str, list] = {"train": [None, 0], "val": [None, 0]}
+        self._last_out: Any = None
+        self._labels: Any = None
 
-    def _check(self, batch: Any) -> dict[str, Any]:
+    def forward_batch(self, batch: Any) -> Any:
         b = unpack_batch(batch, self.n_global)
         found = len(b["global_views"]) + len(b["local_views"])
         if found != self.n_views:
@@ -49,48 +246,53 @@ class _EstimatorModule(DINOModule):
                 f"batch has {found} views but num_local_crops={self.n_views - 2} needs "
                 f"{self.n_views} (2 global + {self.n_views - 2} local)"
             )
-        return b
+        self._last_out = out = super().forward_batch(batch)
+        self._labels = b["labels"]
+        return out
 
-    def _step(self, batch: Any) -> dict[str, Any]:
-        b = self._check(batch)
-        out = self.method(global_views=b["global_views"], local_views=b["local_views"])
-        return {"loss": out.loss, "z_student": out.student_logits, "z_teacher": out.teacher_logits,
-                "y": b["labels"], "out": out}
+    def _record(self, split: str, loss: Tensor) -> dict[str, Any]:
+        s = self._sums[split]
+        s[0] = loss.detach() if s[0] is None else s[0] + loss.detach()  # summed on the device
+        s[1] += 1
+        out, self._last_out = self._last_out, None
+        return {"loss": loss, "z_student": out.student_logits, "z_teacher": out.teacher_logits,
+                "y": self._labels}
+
+    def _epoch_mean(self, split: str) -> float | None:
+        total, count = self._sums[split]
+        self._sums[split] = [None, 0]
+        return float(total) / count if count else None  # one sync per epoch
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        self._apply_schedules()
-        r = self._step(batch)
-        loss = r.pop("out").loss
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=r["z_teacher"].shape[1])
-        self._sum = loss.detach() if self._sum is None else self._sum + loss.detach()
-        self._count += 1
-        return r
+        loss = super().training_step(batch, batch_idx)
+        return self._record("train", loss)
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        r = self._step(batch)
-        r.pop("out")
-        self.log("val/loss", r["loss"], batch_size=r["z_teacher"].shape[1])
-        return r
+        loss = super().validation_step(batch, batch_idx)
+        return self._record("val", loss)
 
     def on_train_epoch_end(self) -> None:
-        if self._count:
-            self.epoch_losses.append(float(self._sum) / self._count)  # one sync per epoch
-        self._sum, self._count = None, 0
+        mean = self._epoch_mean("train")
+        if mean is not None:
+            self.epoch_losses.append(mean)
+
+    def on_validation_epoch_end(self) -> None:
+        mean = self._epoch_mean("val")
+        if mean is not None and not self.trainer.sanity_checking:
+            self.val_losses.append(mean)
 
     def _apply_schedules(self) -> None:
-        if self.user_scheduler is None:
-            super()._apply_schedules()
+        # Needed hook: DINOModule(lr_schedule="none") leaving group["lr"] alone would replace this.
+        opt = self.optimizers()
+        opt = getattr(opt, "optimizer", opt)
+        lrs = [g["lr"] for g in opt.param_groups]
+        super()._apply_schedules()
+        for g, lr in zip(opt.param_groups, lrs, strict=True):
+            g["lr"] = lr
 
-    def configure_optimizers(self) -> Any:
-        opt = super().configure_optimizers()
-        if self.user_scheduler is None:
-            return opt
-        for g in opt.param_groups:
-            g["lr"] = self.lr * g.get("lr_scale", 1.0)
-            g.setdefault("initial_lr", g["lr"])
-        sched = self.user_scheduler(opt)
-        self.built_scheduler = sched
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.scheduler_interval}}
+
+def _trainer_parameter_names() -> list[str]:
+    return [p for p in inspect.signature(pl.Trainer.__init__).parameters if p != "self"]
 
 
 class DINOEstimator(TransformerMixin, BaseEstimator):
@@ -99,8 +301,9 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
 
     After ``fit``: ``encoder_`` (the teacher backbone), ``student``, ``teacher`` (backbones),
     ``student_head``, ``teacher_head``, ``loss`` (the DINO loss), ``optimizer_``, ``lr_scheduler_``
-    (a user scheduler, else None: the built-in schedules are set per step), ``method_``,
-    ``trainer_`` and ``history_`` (mean training loss per epoch). Seed 003 names the first of these
+    (the torch scheduler that drove the learning rate; None for ``"none"``), ``method_``,
+    ``history_`` / ``val_history_`` (mean training / validation loss per epoch), and the run-time
+    handles ``trainer_`` and ``module_``, which are not pickled. Seed 003 names the first of these
     ``encoder``/``optimizer``/``lr_scheduler``, but those are constructor parameters here, which
     scikit-learn requires to stay unchanged (``clone`` relies on it).
 
@@ -119,13 +322,20 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         optimizer: ``"sgd"``, ``"adam"``, ``"adamW"``, an optimizer class, or an instance (its class
             and hyper-parameters, lr included, are reused on the method's parameter groups).
         learning_rate, weight_decay, exclude_bias_and_norm_wd, optimizer_kwargs: optimiser settings.
-        lr_scheduler: ``"none"``, ``"warmup_cosine"`` (per step: warm-up from ``warmup_start_lr``
-            over ``warmup_epochs``, cosine to ``min_lr``), or a callable ``optimizer -> scheduler``
-            (e.g. a scheduler class with ``lr_scheduler_kwargs``), stepped per ``interval``.
+        lr_scheduler: ``"none"``; ``"warmup_cosine"`` (linear warm-up from ``warmup_start_lr`` over
+            ``warmup_epochs``, then a cosine to ``min_lr``); a torch scheduler class or a callable
+            ``(optimizer, **lr_scheduler_kwargs) -> scheduler``; or a scheduler instance (bound to
+            any optimiser: its class and settings are rebuilt on the run's optimiser, from step 0).
+        lr_scheduler_kwargs: ``interval`` (``"step"`` or ``"epoch"``: when the scheduler steps;
+            with ``"epoch"`` the warm-up cosine counts epochs and holds the lr within each),
+            ``monitor`` (metric for ``ReduceLROnPlateau``; ``"val/loss"`` when there is a
+            validation loader, else ``"train/loss"``), the ``warmup_cosine`` settings, or the
+            arguments of a scheduler class.
         random_state: seed of the weights, crops and data order.
         crop_config: :class:`~dinokit.data.MultiCropConfig` (or dict) for array inputs.
         batch_size: batch size of the loader made from array inputs.
-        **kwargs: passed to ``lightning.pytorch.Trainer`` (``max_epochs``, ``accelerator``, ...).
+        **kwargs: ``lightning.pytorch.Trainer`` arguments (``max_epochs``, ``accelerator``, ...);
+            a name that is neither raises at once, naming the closest valid one.
     """
 
     def __init__(self, encoder: Any, encoder_kwargs: dict | None = None, proj_input_dim: int | None = None,
@@ -166,6 +376,7 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         self.random_state = random_state
         self.crop_config = crop_config
         self.batch_size = batch_size
+        self._check_names(kwargs)
         self._trainer_kwargs = dict(kwargs)
 
     # ------------------------------------------------------------------ scikit-learn protocol
@@ -176,12 +387,35 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
 
     def set_params(self, **params: Any) -> DINOEstimator:
         names = set(self._get_param_names())
-        for key in [k for k in params if k not in names]:
-            self._trainer_kwargs[key] = params.pop(key)
-        return super().set_params(**params)
+        extra = {k: params.pop(k) for k in [k for k in params if k not in names]}
+        self._check_names(extra)
+        super().set_params(**params)
+        self._trainer_kwargs.update(extra)
+        return self
+
+    @classmethod
+    def _check_names(cls, names: Any) -> None:
+        """Unknown parameter names fail now (not at ``fit``), naming the closest valid one."""
+        trainer_names = _trainer_parameter_names()
+        valid = cls._get_param_names() + trainer_names
+        for key in names:
+            if key in trainer_names:
+                continue
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"invalid parameter {key!r} for DINOEstimator: {hint}Valid parameters are the "
+                             f"estimator's {sorted(cls._get_param_names())} and lightning.pytorch.Trainer's "
+                             f"{sorted(trainer_names)}")
 
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "method_")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state = dict(state)
+        for handle in ("trainer_", "module_"):  # run-time handles (data loaders, loggers): not pickled
+            state.pop(handle, None)
+        return state
 
     # ------------------------------------------------------------------ building
     def _build_encoder(self) -> nn.Module | str:
@@ -195,6 +429,7 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         raise ValueError(f"encoder must be an nn.Module class, an instance or a timm name, got {enc!r}")
 
     def _optimizer_spec(self) -> tuple[Any, float, dict]:
+        """(DINOModule optimizer spec, base learning rate, optimizer kwargs)."""
         opt, kwargs = self.optimizer, dict(self.optimizer_kwargs or {})
         if isinstance(opt, str):
             if opt not in OPTIMIZERS:
@@ -202,45 +437,53 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
                                  f"an optimizer class or instance; got {opt!r}")
             return OPTIMIZERS[opt], self.learning_rate, kwargs
         if isinstance(opt, torch.optim.Optimizer):
-            defaults = {k: v for k, v in opt.defaults.items() if k not in ("lr", "weight_decay")
-                        and k in inspect.signature(type(opt)).parameters}
             cls = type(opt)
-
-            def rebuilt(groups: list, **kw: Any) -> torch.optim.Optimizer:
-                return cls(groups, lr=0.0, **{**defaults, **kw})
-
-            return rebuilt, opt.defaults["lr"], kwargs
+            defaults = {k: v for k, v in opt.defaults.items() if k not in ("lr", "weight_decay")
+                        and k in inspect.signature(cls).parameters}
+            return _OptimizerFactory(cls, defaults), opt.defaults["lr"], kwargs
         if inspect.isclass(opt) and issubclass(opt, torch.optim.Optimizer):
-            return (lambda groups, **kw: opt(groups, lr=self.learning_rate, **kw)), self.learning_rate, kwargs
+            return _OptimizerFactory(opt, {"lr": self.learning_rate}), self.learning_rate, kwargs
         raise ValueError("optimizer must be 'sgd', 'adam', 'adamW', an optimizer class or instance; "
                          f"got {opt!r}")
 
-    def _scheduler_spec(self) -> tuple[str, Callable | None, dict]:
-        sch = self.lr_scheduler
-        kw = {**DEFAULT_SCHEDULER_KWARGS, **(self.lr_scheduler_kwargs or {})}
+    def _scheduler_spec(self, has_val: bool) -> tuple[Any, str, str]:
+        """(scheduler builder or None, interval, monitor) for the ``_SchedulerCallback``."""
+        sch, given = self.lr_scheduler, dict(self.lr_scheduler_kwargs or {})
+        interval = given.get("interval", "step")
+        if interval not in INTERVALS:
+            raise ValueError(f"lr_scheduler_kwargs['interval'] must be one of {INTERVALS}, got {interval!r}")
+        monitor = given.get("monitor", "val/loss" if has_val else "train/loss")
+        extra = {k: v for k, v in given.items() if k not in STEPPING_KEYS}
         if sch is None or sch == "none":
-            return "constant", None, kw
+            return None, interval, monitor
         if sch == "warmup_cosine":
-            return "warmup_cosine", None, kw
+            kw = {**DEFAULT_SCHEDULER_KWARGS, **given}
+            unknown = sorted(set(kw) - set(DEFAULT_SCHEDULER_KWARGS) - set(STEPPING_KEYS))
+            if unknown:
+                raise ValueError(f"lr_scheduler_kwargs {unknown} are not settings of 'warmup_cosine' "
+                                 f"(it takes {sorted(DEFAULT_SCHEDULER_KWARGS)})")
+            return _WarmupCosine(kw["warmup_epochs"], kw["warmup_start_lr"], kw["min_lr"]), interval, monitor
         if isinstance(sch, str):
             raise ValueError(f"lr_scheduler must be one of {list(SCHEDULERS)} or a scheduler; got {sch!r}")
+        if isinstance(sch, (LRScheduler, ReduceLROnPlateau)):
+            return _UserScheduler(type(sch), {**scheduler_arguments(sch), **extra}), interval, monitor
         if callable(sch):
-            extra = {k: v for k, v in (self.lr_scheduler_kwargs or {}).items() if k != "interval"}
-            return "constant", (lambda opt: sch(opt, **extra)), kw
-        raise ValueError(f"lr_scheduler must be 'none', 'warmup_cosine' or a scheduler; got {sch!r}")
+            return _UserScheduler(sch, extra), interval, monitor
+        raise ValueError(f"{_SCHEDULER_FORMS}; got {sch!r}")
 
-    def _train_loader(self, X: Any) -> DataLoader:
+    def _views_loader(self, X: Any, shuffle_seed: int) -> DataLoader:
         if isinstance(X, DataLoader):
             return X
         from dinokit.data import MultiCropCollate, MultiCropTransform, TensorImageDataset
         from dinokit.train.loader import ResumableDataLoader, SeededViews
 
         ds = TensorImageDataset(X)
-        self.crop_config_ = self._crop_config(ds.images)
-        views = SeededViews(ds, MultiCropTransform(self.crop_config_), seed=self.random_state or 0)
+        if getattr(self, "crop_config_", None) is None:
+            self.crop_config_ = self._crop_config(ds.images)
+        views = SeededViews(ds, MultiCropTransform(self.crop_config_), seed=shuffle_seed)
         if len(views) < self.batch_size:
             raise ValueError(f"batch_size={self.batch_size} is larger than the {len(views)} images given")
-        return ResumableDataLoader(views, batch_size=self.batch_size, seed=self.random_state or 0,
+        return ResumableDataLoader(views, batch_size=self.batch_size, seed=shuffle_seed,
                                    collate_fn=MultiCropCollate())
 
     def _crop_config(self, images: Tensor) -> Any:
@@ -261,17 +504,28 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
                                channels=c, mean=mean, std=std)
 
     # ------------------------------------------------------------------ fit / transform
-    def fit(self, X: Any, y: Any = None, val_dataloader: DataLoader | None = None) -> DINOEstimator:
-        """Pretrain on a DataLoader of multi-crop batches, or on an image array ``[N, C, H, W]``."""
-        import lightning.pytorch as pl
+    def fit(self, X: Any, y: Any = None, val_dataloader: Any = None) -> DINOEstimator:
+        """Pretrain on a DataLoader of multi-crop batches, or on an image array ``[N, C, H, W]``.
 
+        Validation (seed 003's ``fit(train_dataloader, val_dataloader)``): a DataLoader given as
+        the second argument or as ``val_dataloader`` (or an image array as ``val_dataloader``)
+        gets the DINO loss computed by Lightning's validation loop; ``val_history_`` holds its
+        epoch means. Labels ``y`` (scikit-learn's ``fit(X, y)``) are ignored.
+        """
         from dinokit.methods.dino import DINO
 
+        if isinstance(y, DataLoader):
+            if val_dataloader is not None:
+                raise ValueError("fit got a validation DataLoader both as y and as val_dataloader")
+            y, val_dataloader = None, y
         if self.random_state is not None:
             pl.seed_everything(self.random_state, verbose=False)
+        self.crop_config_ = None
         opt_spec, lr, opt_kwargs = self._optimizer_spec()
-        kind, user_sched, sched_kw = self._scheduler_spec()
-        loader = self._train_loader(X)
+        build_sched, interval, monitor = self._scheduler_spec(has_val=val_dataloader is not None)
+        seed = self.random_state or 0
+        loader = self._views_loader(X, seed)
+        val_loader = None if val_dataloader is None else self._views_loader(val_dataloader, seed + 1)
         method = DINO(
             self._build_encoder(), projector_hidden_dim=self.proj_hidden_dim,
             projector_bottleneck_dim=self.proj_bottleneck_dim, n_prototypes=self.proj_output_dim,
@@ -286,29 +540,47 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         if self.proj_input_dim is not None and self.proj_input_dim != width:
             raise ValueError(f"proj_input_dim={self.proj_input_dim} but the encoder outputs {width} features")
         module = _EstimatorModule(
-            method, n_views=2 + self.num_local_crops, user_scheduler=user_sched,
-            scheduler_interval=sched_kw.get("interval", "step"), optimizer=opt_spec, lr=lr,
-            lr_scaling="none", lr_schedule=kind, min_lr=sched_kw["min_lr"],
-            warmup_epochs=sched_kw["warmup_epochs"], warmup_start_lr=sched_kw["warmup_start_lr"],
-            weight_decay=self.weight_decay, weight_decay_end=self.weight_decay,
+            method, n_views=2 + self.num_local_crops, optimizer=opt_spec, lr=lr, lr_scaling="none",
+            lr_schedule="constant", weight_decay=self.weight_decay, weight_decay_end=self.weight_decay,
             clip_grad=self.clip_grad, clip_mode="global", freeze_last_layer_epochs=self.freeze_last_layer,
             exclude_bias_and_norm_wd=self.exclude_bias_and_norm_wd, optimizer_kwargs=opt_kwargs,
         )
+        scheduler_cb = _SchedulerCallback(build_sched, lr, interval, monitor)
         tkw = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
                **self._trainer_kwargs}
+        tkw["callbacks"] = [*(tkw.get("callbacks") or []), scheduler_cb]
         if not isinstance(X, DataLoader):
             tkw.setdefault("use_distributed_sampler", False)
         trainer = pl.Trainer(**tkw)
-        trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_dataloader)
+        trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader)
         self.method_, self.trainer_, self.module_ = method, trainer, module
         self.history_ = list(module.epoch_losses)
+        self.val_history_ = list(module.val_losses)
         self.encoder_ = method.teacher_backbone
         self.student, self.teacher = method.student_backbone, method.teacher_backbone
         self.student_head, self.teacher_head = method.student_head, method.teacher_head
         self.loss = method.dino_loss
         self.optimizer_ = trainer.optimizers[0] if trainer.optimizers else None
-        self.lr_scheduler_ = module.built_scheduler
+        self.lr_scheduler_ = scheduler_cb.scheduler
         return self
+
+    def transform_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor:
+        """Seed 003: encode one batch into the latent space, the teacher backbone's features ``[B, D]``
+        (no projection head). ``batch`` is an image tensor, or ``(images, ...)``; the indices are
+        ignored."""
+        if not self.__sklearn_is_fitted__():
+            raise NotFittedError("This DINOEstimator instance is not fitted yet; call fit first")
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if not isinstance(x, Tensor):
+            raise TypeError("transform_step expects an image tensor or (images, ...), "
+                            f"got {type(x).__name__}")
+        backbone = self.method_.teacher_backbone
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            return self.method_.embed(x.to(next(backbone.parameters()).device))
+        finally:
+            backbone.train(was_training)
 
     def transform(self, X: Any) -> Tensor | np.ndarray:
         """Teacher backbone features ``[N, D]``: a numpy array for array input, a tensor for a loader."""

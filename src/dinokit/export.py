@@ -1,19 +1,25 @@
-"""Export a trained backbone to safetensors + JSON metadata; load it back anywhere.
+"""Export a trained backbone so that timm, the Hugging Face Hub and dinokit load it unchanged.
 
-``<path>.safetensors`` holds the wrapped model's tensors under timm's own key names, so timm
-loads it directly::
+Two forms, both holding the wrapped model's tensors under timm's own key names:
 
-    timm.create_model(arch, pretrained=True, num_classes=0, **timm_kwargs,
-                      pretrained_cfg_overlay=dict(file="<path>.safetensors"))
+* a **folder** (:func:`export_timm_folder`): ``config.json`` + ``model.safetensors`` in timm's
+  Hub layout (architecture, the arguments that rebuild it, and the preprocessing: mean, std, input
+  size), plus ``dinokit.json``. ``timm.create_model("local-dir:<folder>", pretrained=True)``
+  gives the trained backbone; the same folder can be pushed to the Hub as it is.
+* a **single file** (:func:`export_backbone`): ``<path>.safetensors`` + ``<path>.json``::
 
-``<path>.json`` records the architecture, the kwargs to rebuild it, image and patch size, the
-method and the training steps. Training-only tensors (the iBOT mask token) are dropped; register
-tokens added by dinokit to a ViT built elsewhere are kept under ``dinokit.register_tokens``.
+      timm.create_model(arch, pretrained=True, num_classes=0, **timm_kwargs,
+                        pretrained_cfg_overlay=dict(file="<path>.safetensors"))
+
+The teacher is exported unless ``which="student"``. Training-only tensors (the iBOT mask token)
+are dropped; register tokens added by dinokit to a ViT built elsewhere are kept under
+``dinokit.register_tokens`` (single file only: timm has no place for them).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,23 @@ from dinokit.weights import WeightsError, backbone_state_dict, load_backbone_wei
 
 FORMAT = 1
 EXTRA_PREFIX = "dinokit."
+META_NAME = "dinokit.json"
+
+
+class NotTimmLoadableError(WeightsError):
+    """The backbone cannot be written as a timm folder (not a timm model, or dinokit-added registers)."""
+
+
+@dataclass
+class _Export:
+    """A backbone to export and what travels with it."""
+
+    backbone: Backbone
+    arch: str
+    kwargs: dict[str, Any]
+    method: str | None
+    steps: int | None
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
 
 def _base(path: str | Path) -> Path:
@@ -31,89 +54,175 @@ def _base(path: str | Path) -> Path:
     return p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
 
 
-def _from_run(source: Path, which: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    ckpt = source / "checkpoints" / "last.ckpt" if source.is_dir() else source
-    obj = read_file(ckpt)
-    meta = obj.get("dinokit") or {}
-    config = meta.get("config") or {}
-    if not config:
-        raise WeightsError(f"{ckpt} is not a dinokit training checkpoint (no run config inside)")
-    state = backbone_state_dict(obj, which)
-    steps = obj.get("global_step")
-    return state, {"config": config, "training_steps": int(steps) if steps is not None else None}
+def run_preprocessing(config: dict[str, Any]) -> dict[str, Any]:
+    """The run's :class:`~dinokit.data.preprocessing.Preprocessing` as a dict (mean, std, channels,
+    input size, crop fraction, interpolation), rebuilt from its stored config."""
+    from dinokit.config import from_dict
+    from dinokit.train.build import build_preprocessing
+
+    return build_preprocessing(from_dict(config)).to_dict()
 
 
-def _timm_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
-    kw = dict(model_cfg.get("backbone_kwargs") or {})
-    name = model_cfg.get("backbone", "")
-    if "vit" in name or "deit" in name or "eva" in name:
-        kw.setdefault("dynamic_img_size", True)
-        if model_cfg.get("n_registers"):
-            kw.setdefault("reg_tokens", int(model_cfg["n_registers"]))
-    if model_cfg.get("drop_path_rate"):
-        kw.pop("drop_path_rate", None)
-    return kw
+def _run_backbone(config: dict[str, Any]) -> tuple[Backbone, dict[str, Any]]:
+    """The backbone a run's config describes, built exactly as its method built it."""
+    m = config["model"]
+    kwargs = dict(m.get("backbone_kwargs") or {})
+    n_reg = int(m.get("n_registers") or 0) if m.get("method", "dino") != "dino" else 0
+    backbone = build_backbone(m["backbone"], num_registers=n_reg, encoder_kwargs=kwargs)
+    if m.get("method") in ("dinov2", "dinov3"):
+        backbone.enable_mask_token()
+    return backbone, kwargs
+
+
+def _resolve(source: Any, which: str, *, timm_name: str | None, timm_kwargs: dict[str, Any] | None,
+             preprocessing: dict[str, Any] | None) -> _Export:
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    if isinstance(source, (str, Path)):
+        from dinokit.weights import read_training_checkpoint
+
+        src = Path(source)
+        ckpt = src / "checkpoints" / "last.ckpt" if src.is_dir() else src
+        obj = read_training_checkpoint(ckpt)
+        config = obj["dinokit"]["config"]
+        state = backbone_state_dict(obj, which)
+        backbone, _ = _run_backbone(config)
+        try:
+            load_backbone_weights(backbone, state, source=str(ckpt))
+        except WeightsError:  # the method builds its backbone another way: build the method itself
+            from dinokit.config import from_dict
+            from dinokit.train.build import build_method
+
+            cfg = from_dict(config)
+            cfg.model.init_weights = cfg.model.gram_teacher_path = None  # the checkpoint has the weights
+            backbone = getattr(build_method(cfg), f"{which}_backbone")
+            load_backbone_weights(backbone, state, source=str(ckpt))
+        steps = obj.get("global_step")
+        return _Export(backbone, config["model"]["backbone"], _kwargs_of(backbone),
+                       config["model"].get("method"), int(steps) if steps is not None else None,
+                       {**run_preprocessing(config), **(preprocessing or {})})
+    backbone = getattr(source, f"{which}_backbone", source)
+    if not isinstance(backbone, Backbone):
+        raise TypeError(f"cannot export {type(source).__name__}: give a method, a Backbone, a checkpoint "
+                        "or a run directory")
+    timm_arch = (getattr(backbone.model, "pretrained_cfg", None) or {}).get("architecture")
+    arch = timm_name or backbone.timm_name or timm_arch or type(backbone.model).__name__
+    kwargs = dict(timm_kwargs) if timm_kwargs is not None else _kwargs_of(backbone)
+    method = type(source).__name__.lower() if source is not backbone else None
+    pre = dict(preprocessing or getattr(backbone, "preprocessing", None) or {})
+    if not pre:
+        pre = _model_preprocessing(backbone)
+    return _Export(backbone, arch, kwargs, method, getattr(source, "step", None), pre)
+
+
+def _kwargs_of(backbone: Backbone) -> dict[str, Any]:
+    """The arguments that rebuild the backbone's timm model (recorded when it was built)."""
+    model = backbone.model
+    if backbone.timm_kwargs is not None:
+        return dict(backbone.timm_kwargs)
+    recorded = getattr(model, "_model_args", None)
+    if recorded:
+        return {k: v for k, v in recorded.items() if k not in ("num_classes", "pretrained")}
+    if hasattr(model, "patch_embed") and hasattr(model, "blocks"):
+        return _vit_kwargs(model)
+    return {}
+
+
+def _model_preprocessing(backbone: Backbone) -> dict[str, Any]:
+    cfg = getattr(backbone.model, "pretrained_cfg", None) or {}
+    chans = backbone.in_chans or 3
+    mean, std = list(cfg.get("mean", (0.485, 0.456, 0.406))), list(cfg.get("std", (0.229, 0.224, 0.225)))
+    if len(mean) != chans:
+        mean, std = [sum(mean) / len(mean)] * chans, [sum(std) / len(std)] * chans
+    size = (cfg.get("input_size") or (chans, 224, 224))[-1]
+    return {"mean": mean, "std": std, "channels": chans, "input_size": int(size),
+            "crop_fraction": float(cfg.get("crop_pct") or 0.875),
+            "interpolation": cfg.get("interpolation", "bicubic")}
+
+
+def _metadata(e: _Export, which: str) -> dict[str, Any]:
+    kw = e.kwargs
+    size = kw.get("img_size")
+    return {
+        "format": FORMAT,
+        "which": which,
+        "architecture": e.arch,
+        "timm_kwargs": kw,
+        "image_size": size[0] if isinstance(size, (list, tuple)) else size,
+        "patch_size": e.backbone.patch_size,
+        "embed_dim": e.backbone.embed_dim,
+        "num_registers": e.backbone.num_registers,
+        "preprocessing": e.preprocessing,
+        "method": e.method,
+        "training_steps": e.steps,
+        "dinokit_version": _version(),
+    }
 
 
 def export_backbone(source: Any, path: str | Path, *, which: str = "teacher", method_name: str | None = None,
                     training_steps: int | None = None, timm_name: str | None = None,
-                    timm_kwargs: dict[str, Any] | None = None) -> Path:
+                    timm_kwargs: dict[str, Any] | None = None,
+                    preprocessing: dict[str, Any] | None = None) -> Path:
     """Write ``<path>.safetensors`` and ``<path>.json``; returns the safetensors path.
 
     ``source``: a method module (its teacher or student backbone), a :class:`Backbone`, a training
-    checkpoint or a run directory. For modules, ``timm_name``/``timm_kwargs`` describe how to
-    rebuild the model (taken from the backbone when it was built from a timm name).
+    checkpoint or a run directory. The arguments that rebuild the model are those it was built
+    with (``timm_kwargs`` overrides them); ``preprocessing`` (``mean``, ``std``, ``input_size``)
+    defaults to the run's or the model's.
     """
     from safetensors.torch import save_file
 
-    if which not in ("teacher", "student"):
-        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
-    meta: dict[str, Any] = {"format": FORMAT, "which": which}
-    if isinstance(source, (str, Path)):
-        state, info = _from_run(Path(source), which)
-        m = info["config"]["model"]
-        arch, kwargs = m["backbone"], _timm_kwargs(m)
-        method_name = method_name or m.get("method")
-        training_steps = training_steps if training_steps is not None else info["training_steps"]
-    else:
-        backbone: Backbone = getattr(source, f"{which}_backbone", source)
-        if not isinstance(backbone, Backbone):
-            raise TypeError(f"cannot export {type(source).__name__}: give a method, a Backbone, a checkpoint "
-                            "or a run directory")
-        model: nn.Module = backbone.model
-        state = {k: v for k, v in model.state_dict().items()}
-        extra = backbone.state_dict()
-        if "register_tokens" in extra:
-            state["register_tokens"] = extra["register_tokens"]
-        arch = timm_name or backbone.timm_name or type(model).__name__
-        kwargs = dict(timm_kwargs or {})
-        if not kwargs and hasattr(model, "patch_embed"):
-            kwargs = _vit_kwargs(model)
-        method_name = method_name or type(source).__name__.lower()
-        training_steps = training_steps if training_steps is not None else getattr(source, "step", None)
-    out: dict[str, Tensor] = {}
-    for k, v in state.items():
-        if k == "mask_token":
-            continue
-        key = EXTRA_PREFIX + k if k == "register_tokens" else k
-        out[key] = v.detach().cpu().contiguous()
+    e = _resolve(source, which, timm_name=timm_name, timm_kwargs=timm_kwargs, preprocessing=preprocessing)
+    e.method = method_name or e.method
+    e.steps = training_steps if training_steps is not None else e.steps
+    state = dict(e.backbone.model.state_dict())
+    extra = e.backbone.state_dict()
+    if "register_tokens" in extra:
+        state[EXTRA_PREFIX + "register_tokens"] = extra["register_tokens"]
+    out = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     base = _base(path)
     base.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(base.with_suffix(".safetensors")))
-    patch = kwargs.get("patch_size")
-    meta.update({
-        "architecture": arch,
-        "timm_kwargs": kwargs,
-        "image_size": kwargs.get("img_size"),
-        "patch_size": patch,
-        "embed_dim": kwargs.get("embed_dim"),
-        "num_registers": int(kwargs.get("reg_tokens", 0)),
-        "method": method_name,
-        "training_steps": training_steps,
-        "dinokit_version": _version(),
-    })
-    base.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    base.with_suffix(".json").write_text(json.dumps(_metadata(e, which), indent=2))
     return base.with_suffix(".safetensors")
+
+
+def export_timm_folder(source: Any, folder: str | Path, *, which: str = "teacher",
+                       preprocessing: dict[str, Any] | None = None) -> Path:
+    """Write ``folder/config.json`` + ``folder/model.safetensors`` (timm's Hub layout) and
+    ``folder/dinokit.json``; ``timm.create_model("local-dir:<folder>", pretrained=True)`` loads it.
+
+    Raises :class:`WeightsError` for backbones timm cannot rebuild (non-timm modules, register
+    tokens added by dinokit): use :func:`export_backbone` for those.
+    """
+    from timm.models import save_for_hf
+
+    e = _resolve(source, which, timm_name=None, timm_kwargs=None, preprocessing=preprocessing)
+    model = e.backbone.model
+    built_by_timm = getattr(model, "_model_args", None) is not None or e.backbone.timm_kwargs is not None
+    if e.backbone.timm_name is None and not built_by_timm:
+        raise NotTimmLoadableError(
+            f"a timm folder needs a timm model built from a name; {type(model).__name__} is not one: use "
+            "export_backbone (single file) and load it with model=")
+    if e.backbone.state_dict().get("register_tokens") is not None:
+        raise NotTimmLoadableError(
+            "this ViT has register tokens added by dinokit, which timm cannot rebuild; build it with "
+            "reg_tokens=... or use export_backbone (single file)")
+    if not hasattr(model, "pretrained_cfg"):
+        raise NotTimmLoadableError(f"{type(model).__name__} is not a timm model: use export_backbone "
+                                   "(single file)")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    pre = e.preprocessing
+    chans = int(pre.get("channels") or e.backbone.in_chans or 3)
+    data_config = {"mean": tuple(pre["mean"]), "std": tuple(pre["std"]),
+                   "input_size": (chans, int(pre["input_size"]), int(pre["input_size"])),
+                   "interpolation": pre.get("interpolation", "bicubic"),
+                   "crop_pct": float(pre.get("crop_fraction") or 0.875), "crop_mode": "center"}
+    model_args = {k: v for k, v in e.kwargs.items() if k not in ("pretrained", "num_classes")}
+    save_for_hf(model, str(out), model_args=model_args, safe_serialization=True, data_config=data_config)
+    (out / META_NAME).write_text(json.dumps(_metadata(e, which), indent=2))
+    return out
 
 
 def _vit_kwargs(model: nn.Module) -> dict[str, Any]:
@@ -135,9 +244,29 @@ def _version() -> str:
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata beside an export."""
-    meta_path = _base(path).with_suffix(".json")
+    """The metadata of an export: ``<path>.json`` beside a single file, or a folder's
+    ``dinokit.json`` (for a timm folder without one, what its ``config.json`` says)."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / META_NAME).is_file():
+            return json.loads((p / META_NAME).read_text())
+        if not (p / "config.json").is_file():
+            raise WeightsError(f"{p} is not an export folder (no config.json)")
+        cfg = json.loads((p / "config.json").read_text())
+        pc = cfg.get("pretrained_cfg", {})
+        size = (pc.get("input_size") or [3, 224, 224])
+        return {"format": FORMAT, "architecture": cfg.get("architecture"),
+                "timm_kwargs": cfg.get("model_args", {}),
+                "preprocessing": {"mean": pc.get("mean"), "std": pc.get("std"), "channels": size[0],
+                                  "input_size": size[-1], "crop_fraction": pc.get("crop_pct", 0.875),
+                                  "interpolation": pc.get("interpolation", "bicubic")}}
+    meta_path = _base(p).with_suffix(".json")
     if not meta_path.is_file():
+        if p.is_file():
+            from dinokit.weights import describe
+
+            raise WeightsError(f"{p} holds {describe(read_file(p))}, with no metadata file {meta_path.name} "
+                               "beside it; expected a dinokit export (dinokit export writes one)")
         raise WeightsError(f"no metadata file {meta_path} beside the export")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
@@ -146,25 +275,59 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def load_backbone(path: str | Path, *, model: nn.Module | None = None, device: str = "cpu") -> Backbone:
-    """Rebuild an exported backbone (timm architectures from the metadata; any other kind needs the
-    module itself as ``model=``) and load its weights strictly."""
+    """Rebuild an exported backbone (a folder or a single file; timm architectures from the
+    metadata, any other kind needs the module itself as ``model=``) and load its weights strictly.
+
+    The export's preprocessing (``mean``, ``std``, ``input_size``, ``channels``) is attached as
+    ``backbone.preprocessing``.
+    """
     import timm
 
-    base = _base(path)
-    meta = read_metadata(base)
-    tensors = read_file(base.with_suffix(".safetensors"))
-    extra = {k[len(EXTRA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
-    state = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
-    if model is None:
-        if not timm.is_model(meta["architecture"]):
-            raise WeightsError(f"{meta['architecture']!r} is not a timm architecture: pass the module "
-                               "to load into as model=")
-        model = timm.create_model(meta["architecture"], pretrained=False, num_classes=0,
-                                  **meta["timm_kwargs"])
-    n_extra = int(extra["register_tokens"].shape[1]) if "register_tokens" in extra else 0
-    native = int(getattr(model, "num_reg_tokens", 0) or 0)
-    backbone = build_backbone(model, num_registers=native + n_extra if n_extra else 0)
-    if n_extra:
-        state["register_tokens"] = extra["register_tokens"]
-    load_backbone_weights(backbone, state, source=str(base.with_suffix(".safetensors")))
+    p = Path(path)
+    meta = read_metadata(p)
+    if p.is_dir():
+        if model is None:
+            model = timm.create_model(f"local-dir:{p.resolve()}", pretrained=True)
+            backbone = build_backbone(model)
+        else:
+            backbone = build_backbone(model)
+            load_backbone_weights(backbone, read_file(p / "model.safetensors"), source=str(p))
+        backbone.timm_name = meta.get("architecture")
+    else:
+        base = _base(p)
+        tensors = read_file(base.with_suffix(".safetensors"))
+        extra = {k[len(EXTRA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
+        state: dict[str, Tensor] = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
+        if model is None:
+            if not timm.is_model(meta["architecture"]):
+                raise WeightsError(f"{meta['architecture']!r} is not a timm architecture: pass the module "
+                                   "to load into as model=")
+            model = timm.create_model(meta["architecture"], pretrained=False, num_classes=0,
+                                      **meta["timm_kwargs"])
+        n_extra = int(extra["register_tokens"].shape[1]) if "register_tokens" in extra else 0
+        native = int(getattr(model, "num_reg_tokens", 0) or 0)
+        backbone = build_backbone(model, num_registers=native + n_extra if n_extra else 0)
+        backbone.timm_name = meta.get("architecture")
+        if n_extra:
+            state["register_tokens"] = extra["register_tokens"]
+        load_backbone_weights(backbone, state, source=str(base.with_suffix(".safetensors")))
+    backbone.timm_kwargs = dict(meta.get("timm_kwargs") or {})
+    backbone.preprocessing = meta.get("preprocessing") or _old_export_preprocessing(meta, backbone)
     return backbone.to(device).eval()
+
+
+def _old_export_preprocessing(meta: dict[str, Any], backbone: Backbone) -> dict[str, Any]:
+    """Exports written before the preprocessing was stored: the crop preset for their size."""
+    from dinokit.data.preprocessing import Preprocessing
+
+    size = meta.get("image_size")
+    if not size:
+        return _model_preprocessing(backbone)
+    return Preprocessing.default_for(int(size), int(backbone.in_chans or 3)).to_dict()
+
+
+def eval_transform(preprocessing: dict[str, Any]) -> Any:
+    """The deterministic eval view of an export's preprocessing (resize, centre crop, normalise)."""
+    from dinokit.data.preprocessing import Preprocessing
+
+    return Preprocessing.from_dict(dict(preprocessing)).eval_transform()

@@ -1,12 +1,21 @@
 """The DINO projection head (Caron et al. 2021, Sec. 3.1 and Appendix).
 
 ``x [B, D] -> MLP (Linear-GELU x (n-1), Linear to the bottleneck) -> L2 norm -> prototypes [B, K]``.
-The prototype layer is bias-free and weight-normalised, ``w_k = g_k v_k / ||v_k||``; with
-``norm_last_layer=True`` the gain ``g`` is fixed at 1, so the logits are cosine similarities
-between the bottleneck feature and each prototype (the paper's stabilising choice).
+
+* DINO / DINOv2 (``weight_norm=True``): the prototype layer is bias-free and weight-normalised,
+  ``w_k = g_k v_k / ||v_k||``, ``g`` initialised to 1; with ``norm_last_layer=True`` (DINO's
+  default) ``g`` stays fixed, so the logits are cosine similarities; DINOv2 trains ``g``
+  (``norm_last_layer=False``). ``v`` keeps ``nn.Linear``'s default init (the official heads build
+  the layer after their trunc-normal init pass).
+* DINOv3 (``weight_norm=False``): a plain bias-free ``Linear``, trunc-normal(0.02) like the MLP.
+
+MLP Linear layers: trunc-normal(std 0.02), bias 0. The L2 normalisation uses ``eps=1e-12``
+(``1e-6`` for fp16 inputs), as the official DINOv2/v3 heads.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +35,7 @@ class WeightNormLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
-        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # nn.Linear's default, as official
         self.weight_g = nn.Parameter(torch.ones(out_features, 1), requires_grad=not fixed_gain)
 
     @property
@@ -52,7 +61,10 @@ class DINOHead(nn.Module):
         bottleneck_dim: width before the prototypes (256).
         n_layers: MLP layers (3); 1 means a single Linear to the bottleneck.
         use_bn: BatchNorm after each hidden Linear (useful for CNNs; off for ViTs).
-        norm_last_layer: fix the prototype gain at 1 (True) or let it train (False).
+        norm_last_layer: fix the prototype gain at 1 (True, DINO) or let it train (False,
+            DINOv2); only for ``weight_norm=True``.
+        weight_norm: weight-normalised prototypes (True, DINO/DINOv2) or a plain bias-free
+            ``Linear`` (False, DINOv3).
     """
 
     def __init__(
@@ -64,6 +76,7 @@ class DINOHead(nn.Module):
         n_layers: int = 3,
         use_bn: bool = False,
         norm_last_layer: bool = True,
+        weight_norm: bool = True,
     ):
         super().__init__()
         for name, v in (("in_dim", in_dim), ("out_dim", out_dim), ("hidden_dim", hidden_dim),
@@ -81,7 +94,13 @@ class DINOHead(nn.Module):
         layers.append(nn.Linear(dim, bottleneck_dim))
         self.mlp = nn.Sequential(*layers)
         self.mlp.apply(self._init)
-        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fixed_gain=norm_last_layer)
+        self.weight_norm = bool(weight_norm)
+        self.last_layer: nn.Module
+        if self.weight_norm:
+            self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fixed_gain=norm_last_layer)
+        else:
+            self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+            self._init(self.last_layer)
         self.out_dim = out_dim
 
     @staticmethod
@@ -93,7 +112,8 @@ class DINOHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, in_dim] -> logits [B, K]``."""
-        z = F.normalize(self.mlp(x), dim=-1, eps=1e-6)
+        z = self.mlp(x)
+        z = F.normalize(z, dim=-1, p=2, eps=1e-6 if z.dtype == torch.float16 else 1e-12)
         return self.last_layer(z)
 
     def last_layer_parameters(self) -> list[nn.Parameter]:

@@ -1,12 +1,19 @@
-"""Reading backbone weights from files: dinokit exports, training checkpoints, timm state dicts.
+"""Reading backbone weights from files: dinokit exports, training checkpoints, timm state dicts and
+Meta's official DINOv2 / DINOv3 layouts (hub ``.pth`` backbones and ``teacher_checkpoint.pth``).
 
-Every ``torch.load`` here uses ``weights_only=True``: nothing in a file is executed. Mismatches
-are reported by key name, so a checkpoint from another model fails with an error that says which
-keys are missing, unexpected or of another shape.
+Every ``torch.load`` here uses ``weights_only=True``: nothing in a file is executed. Files are
+checked against the model before anything is copied, and mismatches are reported by key name and
+shape, so a checkpoint of another architecture or size fails without leaving a model half-loaded.
+Meta's key layout is converted to timm's with timm's own converters (``checkpoint_filter_fn`` of
+``vision_transformer`` for DINOv2, of ``eva`` for DINOv3); the iBOT mask token of those files is
+kept for continued masked training.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +26,8 @@ CHECKPOINT_PREFIXES = {
     "teacher": "method.teacher.backbone.",
     "student": "method.student.backbone.",
 }
+#: Prefixes of the backbone in Meta's training checkpoints (``{"model": {...}}``).
+META_PREFIXES = {"teacher": "teacher.backbone.", "student": "student.backbone."}
 
 
 class WeightsError(ValueError):
@@ -36,7 +45,9 @@ def read_file(path: str | Path) -> dict[str, Any]:
         try:
             return dict(load_file(str(p)))
         except Exception as e:
-            raise WeightsError(f"{p} is not a readable safetensors file: {e}") from None
+            raise WeightsError(
+                f"{p} is not a readable safetensors file (corrupt or truncated?): {e}"
+            ) from None
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -49,68 +60,259 @@ def read_file(path: str | Path) -> dict[str, Any]:
     return obj
 
 
+def _tensors(obj: Mapping[str, Any]) -> dict[str, Tensor]:
+    sd: Mapping[str, Any] = obj
+    for key in ("state_dict", "model"):
+        if key in obj and isinstance(obj[key], Mapping):
+            sd = obj[key]
+            break
+    return {k: v for k, v in sd.items() if isinstance(v, Tensor)}
+
+
+def kind_of(obj: Mapping[str, Any]) -> str:
+    """``"dinokit_checkpoint"``, ``"meta_checkpoint"`` (teacher/student + heads) or ``"backbone"``."""
+    if isinstance(obj.get("teacher"), Mapping):
+        return "meta_checkpoint"
+    keys = _tensors(obj)
+    if any(k.startswith("method.") for k in keys):
+        return "dinokit_checkpoint"
+    if any(k.startswith(p) for k in keys for p in META_PREFIXES.values()):
+        return "meta_checkpoint"
+    return "backbone"
+
+
+def layout_of(state: Mapping[str, Tensor]) -> str:
+    """Key layout of a backbone state dict: ``"meta_dinov3"``, ``"meta_dinov2"`` or ``"timm"``.
+
+    Meta's files carry ``storage_tokens`` / ``rope_embed.periods`` (DINOv3) or a ``[1, D]``
+    ``mask_token`` (DINOv2; dinokit's own mask token is ``[1, 1, D]``).
+    """
+    if "storage_tokens" in state or "rope_embed.periods" in state:
+        return "meta_dinov3"
+    if any(k.endswith(".ls1.gamma") for k in state) and "pos_embed" not in state and "cls_token" in state:
+        return "meta_dinov3"
+    mask = state.get("mask_token")
+    if (mask is not None and mask.ndim == 2) or any(".mlp.w12." in k for k in state):
+        return "meta_dinov2"
+    return "timm"
+
+
+def describe(obj: Mapping[str, Any]) -> str:
+    """What a loaded file holds, in words (for errors)."""
+    kind = kind_of(obj)
+    if kind == "dinokit_checkpoint":
+        return "a dinokit training checkpoint (student, teacher, heads and optimiser state)"
+    if kind == "meta_checkpoint":
+        return "an official DINOv2/DINOv3 training checkpoint (teacher/student backbone and heads)"
+    t = _tensors(obj)
+    if t:
+        names = {"meta_dinov3": "Meta's DINOv3", "meta_dinov2": "Meta's DINOv2", "timm": "timm"}
+        return f"backbone-only weights in {names[layout_of(t)]} layout ({len(t)} tensors)"
+    return "no tensors"
+
+
+def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a dinokit training checkpoint; any other file fails saying what it holds."""
+    obj = read_file(path)
+    if kind_of(obj) == "dinokit_checkpoint" and not (obj.get("dinokit") or {}).get("config"):
+        raise WeightsError(f"{path} is not a dinokit training checkpoint: it has method weights but no run "
+                           "config inside (was it saved by another loop?)")
+    if kind_of(obj) != "dinokit_checkpoint":
+        raise WeightsError(
+            f"{path} holds {describe(obj)}; expected a dinokit training checkpoint (a run directory or "
+            "its checkpoints/*.ckpt, with the run config inside). Backbone weights go to "
+            "model.init_weights=<file> instead."
+        )
+    return obj
+
+
 def backbone_state_dict(obj: Mapping[str, Any], which: str = "teacher") -> dict[str, Tensor]:
     """The backbone's tensors from a training checkpoint, an export or a plain state dict.
 
-    Keys come back as the wrapped model's own keys (timm naming), plus dinokit's extra
-    ``mask_token`` / ``register_tokens`` when present.
+    Keys come back as the wrapped model's own keys (timm naming, or Meta's for official files),
+    plus dinokit's extra ``mask_token`` / ``register_tokens`` when present.
     """
     if which not in CHECKPOINT_PREFIXES:
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
-    sd: Mapping[str, Any] = obj
-    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        sd = obj["state_dict"]
-    elif "model" in obj and isinstance(obj["model"], Mapping):
-        sd = obj["model"]
-    tensors = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
-    prefix = CHECKPOINT_PREFIXES[which]
-    if any(k.startswith(prefix) for k in tensors):
-        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    elif any(k.startswith("method.") for k in tensors):
-        raise WeightsError(f"checkpoint has no {which} backbone (no keys under {prefix!r})")
+    if isinstance(obj.get(which), Mapping) and kind_of(obj) == "meta_checkpoint":
+        sd = {k: v for k, v in obj[which].items() if isinstance(v, Tensor)}
+        out = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        if not out:
+            raise WeightsError(f"the official checkpoint's {which!r} entry has no 'backbone.' tensors")
+        return out
+    tensors = _tensors(obj)
+    for prefixes in (CHECKPOINT_PREFIXES, META_PREFIXES):
+        prefix = prefixes[which]
+        if any(k.startswith(prefix) for k in tensors):
+            tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            break
+    else:
+        if any(k.startswith("method.") for k in tensors):
+            raise WeightsError(
+                f"checkpoint has no {which} backbone (no keys under {CHECKPOINT_PREFIXES[which]!r})"
+            )
     out = {}
     for k, v in tensors.items():
         out[k[len("model."):] if k.startswith("model.") else k] = v
     if not out:
-        raise WeightsError("no tensors found: this is not a dinokit or timm checkpoint")
+        raise WeightsError("no tensors found: this is not a dinokit, timm or DINOv2/DINOv3 checkpoint")
     return out
+
+
+def to_timm_layout(state: Mapping[str, Tensor], backbone: nn.Module) -> dict[str, Tensor]:
+    """Convert Meta's DINOv2/DINOv3 keys to the backbone's timm keys (timm layout passes through).
+
+    The file's iBOT mask token is kept when the backbone has one; a classifier the backbone was
+    built without (``num_classes=0``) is dropped.
+    """
+    state = dict(state)
+    model = getattr(backbone, "model", backbone)
+    layout = layout_of(state)
+    has_mask = getattr(backbone, "mask_token", None) is not None
+    mask = state.get("mask_token")
+    if layout != "timm":
+        # Meta's training checkpoints chunk the blocks (``blocks.<chunk>.<index>.``; index is global)
+        state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state.items()}
+        if layout == "meta_dinov3":
+            from timm.models.eva import checkpoint_filter_fn
+        else:
+            from timm.models.vision_transformer import checkpoint_filter_fn
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # timm prints keys it skips
+                state = dict(checkpoint_filter_fn(dict(state), model))
+        except Exception as e:
+            raise WeightsError(
+                f"cannot convert {layout} weights to {type(model).__name__}: {type(e).__name__}: {e}"
+            ) from None
+        state.pop("mask_token", None)
+        if mask is not None and has_mask:
+            state["mask_token"] = mask.reshape(1, 1, -1)
+    elif mask is not None and not has_mask:
+        state.pop("mask_token")
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if isinstance(classifier, str) and getattr(model, "num_classes", None) == 0:
+        state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
+    return state
+
+
+def fit_problems(module: nn.Module, state: Mapping[str, Tensor], *, optional: tuple[str, ...] = (),
+                 strip: str = "") -> list[str]:
+    """Missing, unexpected and mis-shaped keys of ``state`` against ``module`` (empty if it fits);
+    ``strip`` is a prefix left out of the key names shown."""
+    target = module.state_dict()
+
+    def name(k: str) -> str:
+        return k[len(strip):] if strip and k.startswith(strip) else k
+
+    missing = [name(k) for k in target
+               if k not in state and not k.endswith("_extra_state") and k not in optional]
+    unexpected = [name(k) for k in state if k not in target]
+    shapes = [
+        f"{name(k)}: file {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
+        for k in state
+        if k in target and state[k].shape != target[k].shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    if shapes:
+        parts.append(f"shape mismatches {shapes[:8]}{' ...' if len(shapes) > 8 else ''}")
+    return parts
+
+
+def _map_to_backbone(backbone: nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    target = backbone.state_dict()
+    return {(k if k in target else f"model.{k}"): v for k, v in state.items()}
+
+
+def check_backbone_weights(backbone: nn.Module, state: Mapping[str, Tensor], *,
+                           source: str = "weights") -> dict[str, Tensor]:
+    """Convert and check ``state`` against ``backbone``; returns the keys to load, or raises."""
+    mapped = _map_to_backbone(backbone, to_timm_layout(state, backbone))
+    # A mask token the file lacks is fine: it is created fresh for masked training.
+    problems = fit_problems(backbone, mapped, optional=("mask_token",), strip="model.")
+    if problems:
+        raise WeightsError(
+            f"{source} does not fit this backbone ({type(getattr(backbone, 'model', backbone)).__name__}): "
+            + "; ".join(problems)
+        )
+    return mapped
 
 
 def load_backbone_weights(backbone: nn.Module, state: Mapping[str, Tensor], *,
                           source: str = "weights") -> None:
-    """Load backbone weights (timm key names) into a dinokit :class:`Backbone`, strictly.
+    """Load backbone weights (timm or Meta key names) into a dinokit :class:`Backbone`, strictly.
 
-    Raises :class:`WeightsError` naming missing, unexpected and mis-shaped keys.
+    Raises :class:`WeightsError` naming missing, unexpected and mis-shaped keys; nothing is
+    copied then.
     """
-    target = backbone.state_dict()
-    mapped: dict[str, Tensor] = {}
-    for k, v in state.items():
-        key = k if k in target else f"model.{k}"
-        mapped[key] = v
-    missing = [k for k in target if k not in mapped and not k.endswith("_extra_state")]
-    unexpected = [k for k in mapped if k not in target]
-    shapes = [
-        f"{k}: file {tuple(mapped[k].shape)} vs model {tuple(target[k].shape)}"
-        for k in mapped
-        if k in target and mapped[k].shape != target[k].shape
-    ]
-    # A mask token the file lacks is fine: it is created fresh for masked training.
-    missing = [k for k in missing if k != "mask_token"]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        if shapes:
-            parts.append(f"shape mismatches {shapes[:8]}")
-        raise WeightsError(
-            f"{source} does not fit this backbone ({type(getattr(backbone, 'model', backbone)).__name__}): "
-            + "; ".join(parts)
-        )
-    backbone.load_state_dict({k: mapped[k] for k in mapped}, strict=False)
+    backbone.load_state_dict(check_backbone_weights(backbone, state, source=source), strict=False)
 
 
 def load_backbone_file(backbone: nn.Module, path: str | Path, which: str = "teacher") -> None:
-    """Read ``path`` (export, checkpoint or timm weights) and load it into ``backbone``."""
+    """Read ``path`` (export, checkpoint, timm or Meta weights) and load it into ``backbone``."""
     load_backbone_weights(backbone, backbone_state_dict(read_file(path), which), source=str(path))
+
+
+def apply_init_weights(method: nn.Module, cfg: Any) -> None:
+    """Start a method from ``cfg.model.init_weights``; apply ``cfg.model.freeze_patch_embed`` and
+    ``cfg.model.grad_checkpointing`` (activation checkpointing of the student backbone).
+
+    A backbone file (timm, Meta DINOv2/DINOv3, dinokit export, or the teacher of an official
+    training checkpoint) goes into the student, the teacher and, for DINOv3 with Gram anchoring,
+    the Gram teacher (unless ``model.gram_teacher_path`` names its own); the heads start fresh. A
+    dinokit training checkpoint also gives its heads. Everything is checked before anything is
+    copied.
+    """
+    m = cfg.model
+    path = getattr(m, "init_weights", None)
+    gram = getattr(method, "gram_teacher", None)
+    if getattr(m, "gram_teacher_path", None):
+        gram = None
+    if path:
+        obj = read_file(path)
+        if kind_of(obj) == "dinokit_checkpoint":
+            _load_method_parts(method, obj, str(path), gram)
+        else:
+            state = backbone_state_dict(obj, "teacher")
+            mapped = check_backbone_weights(method.student_backbone, state, source=str(path))
+            targets = [method.student_backbone, method.teacher_backbone]
+            targets += [gram] if gram is not None else []
+            for bb in targets:
+                bb.load_state_dict(mapped, strict=False)
+    if getattr(m, "freeze_patch_embed", False):
+        freeze_patch_embed(method.student_backbone)
+    if getattr(m, "grad_checkpointing", False):
+        method.student_backbone.set_grad_checkpointing(True)
+
+
+def _load_method_parts(method: nn.Module, obj: Mapping[str, Any], source: str,
+                       gram: nn.Module | None) -> None:
+    tensors = _tensors(obj)
+    parts = {}
+    for part in ("student", "teacher"):
+        prefix = f"method.{part}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        module = getattr(method, part)
+        problems = fit_problems(module, state)
+        if problems:
+            raise WeightsError(f"{source}: its {part} does not fit this method: " + "; ".join(problems))
+        parts[part] = state
+    for part, state in parts.items():
+        getattr(method, part).load_state_dict(state, strict=False)
+    if gram is not None:
+        gram.load_state_dict(method.teacher_backbone.state_dict())
+
+
+def freeze_patch_embed(backbone: nn.Module) -> None:
+    """Stop training the patch embedding (a common choice when continuing on a new domain)."""
+    model = getattr(backbone, "model", backbone)
+    pe = getattr(model, "patch_embed", None)
+    if pe is None:
+        raise WeightsError(
+            f"model.freeze_patch_embed: {type(model).__name__} has no patch embedding (ViTs only)"
+        )
+    for p in pe.parameters():
+        p.requires_grad_(False)

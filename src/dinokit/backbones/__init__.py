@@ -6,18 +6,31 @@ from typing import Any
 
 from torch import nn
 
-from dinokit.backbones.base import Backbone, BackboneOutput
+from dinokit.backbones.base import Backbone, BackboneOutput, check_crop_sizes
+from dinokit.backbones.eva import EvaBackbone, is_timm_eva
 from dinokit.backbones.generic import ModuleBackbone
 from dinokit.backbones.vit import ViTBackbone, is_timm_vit
 
 __all__ = [
+    "SUPPORTED_FAMILIES",
     "Backbone",
     "BackboneOutput",
+    "EvaBackbone",
     "ModuleBackbone",
     "ViTBackbone",
     "build_backbone",
+    "check_crop_sizes",
+    "is_timm_eva",
     "is_timm_vit",
 ]
+
+#: What dinokit can drive, as told to a user whose model is none of these.
+SUPPORTED_FAMILIES = (
+    "timm ViTs (vit_*, deit*, DINOv2: *_patch14_dinov2, *_reg4_dinov2); "
+    "timm Eva ViTs with rotary embeddings (DINOv3: *_patch16_dinov3[_qkvb], eva02_*); "
+    "timm CNNs with a [B, C, H, W] feature map (convnext_*, resnet*, efficientnet_*, regnet*, ...); "
+    "torchvision/<name>; or any nn.Module returning [B, D], [B, T, D] or [B, D, H, W]"
+)
 
 _TORCHVISION_PREFIX = "torchvision/"
 _CLASSIFIER_ATTRS = ("fc", "classifier", "head", "heads")
@@ -38,19 +51,61 @@ def _timm_model(name: str, pretrained: bool, num_registers: int, kwargs: dict[st
     if not timm.list_models(name) and not timm.is_model(name) and not name.startswith("hf"):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise ValueError(f"unknown timm model name {name!r}; similar names: {close}")
+    family = timm_family(name)
     kw: dict[str, Any] = {"num_classes": 0, "pretrained": pretrained, **kwargs}
-    is_vit_name = "vit" in name or "deit" in name or "eva" in name
-    if is_vit_name:
+    if family in ("vision_transformer", "eva") or "vit" in name or "deit" in name:
         kw.setdefault("dynamic_img_size", True)
-        if num_registers:
+        if num_registers and family == "eva":
+            if not pretrained:
+                kw.setdefault("num_reg_tokens", num_registers)
+        elif num_registers:
             kw.setdefault("reg_tokens", num_registers)
     try:
-        return timm.create_model(name, **kw)
+        model = timm.create_model(name, **kw)
     except TypeError as e:
         if "dynamic_img_size" in str(e) and "dynamic_img_size" not in kwargs:
             kw.pop("dynamic_img_size")
-            return timm.create_model(name, **kw)
-        raise
+            model = timm.create_model(name, **kw)
+        else:
+            raise
+    # What rebuilds this exact architecture (export records it).
+    model._dinokit_kwargs = {k: v for k, v in kw.items() if k not in ("pretrained", "num_classes")}
+    return model
+
+
+def timm_family(name: str) -> str | None:
+    """The timm module that defines ``name`` ("vision_transformer", "eva", "convnext", ...)."""
+    import timm
+
+    try:
+        fn = timm.models.model_entrypoint(name)
+    except Exception:
+        return None
+    return fn.__module__.rsplit(".", 1)[-1]
+
+
+def _wrap_timm(model: nn.Module, name: str | None) -> Backbone:
+    """The Backbone class for a timm model, or a clear error for families dinokit cannot drive."""
+    if is_timm_eva(model):
+        backbone: Backbone = EvaBackbone(model, timm_name=name)
+    elif is_timm_vit(model):
+        backbone = ViTBackbone(model, timm_name=name)
+    elif hasattr(model, "patch_embed"):
+        raise ValueError(
+            f"{name or type(model).__name__} ({type(model).__name__}) is a transformer family dinokit "
+            f"cannot drive (no CLS/patch/register split, no mask token); supported: {SUPPORTED_FAMILIES}"
+        )
+    else:
+        backbone = ModuleBackbone(model, timm_name=name)
+        width = getattr(backbone, "patch_width", None)
+        if width is not None and width != backbone.embed_dim:
+            raise ValueError(
+                f"{name or type(model).__name__}: its feature map is not [B, C, H, W] (patch features "
+                f"of width {width} for an embedding of {backbone.embed_dim}); supported: {SUPPORTED_FAMILIES}"
+            )
+    kw = getattr(model, "_dinokit_kwargs", None)
+    backbone.timm_kwargs = dict(kw) if kw is not None else None
+    return backbone
 
 
 def build_backbone(
@@ -93,15 +148,23 @@ def build_backbone(
                 raise ValueError("num_registers needs a timm ViT, not a torchvision model")
             return ModuleBackbone(model)
         model = _timm_model(encoder, pretrained, num_registers, kwargs)
-        if is_timm_vit(model):
-            return ViTBackbone(model, timm_name=encoder)
-        if num_registers:
+        backbone = _wrap_timm(model, encoder)
+        if num_registers and not isinstance(backbone, ViTBackbone):
             raise ValueError(f"num_registers={num_registers} needs a ViT; {encoder!r} is not one")
-        return ModuleBackbone(model, timm_name=encoder)
+        if num_registers and backbone.num_registers != num_registers:
+            raise ValueError(
+                f"num_registers={num_registers} but {encoder!r} has {backbone.num_registers} register "
+                "(storage) tokens; set model.n_registers to match the published model"
+            )
+        return backbone
     if not isinstance(encoder, nn.Module):
         raise TypeError(
             f"encoder must be a model name, an nn.Module or a Backbone, got {type(encoder).__name__}"
         )
+    if is_timm_eva(encoder):
+        if num_registers and EvaBackbone(encoder).num_registers != num_registers:
+            raise ValueError(f"num_registers={num_registers} does not match the Eva model's register tokens")
+        return EvaBackbone(encoder)
     if is_timm_vit(encoder):
         have = int(getattr(encoder, "num_reg_tokens", 0) or 0)
         extra = max(0, num_registers - have) if num_registers else 0

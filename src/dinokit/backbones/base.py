@@ -45,6 +45,21 @@ class Backbone(nn.Module):
     supports_attention: bool = False
     #: timm architecture name when the wrapped model is a timm model (used by export).
     timm_name: str | None = None
+    #: keyword arguments the timm model was built with (``in_chans``, ``img_size``, ...), for export.
+    timm_kwargs: dict | None = None
+    #: mean/std/input_size/channels the weights expect (set by ``load_backbone`` on an export).
+    preprocessing: dict | None = None
+    #: whether the blocks recompute activations in backward (see :meth:`set_grad_checkpointing`).
+    grad_checkpointing: bool = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations during backward to save memory (ViTs; CNNs through timm)."""
+        model = getattr(self, "model", None)
+        if model is not None and hasattr(model, "set_grad_checkpointing"):
+            model.set_grad_checkpointing(enable)
+        elif enable:
+            raise TypeError(f"{type(self).__name__} does not support activation checkpointing")
+        self.grad_checkpointing = bool(enable)
 
     def forward(self, x: Tensor, masks: Tensor | None = None) -> BackboneOutput:  # pragma: no cover
         raise NotImplementedError
@@ -92,3 +107,24 @@ class Backbone(nn.Module):
         if self.patch_size is None:
             raise TypeError(f"{type(self).__name__} has no patch grid")
         return height // self.patch_size, width // self.patch_size
+
+
+def suggest_sizes(size: int, patch: int) -> list[int]:
+    """The multiples of ``patch`` nearest to ``size`` (one below, one above)."""
+    below = max(patch, size // patch * patch)
+    return sorted({below, below + patch})
+
+
+def check_crop_sizes(patch_size: int | None, sizes: dict[str, int]) -> None:
+    """Raise when a crop size (``{"global_size": 224, ...}``) is not a multiple of the patch size.
+
+    The message names the crop and suggests the nearest sizes that work.
+    """
+    if not patch_size:
+        return
+    for name, size in sizes.items():
+        if size and size % patch_size:
+            raise ValueError(
+                f"{name}={size} is not a multiple of the patch size {patch_size}: the ViT would drop "
+                f"the border pixels; use {' or '.join(map(str, suggest_sizes(size, patch_size)))}"
+            )

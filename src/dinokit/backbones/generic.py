@@ -105,13 +105,24 @@ class ModuleBackbone(Backbone):
                 except Exception as e:  # a size this model cannot take: try the next one
                     errors.append(f"{s}px: {type(e).__name__}: {str(e)[:120]}")
                     continue
-                return int(out.cls.shape[-1]), out.patches is not None and out.patches.shape[1] > 0, s
+                has_map = out.patches is not None and out.patches.shape[1] > 0
+                #: width of the patch features seen by the probe (checked against ``embed_dim``).
+                self.patch_width = int(out.patches.shape[-1]) if has_map else None
+                return int(out.cls.shape[-1]), has_map, s
         finally:
             self.model.train(was_training)
         raise ValueError(
             f"could not find the embedding width of {type(self.model).__name__}: no input size "
             f"worked ({'; '.join(errors)})"
         )
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Feature-map ``(rows, cols)`` of an ``height x width`` input (timm CNNs: total stride)."""
+        info = getattr(self.model, "feature_info", None)
+        if not self._has_feature_map or not info:
+            raise TypeError(f"{type(self.model).__name__} has no known feature-map grid")
+        r = int(info[-1]["reduction"])
+        return max(1, height // r), max(1, width // r)
 
     def forward(self, x: Tensor, masks: Tensor | None = None) -> BackboneOutput:
         if masks is not None:

@@ -10,15 +10,32 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from dinokit.backbones.base import Backbone, BackboneOutput
+from dinokit.backbones.base import Backbone, BackboneOutput, suggest_sizes
 
 
 def is_timm_vit(model: nn.Module) -> bool:
-    """Whether ``model`` looks like a timm ``VisionTransformer`` (patch_embed, blocks, norm)."""
+    """Whether ``model`` looks like a timm ``VisionTransformer`` (patch_embed, blocks, norm).
+
+    timm's ``Eva`` family (DINOv3, EVA-02: rotary position embeddings) is not one: its
+    ``_pos_embed`` also returns the rotary embedding; :class:`~dinokit.backbones.eva.EvaBackbone`
+    drives it.
+    """
+    if hasattr(model, "rope") or type(model).__name__ == "Eva":
+        return False
     return all(hasattr(model, a) for a in ("patch_embed", "blocks", "norm", "_pos_embed")) and (
         hasattr(model, "num_prefix_tokens")
     )
+
+
+def native_registers(model: nn.Module) -> int:
+    """Register (storage) tokens a timm ViT or Eva model carries itself."""
+    n = getattr(model, "num_reg_tokens", None)
+    if n is None:
+        reg = getattr(model, "reg_token", None)
+        n = int(reg.shape[1]) if reg is not None else 0
+    return int(n or 0)
 
 
 class ViTBackbone(Backbone):
@@ -33,11 +50,13 @@ class ViTBackbone(Backbone):
     """
 
     supports_attention = True
+    #: the model family this class drives (a predicate over the module).
+    accepts = staticmethod(is_timm_vit)
 
     def __init__(self, model: nn.Module, extra_registers: int = 0, timm_name: str | None = None):
         super().__init__()
-        if not is_timm_vit(model):
-            raise TypeError(f"ViTBackbone needs a timm VisionTransformer, got {type(model).__name__}")
+        if not self.accepts(model):
+            raise TypeError(f"{type(self).__name__} cannot drive a {type(model).__name__}")
         if extra_registers < 0:
             raise ValueError(f"extra_registers must be >= 0, got {extra_registers}")
         self.model = model
@@ -47,7 +66,7 @@ class ViTBackbone(Backbone):
         ps = model.patch_embed.patch_size
         self.patch_size = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
         self.has_cls_token = getattr(model, "cls_token", None) is not None
-        self.native_registers = int(getattr(model, "num_reg_tokens", 0) or 0)
+        self.native_registers = native_registers(model)
         self.extra_registers = int(extra_registers)
         self.num_registers = self.native_registers + self.extra_registers
         self.supports_masking = True
@@ -73,8 +92,10 @@ class ViTBackbone(Backbone):
     def _check_size(self, x: Tensor) -> None:
         h, w = x.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
+            bad = h if h % self.patch_size else w
             raise ValueError(
-                f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}"
+                f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}; use "
+                f"{' or '.join(map(str, suggest_sizes(bad, self.patch_size)))}"
             )
         if not self.dynamic_img_size:
             expected = tuple(self.model.patch_embed.img_size)
@@ -93,18 +114,7 @@ class ViTBackbone(Backbone):
         self.check_input(x)
         self._check_size(x)
         m = self.model
-        t = m.patch_embed(x)  # [B, H, W, D] (dynamic size) or [B, N, D]
-        if masks is not None:
-            if self.mask_token is None:
-                raise RuntimeError("masks given but the mask token is off; call enable_mask_token()")
-            flat = t.reshape(t.shape[0], -1, t.shape[-1])
-            if masks.shape != flat.shape[:2]:
-                raise ValueError(
-                    f"masks has shape {tuple(masks.shape)} but the images give "
-                    f"{tuple(flat.shape[:2])} (batch, patches)"
-                )
-            flat = torch.where(masks.unsqueeze(-1), self.mask_token.to(flat.dtype), flat)
-            t = flat.reshape(t.shape)
+        t = self._mask(m.patch_embed(x), masks)  # [B, H, W, D] (dynamic size) or [B, N, D]
         t = m._pos_embed(t)
         if self.register_tokens is not None:
             n0 = int(m.num_prefix_tokens)
@@ -112,6 +122,21 @@ class ViTBackbone(Backbone):
             t = torch.cat([t[:, :n0], regs, t[:, n0:]], dim=1)
         t = m.patch_drop(t)
         return m.norm_pre(t)
+
+    def _mask(self, t: Tensor, masks: Tensor | None) -> Tensor:
+        """Replace the masked patch embeddings (``masks [B, N]`` bool) by the mask token."""
+        if masks is None:
+            return t
+        if self.mask_token is None:
+            raise RuntimeError("masks given but the mask token is off; call enable_mask_token()")
+        flat = t.reshape(t.shape[0], -1, t.shape[-1])
+        if masks.shape != flat.shape[:2]:
+            raise ValueError(
+                f"masks has shape {tuple(masks.shape)} but the images give "
+                f"{tuple(flat.shape[:2])} (batch, patches)"
+            )
+        flat = torch.where(masks.unsqueeze(-1), self.mask_token.to(flat.dtype), flat)
+        return flat.reshape(t.shape)
 
     def _split(self, t: Tensor) -> BackboneOutput:
         p = self.num_prefix_tokens
@@ -126,7 +151,11 @@ class ViTBackbone(Backbone):
 
     def forward(self, x: Tensor, masks: Tensor | None = None) -> BackboneOutput:
         t = self.tokens(x, masks)
-        t = self.model.blocks(t)
+        if getattr(self.model, "grad_checkpointing", False) and torch.is_grad_enabled():
+            for blk in self.model.blocks:
+                t = checkpoint(blk, t, use_reentrant=False)
+        else:
+            t = self.model.blocks(t)
         t = self.model.norm(t)
         return self._split(t)
 

@@ -1,4 +1,5 @@
-"""``dinokit`` command line: ``train``, ``demo``, ``eval``, ``viz``, ``export``, ``presets``.
+"""``dinokit`` command line: ``train``, ``demo``, ``eval``, ``viz``, ``export``, ``embed``, ``data``,
+``presets``.
 
 Each subcommand lives in its own module with ``register(subparsers)``; the commands only compose
 library calls.
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ("train", "demo", "evaluate", "visualize", "export", "presets")
+COMMANDS = ("train", "demo", "evaluate", "visualize", "export", "embed", "data", "presets")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dinokit",
         description="DINO-family self-supervised learning: train, evaluate, draw and export.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error (also accepted after COMMAND)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -35,18 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dinokit`` script; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line: show tracebacks
+    args = parser.parse_args([a for a in argv if a != "--debug"])
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from dinokit.config import ConfigError
-    from dinokit.weights import WeightsError
+    from dinokit.cli._common import run_guarded
 
-    try:
-        return int(args.func(args) or 0)
-    except (ConfigError, WeightsError, FileNotFoundError) as e:
-        print(f"dinokit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_guarded(args.command, args.func, args, debug=debug)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from dinokit.backbones import Backbone
 from dinokit.config import ConfigError, from_dict
-from dinokit.data import EvalTransform, ImageFolderDataset, MultiCropConfig, load_demo_dataset
+from dinokit.data import EvalTransform, ImageFolderDataset, load_demo_dataset
+from dinokit.data.preprocessing import Preprocessing
 from dinokit.weights import WeightsError
 
 DEMO_NAMES = ("demo", "fashion-mnist", "digits")
@@ -43,11 +44,8 @@ def load(checkpoint: str, which: str = "teacher") -> Loaded:
 
         meta = read_metadata(src)
         bb = load_backbone(src)
-        size = int(meta.get("image_size") or 224)
-        chans = int(meta["timm_kwargs"].get("in_chans", 3))
-        mc = MultiCropConfig.small(size, channels=chans) if size <= 64 else MultiCropConfig(channels=chans)
-        return Loaded(bb, EvalTransform.for_config(mc), None)
-    from dinokit.train.build import build_method, build_multicrop_config
+        return Loaded(bb, export_preprocessing(meta).eval_transform(), None)
+    from dinokit.train.build import build_method, build_preprocessing
     from dinokit.weights import backbone_state_dict, load_backbone_weights, read_file
 
     ckpt = src / "checkpoints" / "last.ckpt" if src.is_dir() else src
@@ -61,7 +59,15 @@ def load(checkpoint: str, which: str = "teacher") -> Loaded:
     backbone = getattr(method, f"{which}_backbone")
     load_backbone_weights(backbone, backbone_state_dict(obj, which), source=str(ckpt))
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
-    return Loaded(backbone.eval(), EvalTransform.for_config(build_multicrop_config(cfg)), run_dir)
+    return Loaded(backbone.eval(), build_preprocessing(cfg).eval_transform(), run_dir)
+
+
+def export_preprocessing(meta: dict[str, Any]) -> Preprocessing:
+    """The preprocessing stored in an export's metadata (older exports: the preset for its size)."""
+    if meta.get("preprocessing"):
+        return Preprocessing.from_dict(meta["preprocessing"])
+    size = int(meta.get("image_size") or 224)
+    return Preprocessing.default_for(size, int(meta["timm_kwargs"].get("in_chans", 3)))
 
 
 def dataset(spec: str, transform: Any, *, split: str, limit: int | None = None,
@@ -80,3 +86,73 @@ def dataset(spec: str, transform: Any, *, split: str, limit: int | None = None,
 
 def loader(ds: Dataset, batch_size: int = 256) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
+
+
+# ------------------------------------------------------------------------ errors and exit codes
+#: Exit codes of ``dinokit`` (documented in the README, "When things go wrong").
+EXIT_OK = 0
+EXIT_BUG = 1  # an unexpected error: please report it (run again with --debug for the traceback)
+EXIT_USER = 2  # a bad config, path, image or checkpoint: the message says which
+EXIT_STOPPED = 3  # training stopped by a guard (collapse with trainer.stop_on_collapse, non-finite)
+EXIT_IO = 74  # a checkpoint could not be written (disk full, ...): earlier ones are intact
+EXIT_REQUEUE = 75  # pre-empted (SIGTERM/SIGUSR1) after checkpointing: resubmit, resume=auto
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line (a DataLoader worker's error carries its traceback text:
+    keep its last line)."""
+    text = str(e).strip() or type(e).__name__
+    if "Original Traceback" in text:
+        import re
+
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        text = re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1]) if lines else text
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text = f"{e.filename}: {e.strerror or text}"
+    return " ".join(text.split("\n"))
+
+
+def exit_code(e: BaseException) -> int:
+    """The exit code for an exception reaching the command line.
+
+    An exception may carry its own ``exit_code`` attribute (pre-emption, guards, write errors).
+    """
+    from dinokit.config import ConfigError
+    from dinokit.weights import WeightsError
+
+    code = getattr(e, "exit_code", None)
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code
+    if isinstance(e, KeyboardInterrupt):
+        return 130
+    if isinstance(e, (ConfigError, WeightsError, OSError, EOFError, UnicodeError)):
+        return EXIT_USER
+    try:
+        from PIL import Image
+
+        if isinstance(e, Image.DecompressionBombError):
+            return EXIT_USER
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        pass
+    return EXIT_BUG
+
+
+def run_guarded(command: str, func: Any, args: Any, debug: bool = False) -> int:
+    """Run ``func(args)``; any error becomes one line on stderr and a non-zero exit code
+    (``debug``: the traceback too)."""
+    import sys
+    import traceback
+
+    try:
+        return int(func(args) or 0)
+    except (Exception, KeyboardInterrupt) as e:
+        code = exit_code(e)
+        if debug:
+            traceback.print_exc()
+        kind = "" if code in (EXIT_USER, EXIT_STOPPED, EXIT_IO, EXIT_REQUEUE) else f"{type(e).__name__}: "
+        hint = " (run with --debug for the traceback)" if code == EXIT_BUG and not debug else ""
+        label = "stopped" if code == EXIT_REQUEUE else "error"
+        newest = getattr(e, "newest_checkpoint", False)
+        where = "" if newest is False else f"; newest checkpoint with finite weights: {newest or 'none'}"
+        print(f"dinokit {command}: {label}: {kind}{_one_line(e)}{where}{hint}", file=sys.stderr)
+        return code

@@ -1,4 +1,4 @@
-"""``dinokit export --checkpoint RUN|CKPT --output PATH``: backbone to safetensors + JSON."""
+"""``dinokit export --checkpoint RUN|CKPT --output PATH``: a timm/Hub folder and a single file."""
 
 from __future__ import annotations
 
@@ -6,24 +6,39 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export the backbone to safetensors (timm-loadable) + JSON",
-                       description="Write PATH.safetensors (timm key names) and PATH.json (metadata).")
+    p = sub.add_parser(
+        "export", help="export the backbone: timm/Hugging Face folder + single safetensors file",
+        description="Write PATH/ (config.json + model.safetensors, loadable with "
+                    "timm.create_model('local-dir:PATH', pretrained=True)) and PATH.safetensors + PATH.json.")
     p.add_argument("--checkpoint", required=True, help="run directory or training .ckpt")
     p.add_argument("--output", required=True, help="output path without extension")
-    p.add_argument("--which", choices=("teacher", "student"), default="teacher")
+    p.add_argument("--which", choices=("teacher", "student"), default="teacher",
+                   help="which backbone (default: the EMA teacher)")
+    p.add_argument("--format", choices=("both", "folder", "file"), default="both",
+                   help="timm/Hub folder, single file, or both (default)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from dinokit.export import export_backbone, read_metadata
+    from dinokit.export import NotTimmLoadableError, export_backbone, export_timm_folder, read_metadata
 
-    path = export_backbone(args.checkpoint, args.output, which=args.which)
-    meta = read_metadata(path)
-    print(f"written: {path}\n         {path.with_suffix('.json')}")
-    print("load with dinokit.load_backbone(path), or timm:")
-    kw = ", ".join(f"{k}={v!r}" for k, v in meta["timm_kwargs"].items())
-    print(f"  timm.create_model({meta['architecture']!r}, pretrained=True, num_classes=0, {kw}, "
-          f"pretrained_cfg_overlay=dict(file={json.dumps(str(path))}))")
+    if args.format in ("both", "folder"):
+        try:
+            folder = export_timm_folder(args.checkpoint, args.output, which=args.which)
+            print(f"written: {folder}/config.json, {folder}/model.safetensors")
+            print(f"  timm.create_model('local-dir:{folder}', pretrained=True)")
+        except NotTimmLoadableError as e:
+            if args.format == "folder":
+                raise
+            print(f"no timm folder: {e}")
+    if args.format in ("both", "file"):
+        path = export_backbone(args.checkpoint, args.output, which=args.which)
+        meta = read_metadata(path)
+        print(f"written: {path}\n         {path.with_suffix('.json')}")
+        print("load with dinokit.load_backbone(path), or timm:")
+        kw = ", ".join(f"{k}={v!r}" for k, v in meta["timm_kwargs"].items())
+        print(f"  timm.create_model({meta['architecture']!r}, pretrained=True, num_classes=0, {kw}, "
+              f"pretrained_cfg_overlay=dict(file={json.dumps(str(path))}))")
     return 0

@@ -15,7 +15,12 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Pretrain with a YAML preset or file, overridden by key=value pairs, e.g.\n"
             "  dinokit train --config demo trainer.epochs=2 optim.lr=0.002\n"
             "  dinokit train --config my_images.yaml data.path=/data/photos\n"
-            f"Presets: {', '.join(preset_names())}.\n\nOptions (key=default  (type)  meaning):"
+            "  dinokit train --config my.yaml trainer.run_name=r1 trainer.resume=auto  (resubmittable)\n"
+            f"Presets: {', '.join(preset_names())}.\n\n"
+            "Exit codes: 0 done, 2 bad config/data/path/checkpoint, 3 stopped by a guard (collapse, "
+            "non-finite), 74 a checkpoint could not be written, 75 pre-empted (SIGTERM/SIGUSR1) after "
+            "checkpointing: resubmit with trainer.resume=auto. --debug shows tracebacks.\n\n"
+            "Options (key=default  (type)  meaning):"
         ),
         epilog=help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -38,4 +43,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"run directory: {result.run_dir}")
     if result.last_checkpoint:
         print(f"last checkpoint: {result.last_checkpoint}")
+    else:
+        print("last checkpoint: none written")
+    if result.collapse:
+        print(result.collapse)
+    if result.skipped_images:
+        print(f"unreadable images skipped: {result.skipped_images}")
     return 0

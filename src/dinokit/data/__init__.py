@@ -1,4 +1,7 @@
-"""Data: multi-crop transforms, datasets (folders, arrays, demo data) and the collate."""
+"""Data: DINO's multi-crop transform, datasets (image folders, arrays, the demo data) and the
+multi-crop collate (with iBOT masks)."""
+
+from __future__ import annotations
 
 from dinokit.data.collate import MultiCropCollate
 from dinokit.data.datasets import (
@@ -8,10 +11,18 @@ from dinokit.data.datasets import (
     ImageReadError,
     TensorImageDataset,
     TransformDataset,
+    fashion_mnist_available,
     load_demo_dataset,
     load_idx,
+    read_image,
 )
-from dinokit.data.multicrop import EvalTransform, MultiCropConfig, MultiCropTransform
+from dinokit.data.multicrop import (
+    EvalTransform,
+    MultiCropConfig,
+    MultiCropTransform,
+    to_image_tensor,
+    to_l_or_rgb,
+)
 
 __all__ = [
     "DigitsDataset",
@@ -24,6 +35,10 @@ __all__ = [
     "MultiCropTransform",
     "TensorImageDataset",
     "TransformDataset",
+    "fashion_mnist_available",
     "load_demo_dataset",
     "load_idx",
+    "read_image",
+    "to_image_tensor",
+    "to_l_or_rgb",
 ]

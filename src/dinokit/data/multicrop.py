@@ -1,40 +1,153 @@
-"""DINO's multi-crop augmentation (Caron et al. 2021, Sec. 3.1 and Appendix; BYOL's colour recipe).
+"""DINO's multi-crop augmentation (Caron et al. ICCV 2021, Sec. 3.1 and Appendix; the colour recipe
+is BYOL's, Grill et al. 2020, Table 6), built on ``torchvision.transforms.v2``.
 
-``n_global`` crops of ``global_size`` (RandomResizedCrop scale ``global_scale``) and ``n_local``
-crops of ``local_size`` (scale ``local_scale``); flip, colour jitter, grayscale, Gaussian blur
-(probabilities 1.0 / 0.1 / 0.5 for global 1 / global 2 / locals) and solarisation on global 2
-only; then normalisation. The per-crop pipelines are built once; each call only samples.
+Each image gives ``n_global`` crops of ``global_size`` px (RandomResizedCrop over ``global_scale``
+of the area) and ``n_local`` crops of ``local_size`` px (``local_scale``). Every crop is flipped,
+colour-jittered and turned grey at random; Gaussian blur is applied with probability 1.0 / 0.1 /
+0.5 to global crop 1 / global crop 2 / the local crops, solarisation to global crop 2 only; then
+normalisation. Images become float ``[C, H, W]`` in [0, 1] first, so every step (and the
+solarisation threshold) works in that range.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)
+#: Fashion-MNIST's pixel mean and std (train split), the small preset's normalisation.
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+#: PIL's solarisation threshold 128 (of 255, as DINO applies it) in the float range of the pipeline.
+SOLARIZE_THRESHOLD = 128 / 255
+#: ITU-R 601-2 luma, what PIL's ``convert("L")`` uses.
+LUMA = (0.299, 0.587, 0.114)
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")
 
 
-def _check_prob(name: str, p: float) -> None:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"MultiCropConfig.{name} must be in [0, 1], got {p}")
+# ---------------------------------------------------------------------------------------- input
+def to_l_or_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> mode ``L`` or ``RGB``: alpha composited on white, palettes expanded,
+    16-bit grey scaled to 8 bit, other colour spaces converted to RGB; L and RGB are kept as is."""
+    mode = img.mode
+    if mode in ("L", "RGB"):
+        return img
+    if mode == "1":
+        return img.convert("L")
+    if mode in ("LA", "La") or mode in ("RGBA", "RGBa", "PA") or "transparency" in img.info:
+        grey = mode in ("LA", "La")
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        out = Image.alpha_composite(white, rgba).convert("RGB")
+        return out.convert("L") if grey else out
+    if mode.startswith("I") or mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if mode == "F" and arr.size and arr.max() <= 1.0:
+            arr = arr * 255.0
+        elif mode.startswith("I;16") or (arr.size and arr.max() > 255):
+            arr = arr / 257.0  # 16-bit range 0..65535 -> 0..255
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+    return img.convert("RGB")
 
 
-def _check_scale(name: str, s: tuple[float, float]) -> None:
-    if len(s) != 2 or not (0.0 < s[0] <= s[1] <= 1.0):
-        raise ValueError(f"MultiCropConfig.{name} must be two ordered numbers in (0, 1], got {s}")
+def to_image_tensor(img: Any, channels: int) -> Tensor:
+    """PIL image (any mode) or tensor -> float32 ``[channels, H, W]`` in [0, 1].
+
+    Tensors: ``[H, W]`` or ``[C, H, W]`` with C in 1 (grey), 2 (grey + alpha), 3 (RGB) or
+    4 (RGBA); uint8 (0..255) or float/bool in [0, 1]. Alpha is composited on white; grey is repeated
+    to RGB for ``channels=3``, RGB is reduced to luma for ``channels=1``.
+    """
+    if isinstance(img, Image.Image):
+        t = F.pil_to_tensor(to_l_or_rgb(img)).float().div_(255.0)
+    elif isinstance(img, Tensor):
+        t = img.unsqueeze(0) if img.ndim == 2 else img
+        if t.ndim != 3 or t.shape[0] not in (1, 2, 3, 4):
+            raise ValueError(f"img tensor must be [H, W] or [C, H, W] with C in 1..4, "
+                             f"got shape {tuple(img.shape)}")
+        if t.dtype == torch.uint8:
+            t = t.float().div_(255.0)
+        elif t.dtype == torch.bool or t.is_floating_point():
+            t = t.float()
+            lo, hi = float(t.min()), float(t.max())
+            if lo < -1e-3 or hi > 1.0 + 1e-3:
+                raise ValueError(
+                    f"img float tensor must hold values in [0, 1], got min {lo:.4g}, max {hi:.4g}"
+                    " (pass uint8 for 0..255 data; normalisation happens in the transform)"
+                )
+            t = t.clamp(0.0, 1.0)
+        else:
+            raise TypeError(f"img tensor must be uint8, bool or float, got {t.dtype}")
+        if t.shape[0] in (2, 4):  # composite the colour (or grey) channels on white
+            alpha = t[-1:]
+            t = t[:-1] * alpha + (1.0 - alpha)
+    else:
+        raise TypeError(f"img must be a PIL image or a torch tensor, got {type(img).__name__}")
+    if t.shape[0] == 1 and channels == 3:
+        t = t.expand(3, -1, -1)
+    elif t.shape[0] == 3 and channels == 1:
+        t = (LUMA[0] * t[0] + LUMA[1] * t[1] + LUMA[2] * t[2]).unsqueeze(0)
+    return t.contiguous()
+
+
+# --------------------------------------------------------------------------------------- config
+def _field_error(name: str, rule: str, value: Any, owner: str = "MultiCropConfig.") -> ValueError:
+    return ValueError(f"{owner}{name} must be {rule}, got {value!r}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _numbers(name: str, value: Any, n: int) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise _field_error(name, f"{n} numbers", value) from None
+    if len(out) != n:
+        raise _field_error(name, f"{n} numbers", value)
+    return out
+
+
+def _probability(name: str, p: Any) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise _field_error(name, "a probability in [0, 1]", p)
+    return float(p)
+
+
+def _per_channel(name: str, value: Any, channels: int, owner: str = "MultiCropConfig.",
+                 ) -> tuple[float, ...]:
+    """One value per channel: 1 value is repeated, 3 values are averaged for one channel."""
+    try:
+        vals = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise _field_error(name, "a sequence of numbers", value, owner) from None
+    if len(vals) == channels:
+        return vals
+    if len(vals) == 1:
+        return vals * channels
+    if len(vals) == 3 and channels == 1:
+        return (sum(vals) / 3.0,)
+    raise _field_error(name, f"1 or {channels} values for channels={channels}", value, owner)
 
 
 @dataclass
 class MultiCropConfig:
-    """Every size, scale and probability of the multi-crop recipe (defaults: DINO on ImageNet)."""
+    """Every size, scale and probability of the multi-crop recipe; defaults are DINO on ImageNet.
+
+    ``blur_p`` holds the blur probabilities of (global crop 1, global crop 2, local crops); global
+    crops past the second use global 2's blur and no solarisation. ``mean``/``std`` may hold one
+    value (used for every channel) or three (averaged when ``channels=1``), so switching
+    ``channels`` on a config keeps it valid. ``channels``: 3 = RGB output (grey repeated), 1 = grey.
+    """
 
     global_size: int = 224
     local_size: int = 96
@@ -42,6 +155,8 @@ class MultiCropConfig:
     n_local: int = 8
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: str = "bicubic"
     flip_p: float = 0.5
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     jitter_p: float = 0.8
@@ -55,105 +170,97 @@ class MultiCropConfig:
     channels: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("global_size", "local_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"MultiCropConfig.{name} must be > 0, got {getattr(self, name)}")
-        if self.n_global < 1:
-            raise ValueError(f"MultiCropConfig.n_global must be >= 1, got {self.n_global}")
-        if self.n_local < 0:
-            raise ValueError(f"MultiCropConfig.n_local must be >= 0, got {self.n_local}")
-        self.global_scale = tuple(self.global_scale)  # type: ignore[assignment]
-        self.local_scale = tuple(self.local_scale)  # type: ignore[assignment]
-        _check_scale("global_scale", self.global_scale)
-        _check_scale("local_scale", self.local_scale)
+        for name, least in (("global_size", 1), ("local_size", 1), ("n_global", 1), ("n_local", 0)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < least:
+                raise _field_error(name, f"an int >= {least}", value)
+            setattr(self, name, int(value))
+        for name in ("global_scale", "local_scale"):
+            lo, hi = _numbers(name, getattr(self, name), 2)
+            if not 0.0 < lo <= hi <= 1.0:
+                raise _field_error(name, "ordered (low <= high) within (0, 1]", getattr(self, name))
+            setattr(self, name, (lo, hi))
+        lo, hi = self.crop_ratio = _numbers("crop_ratio", self.crop_ratio, 2)  # type: ignore[assignment]
+        if not 0.0 < lo <= hi:
+            raise _field_error("crop_ratio", "ordered positive aspect ratios", self.crop_ratio)
+        if self.interpolation not in INTERPOLATIONS:
+            raise _field_error("interpolation", f"one of {list(INTERPOLATIONS)}",
+                               self.interpolation)
         for name in ("flip_p", "jitter_p", "grayscale_p", "solarize_p"):
-            _check_prob(name, getattr(self, name))
-        if len(self.blur_p) != 3:
-            raise ValueError(f"MultiCropConfig.blur_p needs 3 probabilities, got {self.blur_p}")
-        for p in self.blur_p:
-            _check_prob("blur_p", p)
-        if self.channels not in (1, 3):
-            raise ValueError(f"MultiCropConfig.channels must be 1 or 3, got {self.channels}")
-        if self.channels == 1 and len(self.mean) == 3:
-            self.mean, self.std = GRAY_MEAN, GRAY_STD
-        if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise ValueError(
-                f"MultiCropConfig.mean/std must have {self.channels} values, got {self.mean}, {self.std}"
-            )
+            setattr(self, name, _probability(name, getattr(self, name)))
+        self.blur_p = tuple(_probability("blur_p", p)  # type: ignore[assignment]
+                            for p in _numbers("blur_p", self.blur_p, 3))
+        self.jitter = _numbers("jitter", self.jitter, 4)  # type: ignore[assignment]
+        if min(self.jitter) < 0 or self.jitter[3] > 0.5:
+            raise _field_error("jitter", "(brightness, contrast, saturation, hue) >= 0, hue <= 0.5",
+                               self.jitter)
+        lo, hi = self.blur_sigma = _numbers("blur_sigma", self.blur_sigma, 2)  # type: ignore[assignment]
+        if not 0.0 < lo <= hi:
+            raise _field_error("blur_sigma", "ordered positive numbers", self.blur_sigma)
+        if not _is_int(self.blur_kernel) or self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
+            raise _field_error("blur_kernel", "an odd int >= 1", self.blur_kernel)
+        if not _is_int(self.channels) or self.channels not in (1, 3):
+            raise _field_error("channels", "1 or 3", self.channels)
+        self.blur_kernel, self.channels = int(self.blur_kernel), int(self.channels)
+        self.mean = _per_channel("mean", self.mean, self.channels)
+        self.std = _per_channel("std", self.std, self.channels)
+        if min(self.std) <= 0:
+            raise _field_error("std", "positive", self.std)
 
     @classmethod
     def imagenet(cls, **changes: Any) -> MultiCropConfig:
-        """DINO's ImageNet recipe (224 / 96 px crops)."""
+        """DINO's ImageNet recipe: 2 x 224 px global crops, 8 x 96 px local crops (the defaults)."""
         return cls(**changes)
 
     @classmethod
     def small(cls, image_size: int = 28, **changes: Any) -> MultiCropConfig:
-        """For tiny sources (28-32 px, e.g. Fashion-MNIST): global crops at the source size, locals at
-        about half, no blur or solarisation (meaningless at this scale), milder colour jitter."""
-        g = max(4, image_size)
-        base: dict[str, Any] = dict(
-            global_size=g,
-            local_size=max(4, (g // 2 + 3) // 4 * 4),
-            n_local=4,
+        """For tiny sources (28-32 px, e.g. Fashion-MNIST, CIFAR).
+
+        Global crops at the source size rounded to a multiple of 4 (patch sizes 4 or 2 divide it),
+        local crops at about half of that (also a multiple of 4) over ``(0.1, 0.4)`` of the area
+        (0.05 of 28 x 28 px would be a 6 px scrap). The blur kernel is 3 px with sigma in
+        (0.1, 1.0) (BYOL's 23 px is 10 % of 224 px), but blur and solarisation are off by default,
+        as in solo-learn's CIFAR recipes and in the setting dinokit's demo was tuned with; set
+        ``blur_p``/``solarize_p`` to turn them on. Fashion-MNIST's mean/std. ``changes`` override
+        any field.
+        """
+        if not _is_int(image_size) or image_size < 4:
+            raise ValueError(f"image_size must be an int >= 4, got {image_size!r}")
+        global_size = max(4, int(image_size / 4 + 0.5) * 4)
+        fields: dict[str, Any] = dict(
+            global_size=global_size,
+            local_size=max(4, int(global_size / 8 + 0.5) * 4),
             global_scale=(0.4, 1.0),
             local_scale=(0.1, 0.4),
-            jitter=(0.4, 0.4, 0.2, 0.1),
             blur_p=(0.0, 0.0, 0.0),
+            blur_kernel=3,
+            blur_sigma=(0.1, 1.0),
             solarize_p=0.0,
-            grayscale_p=0.2,
-            mean=(0.2860,) if changes.get("channels") == 1 else (0.2860,) * 3,
-            std=(0.3530,) if changes.get("channels") == 1 else (0.3530,) * 3,
+            mean=(FASHION_MNIST_MEAN,),
+            std=(FASHION_MNIST_STD,),
         )
-        base.update(changes)
-        return cls(**base)
+        fields.update(changes)
+        return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain types only (lists for tuples), for YAML."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """Plain ints, floats, strings and lists only (YAML-safe)."""
+        items = dataclasses.asdict(self).items()
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in items}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MultiCropConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
+        if not isinstance(d, dict):
+            raise TypeError(f"MultiCropConfig.from_dict needs a dict, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown MultiCropConfig keys {unknown}")
+            raise ValueError(f"unknown MultiCropConfig fields {unknown}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def to_image_tensor(img: Any, channels: int) -> Tensor:
-    """PIL image (any mode) or tensor (uint8 or float, 2-D or [C, H, W]) -> float [channels, H, W]
-    in [0, 1]. RGBA is composited on white; grayscale is repeated to RGB when 3 channels are asked."""
-    if isinstance(img, Image.Image):
-        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(bg, rgba)
-        img = img.convert("L" if channels == 1 else "RGB")
-        t = v2.functional.pil_to_tensor(img)
-    elif isinstance(img, Tensor):
-        t = img
-        if t.ndim == 2:
-            t = t.unsqueeze(0)
-        if t.ndim != 3:
-            raise ValueError(f"image tensor must be [H, W] or [C, H, W], got shape {tuple(t.shape)}")
-        if t.shape[0] == 4:
-            alpha = t[3:].float() / (255.0 if t.dtype == torch.uint8 else 1.0)
-            rgb = t[:3].float() / (255.0 if t.dtype == torch.uint8 else 1.0)
-            t = rgb * alpha + (1 - alpha)
-        if t.shape[0] not in (1, 3):
-            raise ValueError(f"image tensor must have 1, 3 or 4 channels, got {t.shape[0]}")
-    else:
-        raise TypeError(f"expected a PIL image or a tensor, got {type(img).__name__}")
-    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
-    if t.shape[0] == 1 and channels == 3:
-        t = t.expand(3, -1, -1)
-    elif t.shape[0] == 3 and channels == 1:
-        t = (0.299 * t[0] + 0.587 * t[1] + 0.114 * t[2]).unsqueeze(0)
-    return t.contiguous()
-
-
+# ------------------------------------------------------------------------------------ pipelines
 class _Clamp01(torch.nn.Module):
-    """Keep pixel values in [0, 1] after colour ops (picklable, unlike a lambda)."""
+    """Clamp to [0, 1]: bicubic resizing overshoots, colour ops and solarisation expect [0, 1]."""
 
     def forward(self, t: Tensor) -> Tensor:
         return t.clamp(0.0, 1.0)
@@ -161,79 +268,124 @@ class _Clamp01(torch.nn.Module):
 
 def _crop_pipeline(cfg: MultiCropConfig, size: int, scale: tuple[float, float], blur_p: float,
                    solarize_p: float) -> v2.Compose:
+    """One crop's steps on a float ``[C, H, W]`` image in [0, 1]; steps with p = 0 left out."""
     steps: list[Any] = [
-        v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(cfg.flip_p),
+        v2.RandomResizedCrop(size, scale=scale, ratio=cfg.crop_ratio,
+                             interpolation=InterpolationMode(cfg.interpolation), antialias=True),
+        _Clamp01(),
     ]
-    b, c, s, h = cfg.jitter
-    if cfg.channels == 1:
-        s, h = 0.0, 0.0
-    if cfg.jitter_p > 0 and any((b, c, s, h)):
-        steps.append(v2.RandomApply([v2.ColorJitter(b, c, s, h)], p=cfg.jitter_p))
+    if cfg.flip_p > 0:
+        steps.append(v2.RandomHorizontalFlip(cfg.flip_p))
+    brightness, contrast, saturation, hue = cfg.jitter
+    if cfg.channels == 1:  # saturation and hue do not exist in grey
+        saturation, hue = 0.0, 0.0
+    if cfg.jitter_p > 0 and any((brightness, contrast, saturation, hue)):
+        steps.append(v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)],
+                                    p=cfg.jitter_p))
     if cfg.channels == 3 and cfg.grayscale_p > 0:
         steps.append(v2.RandomGrayscale(cfg.grayscale_p))
     if blur_p > 0:
-        k = min(cfg.blur_kernel, size - 1 if size % 2 == 0 else size)
-        k = max(3, k if k % 2 == 1 else k - 1)
-        steps.append(v2.RandomApply([v2.GaussianBlur(k, sigma=cfg.blur_sigma)], p=blur_p))
+        kernel = min(cfg.blur_kernel, 2 * size - 1)  # reflect padding needs kernel // 2 < size
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=cfg.blur_sigma)], p=blur_p))
     if solarize_p > 0:
-        steps.append(v2.RandomSolarize(threshold=0.5, p=solarize_p))  # float images in [0, 1]
-    steps.append(_Clamp01())
-    steps.append(v2.Normalize(cfg.mean, cfg.std))
+        steps.append(v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=solarize_p))
+    steps.append(v2.Normalize(list(cfg.mean), list(cfg.std)))
     return v2.Compose(steps)
 
 
 class MultiCropTransform:
-    """Image -> ``{"global_views": [Tensor C x G x G], "local_views": [Tensor C x L x L]}``."""
+    """Image -> ``{"global_views": [Tensor C x G x G] * n_global, "local_views": [Tensor C x L x L]
+    * n_local}`` (float32, normalised; ``local_views`` is ``[]`` when ``n_local=0``).
 
-    def __init__(self, config: MultiCropConfig | None = None):
+    Accepts PIL images of any mode and tensors (see :func:`to_image_tensor`). The per-crop
+    pipelines are built once here; a call only samples. Randomness comes from torch's global
+    generator (seed it, or let a loader seed each sample).
+    """
+
+    def __init__(self, config: MultiCropConfig | dict[str, Any] | None = None):
+        if isinstance(config, dict):
+            config = MultiCropConfig.from_dict(config)
+        if config is not None and not isinstance(config, MultiCropConfig):
+            raise TypeError(f"config must be a MultiCropConfig, a dict or None, got "
+                            f"{type(config).__name__}")
         self.config = cfg = config or MultiCropConfig()
-        g_blur = [cfg.blur_p[0], cfg.blur_p[1]] + [cfg.blur_p[1]] * max(0, cfg.n_global - 2)
-        g_sol = [0.0, cfg.solarize_p] + [0.0] * max(0, cfg.n_global - 2)
-        self.global_crops = [
-            _crop_pipeline(cfg, cfg.global_size, cfg.global_scale, g_blur[i], g_sol[i])
+        blur = [cfg.blur_p[0]] + [cfg.blur_p[1]] * (cfg.n_global - 1)
+        solarize = [0.0 if i != 1 else cfg.solarize_p for i in range(cfg.n_global)]  # crop 2 only
+        self.global_pipelines = [
+            _crop_pipeline(cfg, cfg.global_size, cfg.global_scale, blur[i], solarize[i])
             for i in range(cfg.n_global)
         ]
-        self.local_crop = _crop_pipeline(cfg, cfg.local_size, cfg.local_scale, cfg.blur_p[2], 0.0)
+        self.local_pipeline = _crop_pipeline(cfg, cfg.local_size, cfg.local_scale, cfg.blur_p[2],
+                                             0.0)
 
     def __call__(self, img: Any) -> dict[str, list[Tensor]]:
         x = to_image_tensor(img, self.config.channels)
         return {
-            "global_views": [t(x) for t in self.global_crops],
-            "local_views": [self.local_crop(x) for _ in range(self.config.n_local)],
+            "global_views": [pipe(x) for pipe in self.global_pipelines],
+            "local_views": [self.local_pipeline(x) for _ in range(self.config.n_local)],
         }
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"MultiCropTransform({c.n_global} x {c.global_size}px scale {c.global_scale}, "
-                f"{c.n_local} x {c.local_size}px scale {c.local_scale}, channels={c.channels})")
+        solarize = [0.0, c.solarize_p][: c.n_global]
+        return (
+            "MultiCropTransform(\n"
+            f"  global: {c.n_global} x {c.global_size}px, scale {c.global_scale}, "
+            f"blur p={list(c.blur_p[:2])[: c.n_global]}, solarize p={solarize}\n"
+            f"  local:  {c.n_local} x {c.local_size}px, scale {c.local_scale}, "
+            f"blur p={c.blur_p[2]}\n"
+            f"  every crop: {c.interpolation}, flip p={c.flip_p}, jitter {c.jitter} "
+            f"p={c.jitter_p}, grayscale p={c.grayscale_p}\n"
+            f"  output: {c.channels} channel(s), mean {c.mean}, std {c.std}\n)"
+        )
 
 
-@dataclass
 class EvalTransform:
-    """Deterministic evaluation view: bicubic resize to ``resize_size``, centre crop ``crop_size``."""
+    """Deterministic evaluation view: bicubic resize of the short side to ``resize_size``, centre
+    crop of ``crop_size``, same channel handling and normalisation as training.
 
-    crop_size: int = 224
-    resize_size: int = 256
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    channels: int = 3
-    _pipeline: Any = field(default=None, init=False, repr=False, compare=False)
+    Returns float32 ``[channels, crop_size, crop_size]``. ImageNet: 256 -> 224.
+    """
 
-    def __post_init__(self) -> None:
+    def __init__(self, crop_size: int = 224, resize_size: int = 256,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 channels: int = 3, interpolation: str = "bicubic"):
+        if not _is_int(crop_size) or crop_size < 1:
+            raise ValueError(f"crop_size must be an int > 0, got {crop_size!r}")
+        if not _is_int(resize_size) or resize_size < crop_size:
+            raise ValueError(f"resize_size must be an int >= crop_size ({crop_size}), "
+                             f"got {resize_size!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {list(INTERPOLATIONS)}, "
+                             f"got {interpolation!r}")
+        self.crop_size, self.resize_size = int(crop_size), int(resize_size)
+        self.channels, self.interpolation = channels, interpolation
+        self.mean = _per_channel("mean", mean, channels, owner="")
+        self.std = _per_channel("std", std, channels, owner="")
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {self.std}")
+        mode = InterpolationMode(interpolation)
         self._pipeline = v2.Compose([
-            v2.Resize(self.resize_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.Resize(self.resize_size, interpolation=mode, antialias=True),
             v2.CenterCrop(self.crop_size),
             _Clamp01(),
-            v2.Normalize(self.mean, self.std),
+            v2.Normalize(list(self.mean), list(self.std)),
         ])
 
     @classmethod
-    def for_config(cls, cfg: MultiCropConfig) -> EvalTransform:
-        """Same size, channels and normalisation as training (resize = crop / 0.875, or identity
-        for tiny images where a crop would cut the object)."""
-        resize = cfg.global_size if cfg.global_size <= 64 else round(cfg.global_size / 0.875)
-        return cls(cfg.global_size, resize, tuple(cfg.mean), tuple(cfg.std), cfg.channels)
+    def for_config(cls, config: MultiCropConfig, crop_fraction: float = 0.875) -> EvalTransform:
+        """The eval view matching a training config: crop = ``global_size``, resize =
+        ``round(global_size / crop_fraction)`` (0.875: 224 -> 256, 28 -> 32); 1.0 keeps borders."""
+        from dinokit.data.preprocessing import Preprocessing
+
+        p = Preprocessing.from_multicrop(config, crop_fraction)
+        return cls(p.input_size, p.resize_size, p.mean, p.std, p.channels, p.interpolation)
 
     def __call__(self, img: Any) -> Tensor:
         return self._pipeline(to_image_tensor(img, self.channels))
+
+    def __repr__(self) -> str:
+        return (f"EvalTransform(resize {self.resize_size} ({self.interpolation}) -> centre crop "
+                f"{self.crop_size}, channels={self.channels}, mean={self.mean}, std={self.std})")

@@ -1,4 +1,9 @@
-"""Batched feature extraction from a frozen backbone (the teacher's by default)."""
+"""Batched feature extraction from a frozen backbone (the teacher's by default).
+
+:func:`extract_features` reads one loader in one process. :func:`extract_features_sharded` splits a
+dataset over the processes (process ``r`` of ``W`` reads samples ``r, r + W, ...``: each sample
+exactly once, no padding) and gathers the features back in dataset order on every process.
+"""
 
 from __future__ import annotations
 
@@ -38,9 +43,10 @@ def _avgpool(out: Any, backbone: Any) -> Tensor:
 
 @torch.inference_mode()
 def extract_features(model: Any, loader: Iterable[Any], *, kind: str = "cls", n_last_blocks: int = 4,
-                     device: str | torch.device | None = None,
-                     progress: bool = True) -> tuple[Tensor, Tensor | None]:
-    """Features ``[N, D]`` (float32, CPU) and labels ``[N]`` (None when unlabelled).
+                     device: str | torch.device | None = None, progress: bool = True,
+                     out_device: str | torch.device | None = "cpu") -> tuple[Tensor, Tensor | None]:
+    """Features ``[N, D]`` (float32, on ``out_device``; None = the model's device) and labels
+    ``[N]`` (None when unlabelled).
 
     Args:
         model: a :class:`~dinokit.backbones.Backbone` or a method (its ``teacher_backbone`` is used).
@@ -63,12 +69,76 @@ def extract_features(model: Any, loader: Iterable[Any], *, kind: str = "cls", n_
                 x, y = batch[0], (batch[1] if len(batch) > 1 else None)
             else:
                 x, y = batch, None
-            feats.append(_features(backbone, x.to(device), kind, n_last_blocks).float().cpu())
+            f = _features(backbone, x.to(device), kind, n_last_blocks).float()
+            feats.append(f.to(out_device) if out_device is not None else f)
             labels.append(torch.as_tensor(y).long() if y is not None
                           else torch.full((len(x),), -1, dtype=torch.long))
     finally:
         backbone.train(was_training)
     if not feats:
         raise ValueError("the loader gave no images")
-    y_all = torch.cat(labels)
+    y_all = torch.cat(labels).to(feats[0].device)
     return torch.cat(feats), (None if bool((y_all < 0).all()) else y_all)
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_indices(n: int, rank: int, world: int) -> list[int]:
+    """The samples process ``rank`` of ``world`` reads: ``rank, rank + world, ...`` (each once)."""
+    return list(range(rank, n, world))
+
+
+def gather_shards(x: Tensor, n: int) -> Tensor:
+    """The per-process results ``x`` (rows of :func:`shard_indices` order) of every process, put
+    back in dataset order ``[n, ...]`` on every process (a collective; identity in one process)."""
+    import torch.distributed as dist
+
+    _, world = _rank_world()
+    if world == 1:
+        return x
+    rows = -(-n // world)  # ceil: the largest share; smaller shares are padded for all_gather
+    pad = torch.zeros((rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    pad[: len(x)] = x
+    parts = [torch.empty_like(pad) for _ in range(world)]
+    dist.all_gather(parts, pad)
+    out = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    for r, part in enumerate(parts):
+        k = len(shard_indices(n, r, world))
+        out[r::world] = part[:k]
+    return out
+
+
+def extract_features_sharded(model: Any, dataset: Any, *, batch_size: int = 256, num_workers: int = 0,
+                             kind: str = "cls", n_last_blocks: int = 4,
+                             device: str | torch.device | None = None, progress: bool = False,
+                             out_device: str | torch.device | None = "cpu") -> tuple[Tensor, Tensor | None]:
+    """:func:`extract_features` over ``dataset`` split across the processes: each reads its
+    :func:`shard_indices`, the features are gathered in dataset order on every process. Items
+    are images or ``(image, label, ...)``. Under gloo the gather runs on the CPU, under NCCL on the
+    model's device."""
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, Subset
+
+    rank, world = _rank_world()
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("the dataset is empty")
+    if n < world:  # every process knows: all raise, none waits in the gather
+        raise ValueError(f"{n} samples for {world} processes: each process needs at least one")
+    mine = Subset(dataset, shard_indices(n, rank, world)) if world > 1 else dataset
+    loader = DataLoader(mine, batch_size=batch_size, num_workers=num_workers)
+    f, y = extract_features(model, loader, kind=kind, n_last_blocks=n_last_blocks, device=device,
+                            progress=progress, out_device=out_device)
+    if world == 1:
+        return f, y
+    comm = f.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    labels = y if y is not None else torch.full((len(f),), -1, dtype=torch.long, device=f.device)
+    f_all = gather_shards(f.to(comm), n).to(f.device)
+    y_all = gather_shards(labels.to(comm), n).to(f.device)
+    return f_all, (None if bool((y_all < 0).all()) else y_all)

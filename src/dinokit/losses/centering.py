@@ -3,7 +3,10 @@
 Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021, Eq. (4):
 ``c <- m c + (1 - m) mean_i g_t(x_i)``; the teacher distribution is
 ``softmax((g_t(x) - c) / tau_t)``. Centring stops one prototype dominating; sharpening (a low
-``tau_t``) stops the output becoming uniform. The mean is taken over every process.
+``tau_t``) stops the output becoming uniform. The batch mean is this process's mean over its
+(valid) rows, averaged over processes: with equal counts per process this is the official DINO /
+DINOv2 global mean; for iBOT's masked tokens it is the official ``reduce_center_update`` (per-rank
+mean, then averaged). No value is read back to the host.
 """
 
 from __future__ import annotations
@@ -12,6 +15,19 @@ import torch
 from torch import Tensor, nn
 
 from dinokit.distributed import all_reduce_mean
+
+
+def valid_mean(x: Tensor, valid: Tensor | None) -> Tensor:
+    """Mean of ``x [M, K]`` over the rows where ``valid [M]`` is True (all rows when None), fp32;
+    zeros when no row is valid. No boolean indexing (static shapes)."""
+    x = x.detach().float()
+    if valid is None:
+        return x.mean(0)
+    if valid.dtype != torch.bool or valid.shape != x.shape[:1]:
+        raise ValueError(f"valid must be a BoolTensor [M={x.shape[0]}], got {valid.dtype} "
+                         f"{tuple(valid.shape)}")
+    total = torch.where(valid[:, None], x, 0.0).sum(0)
+    return total / valid.sum().clamp_min(1)
 
 
 class EMACenter(nn.Module):
@@ -36,8 +52,19 @@ class EMACenter(nn.Module):
         return ((teacher_logits.float() - self.center) / teacher_temp).softmax(dim=-1)
 
     @torch.no_grad()
-    def update(self, teacher_logits: Tensor) -> None:
-        """EMA update with the mean of ``teacher_logits [..., K]`` over all samples and processes."""
-        batch_center = teacher_logits.detach().float().reshape(-1, teacher_logits.shape[-1]).mean(0)
+    def update(self, teacher_logits: Tensor, valid: Tensor | None = None,
+               apply: Tensor | None = None) -> None:
+        """EMA update with the mean of ``teacher_logits [..., K]`` over this process's (valid)
+        samples, averaged over processes.
+
+        Args:
+            valid: optional BoolTensor over the flattened leading dims; padded rows are ignored.
+            apply: optional 0-dim bool tensor; False keeps the old centre (``torch.where``, on the
+                device: a skipped step needs no host sync).
+        """
+        batch_center = valid_mean(teacher_logits.reshape(-1, teacher_logits.shape[-1]), valid)
         all_reduce_mean(batch_center)
-        self.center.mul_(self.momentum).add_(batch_center, alpha=1.0 - self.momentum)
+        new = self.center * self.momentum + batch_center * (1.0 - self.momentum)
+        if apply is not None:
+            new = torch.where(apply.to(device=new.device, dtype=torch.bool), new, self.center)
+        self.center.copy_(new)

@@ -26,15 +26,23 @@ from dinokit.schedules import CosineSchedule, TeacherTemperature
 
 @dataclass
 class MethodOutput(Mapping):
-    """Typed output that also reads like a dict (``out.loss`` or ``out["loss"]``), so loops that
-    expect a mapping (Lightning, peers' trainers) take it without an adapter. ``None`` fields are
-    left out of the mapping view."""
+    """Typed output that also reads like a dict (``out.loss`` or ``out["loss"]``) and like a
+    Hugging Face ``ModelOutput`` (``out[0]``, ``out.to_tuple()``), so loops written for either
+    take it without an adapter. ``None`` fields are left out of the mapping and tuple views.
+
+    ``losses`` holds every loss term of the method by name (``{"loss_cls": ...}``, detached);
+    training loops log it without knowing which terms a method has.
+    """
 
     loss: Tensor | None = None
     embedding: Tensor | None = None
+    losses: dict[str, Tensor] | None = None
 
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._present():
+    def __getitem__(self, key: str | int) -> Any:
+        present = self._present()
+        if isinstance(key, int):
+            return getattr(self, present[key])
+        if key not in present:
             raise KeyError(key)
         return getattr(self, key)
 
@@ -50,6 +58,10 @@ class MethodOutput(Mapping):
     def to_dict(self) -> dict[str, Any]:
         """The non-None fields as a plain dict."""
         return {k: getattr(self, k) for k in self._present()}
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        """The non-None fields in declaration order (``ModelOutput.to_tuple``)."""
+        return tuple(getattr(self, k) for k in self._present())
 
 
 def check_views(
@@ -123,17 +135,20 @@ def forward_views(
 
 
 class SelfDistillationMethod(nn.Module):
-    """Student/teacher pair with EMA and the per-epoch teacher temperature.
+    """Student/teacher pair with the EMA update and the teacher-temperature schedule.
 
     Args:
         student: a ``ModuleDict`` with at least ``backbone`` (a :class:`Backbone`) and ``head``.
         ema_decay_start, ema_decay_end: teacher momentum, cosine over ``total_steps``.
         temperature_teacher_warmup, temperature_teacher, warmup_epochs_temperature_teacher:
-            the teacher temperature schedule.
+            the teacher temperature schedule (linear warm-up, then constant).
+        temperature_warmup_unit: ``"epoch"`` (DINO: one value per epoch) or ``"step"`` (DINOv2/v3:
+            per iteration, over ``warmup_epochs * steps_per_epoch`` steps; per epoch until
+            :meth:`set_total_steps` gives the epoch length).
         total_steps: optimiser steps of the whole run (for the momentum cosine); may be set
             later with :meth:`set_total_steps`. Without it the momentum stays at its start value.
         check_finite: raise when logits turn non-finite. Costs one host sync per step; the
-            Lightning engine turns it off and checks the logged loss instead.
+            training step turns it off and guards on the device instead.
     """
 
     def __init__(
@@ -145,6 +160,7 @@ class SelfDistillationMethod(nn.Module):
         temperature_teacher_warmup: float,
         temperature_teacher: float,
         warmup_epochs_temperature_teacher: int,
+        temperature_warmup_unit: str = "epoch",
         total_steps: int | None = None,
         check_finite: bool = True,
     ):
@@ -152,18 +168,32 @@ class SelfDistillationMethod(nn.Module):
         for name, v in (("ema_decay_start", ema_decay_start), ("ema_decay_end", ema_decay_end)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if temperature_warmup_unit not in ("epoch", "step"):
+            raise ValueError(
+                f"temperature_warmup_unit must be 'epoch' or 'step', got {temperature_warmup_unit!r}"
+            )
+        if warmup_epochs_temperature_teacher < 0:
+            raise ValueError(
+                f"warmup_epochs_temperature_teacher must be >= 0, got {warmup_epochs_temperature_teacher}"
+            )
+        for name, v in (("temperature_teacher_warmup", temperature_teacher_warmup),
+                        ("temperature_teacher", temperature_teacher)):
+            if not v > 0:
+                raise ValueError(f"{name} must be > 0, got {v}")
         self.student = student
         self.teacher = make_teacher(student)
         self._disable_teacher_drop_path()
         self._ema = EMAUpdater(self.teacher, self.student)
         self.ema_decay_start, self.ema_decay_end = float(ema_decay_start), float(ema_decay_end)
-        self.teacher_temp_schedule = TeacherTemperature(
-            temperature_teacher_warmup, temperature_teacher, warmup_epochs_temperature_teacher
-        )
+        self.temperature_teacher_warmup = float(temperature_teacher_warmup)
+        self.temperature_teacher = float(temperature_teacher)
+        self.warmup_epochs_temperature_teacher = int(warmup_epochs_temperature_teacher)
+        self.temperature_warmup_unit = temperature_warmup_unit
         self.check_finite = check_finite
         self.epoch = 0
         self.step = 0
         self.total_steps: int | None = None
+        self.steps_per_epoch: int | None = None
         self.set_total_steps(total_steps)
 
     # ----------------------------------------------------------------- structure
@@ -194,15 +224,25 @@ class SelfDistillationMethod(nn.Module):
                 m.drop_prob = 0.0
 
     # ----------------------------------------------------------------- step hooks
-    def set_total_steps(self, total_steps: int | None) -> None:
-        """Set the run length that the momentum cosine spans."""
+    def set_total_steps(self, total_steps: int | None, steps_per_epoch: int | None = None) -> None:
+        """Set the run length that the momentum cosine spans (and the epoch length that a
+        per-step teacher-temperature warm-up needs)."""
         if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if steps_per_epoch is not None and steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
         self.total_steps = total_steps
+        if steps_per_epoch is not None:
+            self.steps_per_epoch = int(steps_per_epoch)
         self.momentum_schedule = (
             CosineSchedule(self.ema_decay_start, self.ema_decay_end, total_steps)
             if total_steps
             else None
+        )
+        per_step = self.temperature_warmup_unit == "step" and self.steps_per_epoch
+        length = self.warmup_epochs_temperature_teacher * (self.steps_per_epoch if per_step else 1)
+        self.teacher_temp_schedule = TeacherTemperature(
+            self.temperature_teacher_warmup, self.temperature_teacher, length
         )
 
     def set_epoch(self, epoch: int) -> None:
@@ -211,7 +251,9 @@ class SelfDistillationMethod(nn.Module):
 
     @property
     def teacher_temperature(self) -> float:
-        """Teacher temperature for the current epoch."""
+        """Teacher temperature now: indexed by the epoch (DINO) or the step (DINOv2/v3)."""
+        if self.temperature_warmup_unit == "step" and self.steps_per_epoch:
+            return self.teacher_temp_schedule(self.step)
         return self.teacher_temp_schedule(self.epoch)
 
     def momentum(self, step: int | None = None) -> float:
@@ -221,15 +263,21 @@ class SelfDistillationMethod(nn.Module):
         return self.momentum_schedule(self.step if step is None else step)
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float | None = None) -> float:
+    def update_teacher(self, momentum: float | None = None, apply: Tensor | None = None) -> float:
         """Call after each optimiser step: ``teacher <- m teacher + (1 - m) student``.
 
-        Without ``momentum`` the cosine schedule at the current step is used. Returns ``m``.
+        Without ``momentum`` the cosine schedule at the current step is used. ``apply`` (a 0-dim
+        bool tensor) skips the update on the device when False, e.g. after a non-finite step,
+        without a host sync. Returns ``m``.
         """
         m = self.momentum() if momentum is None else float(momentum)
-        self._ema(m)
+        self._ema(m, apply)
         self.step += 1
+        self.after_teacher_update()
         return m
+
+    def after_teacher_update(self) -> None:
+        """Per-step state that follows the teacher (e.g. a Gram teacher's refresh)."""
 
     def student_parameters(self) -> list[nn.Parameter]:
         """What the optimiser trains (the teacher is never in it)."""
@@ -250,12 +298,14 @@ class SelfDistillationMethod(nn.Module):
 
     # ----------------------------------------------------------------- state
     def get_extra_state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step, "total_steps": self.total_steps or 0}
+        return {"epoch": self.epoch, "step": self.step, "total_steps": self.total_steps or 0,
+                "steps_per_epoch": self.steps_per_epoch or 0}
 
     def set_extra_state(self, state: dict[str, int]) -> None:
         self.epoch = int(state.get("epoch", 0))
         self.step = int(state.get("step", 0))
-        self.set_total_steps(int(state.get("total_steps", 0)) or None)
+        self.set_total_steps(int(state.get("total_steps", 0)) or None,
+                             int(state.get("steps_per_epoch", 0)) or None)
 
     # ----------------------------------------------------------------- helpers
     @torch.no_grad()

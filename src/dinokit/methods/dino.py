@@ -2,46 +2,25 @@
 
 The student sees every crop (global and local), the teacher only the global crops; the loss is
 the cross-entropy between the centred, sharpened teacher distribution and the student's over all
-cross-view pairs. The teacher is an EMA of the student.
+cross-view pairs. The teacher is an EMA of the student. A preset of
+:class:`~dinokit.methods.composed.ComposedMethod` with one term, :class:`~dinokit.methods.terms.DINOClsTerm`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from dinokit.backbones import build_backbone
-from dinokit.heads import DINOHead
-from dinokit.losses.dino import DINOLoss, teacher_diagnostics
-from dinokit.methods.base import MethodOutput, SelfDistillationMethod, check_views, forward_views
+from dinokit.methods.composed import ComposedMethod
+from dinokit.methods.outputs import DINOOutput
+from dinokit.methods.terms import DINOClsTerm
+
+__all__ = ["DINO", "DINOOutput"]
 
 
-@dataclass
-class DINOOutput(MethodOutput):
-    """Output of :class:`DINO`.
-
-    Attributes:
-        loss: the DINO loss (a zero when only ``images`` were given).
-        embedding: teacher CLS features, ``[n_global * B, D]`` in training, ``[B, D]`` for images.
-        teacher_logits: ``[n_global, B, K]`` (detached).
-        student_logits: ``[n_views, B, K]``, global views first.
-        teacher_entropy: mean entropy of the teacher distribution (nats, detached).
-        teacher_kl_uniform: KL(mean teacher distribution || uniform) (nats, detached).
-        teacher_temperature: the temperature used this step.
-    """
-
-    teacher_logits: Tensor | None = None
-    student_logits: Tensor | None = None
-    teacher_entropy: Tensor | None = None
-    teacher_kl_uniform: Tensor | None = None
-    teacher_temperature: float | None = None
-
-
-class DINO(SelfDistillationMethod):
+class DINO(ComposedMethod):
     """DINO with multi-crop, an EMA teacher, centring and teacher-temperature warm-up.
 
     Args:
@@ -53,7 +32,8 @@ class DINO(SelfDistillationMethod):
         n_prototypes: prototypes ``K`` (65536).
         temperature_student: ``tau_s`` (0.1).
         temperature_teacher_warmup: teacher temperature at epoch 0 (0.04).
-        temperature_teacher: teacher temperature after the warm-up (0.07).
+        temperature_teacher: teacher temperature after the warm-up (0.07), reached at epoch
+            ``warmup_epochs_temperature_teacher`` - 1 as DINO's ``np.linspace``.
         warmup_epochs_temperature_teacher: warm-up epochs of the teacher temperature (30).
         center_momentum: EMA momentum of the centre (0.9).
         ema_decay_start, ema_decay_end: teacher EMA momentum, cosine 0.996 -> 1.0.
@@ -74,6 +54,8 @@ class DINO(SelfDistillationMethod):
         out = model(global_views=global_views, local_views=local_views)
         out.loss.backward()
     """
+
+    output_class = DINOOutput
 
     def __init__(
         self,
@@ -98,70 +80,22 @@ class DINO(SelfDistillationMethod):
         check_finite: bool = True,
     ):
         backbone = build_backbone(encoder_name, pretrained=pretrained, encoder_kwargs=encoder_kwargs)
-        head = DINOHead(
-            backbone.embed_dim,
-            n_prototypes,
-            hidden_dim=projector_hidden_dim,
-            bottleneck_dim=projector_bottleneck_dim,
-            n_layers=projector_layers,
-            use_bn=projector_batch_norm,
-            norm_last_layer=norm_last_layer,
-        )
+        head_kwargs = dict(hidden_dim=projector_hidden_dim, bottleneck_dim=projector_bottleneck_dim,
+                           n_layers=projector_layers, use_bn=projector_batch_norm,
+                           norm_last_layer=norm_last_layer)
+        term = DINOClsTerm(n_prototypes, head_kwargs, student_temp=temperature_student,
+                           centering="ema", center_momentum=center_momentum)
         super().__init__(
-            nn.ModuleDict({"backbone": backbone, "head": head}),
-            ema_decay_start=ema_decay_start,
-            ema_decay_end=ema_decay_end,
+            backbone, [term],
+            ema_decay_start=ema_decay_start, ema_decay_end=ema_decay_end,
             temperature_teacher_warmup=temperature_teacher_warmup,
             temperature_teacher=temperature_teacher,
             warmup_epochs_temperature_teacher=warmup_epochs_temperature_teacher,
-            total_steps=total_steps,
-            check_finite=check_finite,
+            temperature_warmup_unit="epoch", total_steps=total_steps, check_finite=check_finite,
         )
         self.n_prototypes = n_prototypes
-        self.dino_loss = DINOLoss(n_prototypes, temperature_student, center_momentum)
 
-    def forward(
-        self,
-        global_views: Sequence[Tensor] | None = None,
-        local_views: Sequence[Tensor] | None = None,
-        images: Tensor | None = None,
-    ) -> DINOOutput:
-        """Training step on multi-crop views, or the teacher embedding of ``images``.
-
-        Args:
-            global_views: ``n_global`` tensors ``[B, C, H, W]`` (e.g. two 224 crops).
-            local_views: ``n_local`` tensors ``[B, C, h, w]`` (e.g. 96 crops); may be empty.
-            images: ``[B, C, H, W]``; when given, returns the teacher CLS embedding only (no
-                gradient) and a zero loss.
-        """
-        if images is not None:
-            emb = self.embed(images)
-            return DINOOutput(loss=emb.new_zeros(()), embedding=emb)
-        g, lv = check_views(global_views, local_views, self.student_backbone.in_chans)
-        n_g, b = len(g), g[0].shape[0]
-        teacher_temp = self.teacher_temperature
-
-        with torch.no_grad():
-            t_cls = torch.cat([o.cls for o in forward_views(self.teacher_backbone, g)])
-            t_logits = self.teacher_head(t_cls).view(n_g, b, -1)
-        s_cls = torch.cat([o.cls for o in forward_views(self.student_backbone, g + lv)])
-        s_logits = self.student_head(s_cls).view(n_g + len(lv), b, -1)
-        self._check_finite("student_logits", s_logits)
-        self._check_finite("teacher_logits", t_logits)
-
-        t_probs = self.dino_loss.teacher_probs(t_logits, teacher_temp)
-        loss = self.dino_loss(s_logits, t_probs)
-        diag = teacher_diagnostics(t_probs)
-        if self.training:
-            self.dino_loss.update_center(t_logits)
-        return DINOOutput(
-            loss=loss,
-            embedding=t_cls.detach(),
-            teacher_logits=t_logits.detach(),
-            student_logits=s_logits,
-            teacher_entropy=diag.entropy,
-            teacher_kl_uniform=diag.kl_uniform,
-            teacher_temperature=teacher_temp,
-        )
-
-
+    @property
+    def dino_loss(self) -> nn.Module:
+        """The CLS term's loss (temperature and EMA centre)."""
+        return self.term("cls").dino_loss

@@ -17,75 +17,52 @@ from dinokit.methods.base import SelfDistillationMethod
 
 
 def method_classes() -> dict[str, type[SelfDistillationMethod]]:
-    """``model.method`` name -> class (an explicit table, no lookups by string in modules)."""
-    from dinokit.methods.dino import DINO
+    """``model.method`` name -> class, from the method registry."""
+    from dinokit.methods.registry import METHODS
 
-    table: dict[str, type[SelfDistillationMethod]] = {"dino": DINO}
-    try:
-        from dinokit.methods.dinov2 import DINOv2
-        from dinokit.methods.dinov3 import DINOv3
+    return {name: spec.cls for name, spec in METHODS.items()}
 
-        table.update({"dinov2": DINOv2, "dinov3": DINOv3})
-    except ImportError:  # pragma: no cover - while the v2/v3 methods are being built
-        pass
-    return table
+
+def resolved_training(cfg: Config) -> dict[str, str]:
+    """``optim.clip_mode``, ``no_decay_rule`` and ``freeze_last_layer_mode`` with ``auto``
+    replaced by the method's official choice (declared in its registry entry)."""
+    from dinokit.methods.registry import method_spec
+
+    spec = method_spec(cfg.model.method)
+    o = cfg.optim
+    out = {"clip_mode": o.clip_mode, "no_decay_rule": o.no_decay_rule,
+           "freeze_last_layer_mode": o.freeze_last_layer_mode}
+    defaults = {"clip_mode": "per_param", "no_decay_rule": "dino", "freeze_last_layer_mode": "cancel_grad"}
+    return {k: (spec.training.get(k, defaults[k]) if v == "auto" else v) for k, v in out.items()}
 
 
 def build_method(cfg: Config) -> SelfDistillationMethod:
-    """The method module of ``cfg.model`` (weights from ``init_weights`` loaded into both
-    student and teacher backbones)."""
+    """The method module of ``cfg.model``, built from its registry entry (config keys the entry
+    declares; unset method-dependent keys keep the method's official default), then the
+    ``init_weights`` and Gram teacher files loaded."""
+    from dinokit.methods.registry import build_method_from, method_spec
+
     m = cfg.model
-    classes = method_classes()
-    if m.method not in classes:
-        raise ConfigError(f"model.method: {m.method!r} is not available; choose from {sorted(classes)}")
+    try:
+        spec = method_spec(m.method)
+    except KeyError as e:
+        raise ConfigError(f"model.method: {e.args[0]}") from None
     encoder_kwargs = dict(m.backbone_kwargs)
     if m.drop_path_rate:
         encoder_kwargs.setdefault("drop_path_rate", m.drop_path_rate)
-    common: dict[str, Any] = dict(
-        encoder_name=m.backbone,
-        projector_hidden_dim=m.head_hidden_dim,
-        projector_bottleneck_dim=m.head_bottleneck_dim,
-        n_prototypes=m.n_prototypes,
-        temperature_student=m.temperature_student,
-        temperature_teacher_warmup=m.temperature_teacher_warmup,
-        temperature_teacher=m.temperature_teacher,
-        warmup_epochs_temperature_teacher=m.warmup_epochs_temperature_teacher,
-        center_momentum=m.center_momentum,
-        ema_decay_start=m.ema_decay_start,
-        ema_decay_end=m.ema_decay_end,
-        encoder_kwargs=encoder_kwargs,
-        pretrained=m.pretrained,
-        norm_last_layer=m.norm_last_layer,
-    )
-    if m.method == "dino":
-        method = classes["dino"](
-            **common, projector_batch_norm=m.head_batch_norm, projector_layers=m.head_layers
-        )
-    else:
-        extra: dict[str, Any] = dict(
-            n_patch_prototypes=m.n_patch_prototypes,
-            shared_head=m.shared_head,
-            centering=m.centering,
-            sinkhorn_iterations=m.sinkhorn_iterations,
-            patch_loss_weight=m.patch_loss_weight,
-            koleo_weight=m.koleo_weight,
-            n_register_tokens=m.n_registers,
-        )
-        if m.method == "dinov3":
-            extra.update(
-                gram_weight=m.gram_weight,
-                gram_start_step=m.gram_start_step,
-                gram_ramp_steps=m.gram_ramp_steps,
-                gram_refresh_every=m.gram_refresh_every,
-            )
-        method = classes[m.method](**common, **extra)
-        if m.method == "dinov3" and m.gram_teacher_path:
-            method.load_gram_teacher(m.gram_teacher_path)
-    if m.init_weights:
-        from dinokit.weights import load_backbone_file
+    values = {k: v for k, v in dataclasses.asdict(m).items() if v is not None}
+    method = build_method_from(spec, values, encoder_kwargs=encoder_kwargs)
+    if getattr(m, "gram_teacher_path", None):
+        if not hasattr(method, "load_gram_teacher"):
+            raise ConfigError(f"model.gram_teacher_path: method {m.method!r} has no Gram teacher")
+        method.load_gram_teacher(m.gram_teacher_path)
+    from dinokit.backbones import check_crop_sizes
+    from dinokit.weights import apply_init_weights
 
-        load_backbone_file(method.student_backbone, m.init_weights)
-        method.teacher_backbone.load_state_dict(method.student_backbone.state_dict())
+    mc = build_multicrop_config(cfg)
+    check_crop_sizes(method.student_backbone.patch_size, {"data.global_size": mc.global_size,
+                                                          "data.local_size": mc.local_size})
+    apply_init_weights(method, cfg)  # init_weights -> student, teacher, Gram teacher; freeze_patch_embed
     return method
 
 
@@ -108,7 +85,32 @@ def build_multicrop_config(cfg: Config) -> Any:
         changes["global_size"] = d.global_size
     if d.local_size:
         changes["local_size"] = d.local_size
-    return dataclasses.replace(base, **changes)
+    for key in ("mean", "std"):  # explicit statistics win over the preset's
+        if getattr(d, key) is not None:
+            changes[key] = tuple(getattr(d, key))
+    try:
+        return dataclasses.replace(base, **changes)
+    except ValueError as e:
+        key = next((k for k in ("mean", "std") if f".{k} " in str(e)), None)
+        if key is None:
+            raise
+        raise ConfigError(f"data.{key}: {e}") from None
+
+
+def build_batched_augment(cfg: Config, device: Any = None) -> Any:
+    """For ``data.augment_on=device``: the :class:`~dinokit.data.batched.BatchedMultiCrop` that
+    turns the loader's uint8 batches into multi-crop views on ``device``."""
+    from dinokit.data.batched import BatchedMultiCrop
+
+    return BatchedMultiCrop(build_multicrop_config(cfg), device=device)
+
+
+def build_preprocessing(cfg: Config) -> Any:
+    """The run's one :class:`~dinokit.data.preprocessing.Preprocessing` (training crops, eval view,
+    k-NN/linear, embed and export all use it)."""
+    from dinokit.data.preprocessing import Preprocessing
+
+    return Preprocessing.from_multicrop(build_multicrop_config(cfg))
 
 
 def build_dataset(cfg: Config, split: str = "train", transform: Any = None) -> Dataset:
@@ -141,7 +143,7 @@ def build_train_loader(cfg: Config, method: SelfDistillationMethod) -> DataLoade
         dataset = torch.utils.data.Subset(dataset, range(min(d.limit, len(dataset))))
     views = SeededViews(dataset, MultiCropTransform(mc), seed=cfg.trainer.seed)
     collate = MultiCropCollate()
-    if cfg.model.method in ("dinov2", "dinov3"):
+    if getattr(method, "needs_masks", False):
         backbone = method.student_backbone
         ps = backbone.patch_size
         grid = (mc.global_size // ps, mc.global_size // ps)
@@ -151,6 +153,12 @@ def build_train_loader(cfg: Config, method: SelfDistillationMethod) -> DataLoade
             mask_probability=d.mask_probability,
             mask_ratio_range=tuple(d.mask_ratio_range),
         )
+    if d.augment_on == "device":  # uint8 images; BatchedMultiCrop (build_batched_augment) crops them
+        from dinokit.data.batched import DecodeUInt8, UInt8Collate
+
+        views = SeededViews(views.dataset, DecodeUInt8(mc.channels), seed=cfg.trainer.seed)
+        collate = UInt8Collate(collate if collate.mask_generator is not None else None, mc.n_global,
+                               mc.global_size)
     if len(views) < d.batch_size:
         raise ConfigError(
             f"data.batch_size: {d.batch_size} is larger than the dataset ({len(views)} images)"
@@ -182,8 +190,8 @@ def build_module(cfg: Config, method: SelfDistillationMethod) -> Any:
         weight_decay=o.weight_decay,
         weight_decay_end=o.weight_decay_end,
         clip_grad=o.clip_grad,
-        clip_mode=o.clip_mode,
         freeze_last_layer_epochs=o.freeze_last_layer_epochs,
+        **resolved_training(cfg),
         layer_decay=o.layer_decay,
         patch_embed_lr_mult=o.patch_embed_lr_mult,
         momentum=o.momentum,

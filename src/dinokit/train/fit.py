@@ -4,10 +4,18 @@ A run directory holds ``config.yaml`` (the resolved config), ``checkpoints/`` (`
 the latest epochs, and the latest step checkpoint), ``logs/metrics.csv``, ``tb/`` (TensorBoard)
 and ``pictures/curves.png``. ``trainer.resume`` continues a run exactly: weights, optimiser,
 schedules, centre, EMA teacher, loss scaler, RNG and data position.
+
+When things go wrong (see the README): checkpoints are written atomically
+(:mod:`dinokit.train.checkpoint_io`) and never with non-finite weights; ``last.ckpt`` is always
+the newest state; SIGTERM/SIGUSR1 checkpoint and stop (:mod:`dinokit.train.preemption`);
+``trainer.resume=auto`` picks the newest checkpoint that loads with finite weights, skipping
+damaged ones with a warning; a collapsed teacher is reported (:mod:`dinokit.train.guards`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -17,9 +25,22 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dinokit.config import Config, ConfigError
 from dinokit.train.build import build_method, build_module, build_train_loader
+from dinokit.train.checkpoint_io import (
+    CheckpointReadError,
+    SafeCheckpointIO,
+    atomic_save,
+    newest_good_checkpoint,
+    remove_stale_temp_files,
+    run_checkpoints,
+    verify_checkpoint,
+)
+from dinokit.train.guards import CollapseGuard
+from dinokit.train.preemption import Preempted, PreemptionCallback
+from dinokit.train.strategy import prepare_for_strategy, with_launcher_env
 
 #: Config keys that may change when resuming; any other change breaks exact continuation.
 RESUMABLE_CHANGES = {
@@ -28,6 +49,7 @@ RESUMABLE_CHANGES = {
     "trainer.output_dir", "trainer.run_name", "trainer.accelerator", "trainer.devices",
     "trainer.num_nodes", "trainer.strategy", "trainer.precision", "trainer.compile",
     "data.num_workers", "data.strict_images", "data.val_path", "data.val_limit",
+    "trainer.stop_on_collapse", "trainer.collapse_window", "trainer.slurm_requeue",
 }
 
 
@@ -40,6 +62,10 @@ class FitResult:
     method: torch.nn.Module
     module: pl.LightningModule
     trainer: pl.Trainer
+    #: one line on teacher collapse for the final summary (see :class:`CollapseGuard`)
+    collapse: str = ""
+    #: unreadable images skipped during the run (counted over all loader workers)
+    skipped_images: int = 0
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -60,27 +86,46 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
-    """The run directory and, when resuming, the checkpoint to resume from."""
+    """The run directory and, when resuming, the checkpoint to resume from.
+
+    ``trainer.resume``: ``auto`` continues from the newest good checkpoint of
+    ``output_dir/run_name`` or starts fresh when there is none (so a job can be resubmitted
+    blindly); ``last`` is the same but requires a checkpoint; a path resumes from that file, which
+    must load with finite weights. "Good" means it loads with ``weights_only=True`` and every
+    weight is finite: a damaged newer file is skipped with a warning naming it.
+    """
     t = cfg.trainer
+    if t.resume in ("auto", "last"):
+        if not t.run_name:
+            raise ConfigError(f"trainer.resume={t.resume} needs trainer.run_name (the run to continue)")
+        run_dir = Path(t.output_dir) / t.run_name
+        remove_stale_temp_files(run_dir / "checkpoints")
+        ckpt, skipped = newest_good_checkpoint(run_checkpoints(run_dir))
+        for line in skipped:
+            warnings.warn(f"trainer.resume: skipping damaged checkpoint: {line}", stacklevel=2)
+        if ckpt is None and t.resume == "last":
+            last = run_dir / "checkpoints" / "last.ckpt"
+            why = (f"all {len(skipped)} checkpoint(s) there are damaged" if skipped
+                   else f"checkpoint {str(last)!r} does not exist")
+            raise ConfigError(f"trainer.resume=last: no usable checkpoint in {last.parent}: {why} "
+                              "(trainer.resume=auto starts fresh instead)")
+        return run_dir, ckpt
     if t.resume:
-        if t.resume == "last":
-            if not t.run_name:
-                raise ConfigError("trainer.resume=last needs trainer.run_name (the run to continue)")
-            run_dir = Path(t.output_dir) / t.run_name
-            ckpt = run_dir / "checkpoints" / "last.ckpt"
-        else:
-            ckpt = Path(t.resume)
-            run_dir = ckpt.parent.parent
+        ckpt = Path(t.resume)
         if not ckpt.is_file():
             raise ConfigError(f"trainer.resume: checkpoint {str(ckpt)!r} does not exist")
-        return run_dir, ckpt
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointReadError as e:
+            raise ConfigError(f"trainer.resume: {e}") from None
+        return ckpt.parent.parent, ckpt
     name = t.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.method}"
     return Path(t.output_dir) / name, None
 
 
 def check_resume_compatible(ckpt: Path, cfg: Config) -> None:
     """Fail before training when the checkpoint's run used an incompatible config."""
-    obj = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+    obj = torch.load(str(ckpt), map_location="cpu", weights_only=True, mmap=True)
     old = (obj.get("dinokit") or {}).get("config")
     if not old:
         raise ConfigError(f"trainer.resume: {ckpt} is not a dinokit training checkpoint")
@@ -96,24 +141,67 @@ def check_resume_compatible(ckpt: Path, cfg: Config) -> None:
         )
 
 
+def _cut_short(trainer: pl.Trainer) -> bool:
+    """Whether training stops on ``max_steps`` before the end of the current epoch."""
+    return (0 < trainer.max_steps <= trainer.global_step
+            and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, except after an epoch cut short by ``trainer.max_steps``: a
+    checkpoint taken at that epoch's end (or at the end of training) would record the epoch as
+    finished, and a resume with a larger ``max_steps`` would skip the rest of it (issue 9).
+    :class:`FinalStepCheckpoint` saves the mid-epoch state instead."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not _cut_short(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not _cut_short(trainer):
+            super().on_train_end(trainer, pl_module)
+
+
+class FinalStepCheckpoint(pl.Callback):
+    """Writes ``last.ckpt`` after the step that reaches ``trainer.max_steps`` mid-epoch, as a
+    mid-epoch checkpoint: resuming with a larger ``max_steps`` continues exactly there."""
+
+    def __init__(self, last_path: str | Path):
+        self.last_path = Path(last_path)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if _cut_short(trainer):
+            trainer.save_checkpoint(str(self.last_path))
+
+
 def _callbacks(cfg: Config, run_dir: Path) -> list[pl.Callback]:
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import TQDMProgressBar
 
     ckpt_dir = run_dir / "checkpoints"
+    # Both checkpoint callbacks write the same last.ckpt (no "-v1" copies): whichever saves later
+    # in a step wrote the newer state, so last.ckpt is always the last state.
     cbs: list[pl.Callback] = [
-        ModelCheckpoint(
+        RunCheckpoint(
             dirpath=ckpt_dir, filename="epoch{epoch:03d}", monitor="epoch", mode="max",
             save_top_k=3, save_last=True, every_n_epochs=1, auto_insert_metric_name=False,
+            enable_version_counter=False,
         )
     ]
     if cfg.trainer.checkpoint_every_n_steps:
         cbs.append(
-            ModelCheckpoint(
+            RunCheckpoint(
                 dirpath=ckpt_dir, filename="step{step:07d}", monitor="step", mode="max",
                 save_top_k=1, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
-                auto_insert_metric_name=False, save_last=True,
+                auto_insert_metric_name=False, save_last=True, enable_version_counter=False,
             )
         )
+    cbs.append(FinalStepCheckpoint(ckpt_dir / "last.ckpt"))
+    cbs.append(PreemptionCallback(ckpt_dir / "last.ckpt", requeue=cfg.trainer.slurm_requeue,
+                                  sync_every_n_steps=cfg.trainer.log_every_n_steps))
+    cbs.append(CollapseGuard(cfg.model.n_prototypes, window=cfg.trainer.collapse_window,
+                             stop=cfg.trainer.stop_on_collapse,
+                             every_n_steps=cfg.trainer.log_every_n_steps))
     if cfg.trainer.progress:
         cbs.append(TQDMProgressBar(refresh_rate=1))
     knn = _knn_monitor(cfg)
@@ -155,8 +243,16 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list[pl.Callback] | Non
         loggers.append(TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False))
     except ModuleNotFoundError:  # pragma: no cover - tensorboard is a dependency
         warnings.warn("tensorboard is not installed: logging to CSV only", stacklevel=2)
+    plugins: list[Any] = [SafeCheckpointIO()]
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        # Requeueing is done at a step boundary by PreemptionCallback, not inside Lightning's
+        # signal handler (which would save in the middle of a step).
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return pl.Trainer(
         default_root_dir=str(run_dir),
+        plugins=plugins,
         max_epochs=t.epochs,
         max_steps=t.max_steps,
         accelerator=t.accelerator,
@@ -175,15 +271,39 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list[pl.Callback] | Non
     )
 
 
+def _prepare_run_dir(run_dir: Path) -> None:
+    """Create the run directory and prove checkpoints can be written there, before training."""
+    ckpt_dir = run_dir / "checkpoints"
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"trainer.output_dir: {ckpt_dir} exists and is not a directory") from None
+    except OSError as e:
+        raise ConfigError(f"trainer.output_dir: cannot create {ckpt_dir}: {e.strerror or e}") from None
+    probe = ckpt_dir / f".write-probe-{os.getpid()}"
+    try:
+        atomic_save({}, probe)
+        probe.unlink(missing_ok=True)
+    except OSError as e:
+        raise ConfigError(f"trainer.output_dir: cannot write checkpoints in {ckpt_dir}: "
+                          f"{getattr(e, 'cause', None) or e}") from None
+    remove_stale_temp_files(ckpt_dir)
+
+
 def fit(cfg: Config) -> FitResult:
-    """Train ``cfg`` end to end; returns the run directory, last checkpoint and trained method."""
-    cfg.validate()
+    """Train ``cfg`` end to end; returns the run directory, last checkpoint and trained method.
+
+    Raises :class:`~dinokit.train.preemption.Preempted` after checkpointing on SIGTERM/SIGUSR1,
+    :class:`~dinokit.train.guards.CollapseDetected` with ``trainer.stop_on_collapse``, and
+    :class:`~dinokit.train.checkpoint_io.CheckpointWriteError` when a checkpoint cannot be
+    written (earlier ones are kept).
+    """
+    cfg = with_launcher_env(cfg.validate())  # torchrun / srun world (issue 12)
     run_dir, ckpt = resolve_run_dir(cfg)
     if ckpt is not None:
         check_resume_compatible(ckpt, cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if ckpt is not None:
-        _keep_previous_metrics(run_dir)
+    _prepare_run_dir(run_dir)
+    kept = _keep_previous_metrics(run_dir) if ckpt is not None else None
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
@@ -195,34 +315,72 @@ def fit(cfg: Config) -> FitResult:
     if cfg.trainer.compile:
         method.student_backbone.compile()
     trainer = build_trainer(cfg, run_dir)
+    prepare_for_strategy(method, trainer, cfg.trainer.sync_batchnorm)  # SyncBN (issue 12)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
-        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(ckpt) if ckpt else None,
-                    weights_only=True)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    _report_skipped(loader.dataset)
+        warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+        try:
+            trainer.fit(module, train_dataloaders=loader, ckpt_path=str(ckpt) if ckpt else None,
+                        weights_only=True)
+        except Exception as e:
+            if not isinstance(e, Preempted):  # tell where to restart from (the CLI prints it)
+                with contextlib.suppress(Exception):
+                    e.newest_checkpoint = newest_finite_checkpoint(trainer, run_dir)  # type: ignore[attr-defined]
+            raise
+    metrics = run_dir / "logs" / "metrics.csv"
+    if kept is not None and not metrics.exists():  # nothing trained (already at max_steps)
+        kept.rename(metrics)
+    skipped = _report_skipped(loader.dataset)
     if trainer.is_global_zero:
         _write_curves(run_dir, cfg.model.n_prototypes)
-    return FitResult(run_dir, last if last.is_file() else None, method, module, trainer)
+    guard = next((c for c in trainer.callbacks if isinstance(c, CollapseGuard)), None)
+    return FitResult(run_dir, newest_finite_checkpoint(trainer, run_dir), method, module, trainer,
+                     collapse=guard.status if guard else "", skipped_images=skipped)
 
 
-def _report_skipped(dataset: object) -> None:
-    """The count of unreadable images skipped during the run (each was named when skipped)."""
-    inner = getattr(dataset, "dataset", dataset)
-    inner = getattr(inner, "dataset", inner)  # SeededViews -> Subset -> ImageFolderDataset
+def newest_finite_checkpoint(trainer: pl.Trainer | None, run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of the run whose weights are all finite (for final messages).
+
+    Uses what this process wrote (only finite weights are ever written); falls back to
+    verifying the run directory's files, newest first.
+    """
+    io = getattr(getattr(trainer, "strategy", None), "checkpoint_io", None)
+    if isinstance(io, SafeCheckpointIO):
+        last = Path(run_dir) / "checkpoints" / "last.ckpt"
+        if io.written and last.is_file() and last in io.written:
+            return last
+        newest = io.newest_finite()
+        if newest is not None:
+            return newest
+    found, _ = newest_good_checkpoint(run_checkpoints(run_dir))
+    return found
+
+
+def _report_skipped(dataset: object) -> int:
+    """Warn with the count of unreadable images skipped during the run, over all loader workers
+    (each was named when skipped); returns the count."""
+    inner = dataset
+    for _ in range(4):  # SeededViews -> Subset -> ImageFolderDataset
+        if hasattr(inner, "skipped"):
+            break
+        inner = getattr(inner, "dataset", inner)
     skipped = getattr(inner, "skipped", None)
     if skipped:
         warnings.warn(f"{len(skipped)} unreadable image(s) were skipped: {inner.summary()}", stacklevel=2)
+    return len(skipped or [])
 
 
-def _keep_previous_metrics(run_dir: Path) -> None:
+def _keep_previous_metrics(run_dir: Path) -> Path | None:
     """Lightning's CSV logger deletes metrics.csv when a run resumes: keep it as a numbered part
     (``read_metrics`` stitches the parts back together)."""
     current = run_dir / "logs" / "metrics.csv"
     if current.is_file():
         n = len(list(current.parent.glob("metrics.part*.csv")))
-        current.rename(current.parent / f"metrics.part{n:03d}.csv")
+        part = current.parent / f"metrics.part{n:03d}.csv"
+        current.rename(part)
+        return part
+    return None
 
 
 def _write_curves(run_dir: Path, n_prototypes: int) -> None:

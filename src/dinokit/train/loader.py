@@ -5,8 +5,13 @@
 * :class:`SeededViews` applies the augmentation of sample ``i`` in epoch ``e`` under a torch seed
   derived from ``(seed, e, i)``: the crops do not depend on worker count or on what ran before,
   so a resumed run sees exactly the crops an uninterrupted one would.
+* :class:`SeededCollate` runs the collate (which draws DINOv2's masks) under a torch seed derived
+  from ``(seed, rank, epoch, first sample of the batch)``: every process and loader worker draws
+  its own masks, reproducibly, whatever the worker count, and without touching the training RNG.
 * :class:`ResumableDataLoader` counts the batches it has yielded and exposes
   ``state_dict``/``load_state_dict``, which Lightning stores in its checkpoints.
+
+Crops depend on the sample only (not on the rank), so a run sees the same crops at any world size.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 _MIX = 0x9E3779B97F4A7C15
+_MASK_SALT = 0x5EED_0F_3A5C
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -98,6 +104,42 @@ class SeededViews(Dataset):
             views = self.transform(image)
         return views, label
 
+    def __getitems__(self, keys: list[int]) -> _Batch:
+        """A batch of items that remembers its keys (for :class:`SeededCollate`)."""
+        out = _Batch(self[k] for k in keys)
+        out.keys, out.n = [int(k) for k in keys], self.n  # type: ignore[attr-defined]
+        return out
+
+
+class _Batch(list):
+    """The items of one batch, with the sampler keys they came from (read by SeededCollate)."""
+
+    keys: list[int]
+
+
+class SeededCollate:
+    """Wrap a collate function so its randomness (the masks) comes from a seed of
+    ``(seed, rank, epoch, first sample index of the batch)`` instead of the process's RNG.
+
+    ``rank`` is set by :class:`ResumableDataLoader` in the main process before workers start.
+    Batches not made by :meth:`SeededViews.__getitems__` (no keys) are collated unseeded.
+    """
+
+    def __init__(self, collate: Callable[[Any], Any], seed: int = 0):
+        self.collate, self.seed, self.rank = collate, seed, 0
+
+    def batch_seed(self, first_key: int, n: int) -> int:
+        epoch, index = divmod(int(first_key), n)
+        return sample_seed(self.seed ^ _MASK_SALT, epoch * 65_537 + self.rank, index)
+
+    def __call__(self, batch: Any) -> Any:
+        keys, n = getattr(batch, "keys", None), getattr(batch, "n", None)
+        if not keys or not n:
+            return self.collate(batch)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.batch_seed(keys[0], n))
+            return self.collate(list(batch))
+
 
 class ResumableDataLoader(DataLoader):
     """DataLoader over an :class:`EpochSampler` that remembers how far the epoch got."""
@@ -109,12 +151,18 @@ class ResumableDataLoader(DataLoader):
         # Its own generator: starting an epoch must not draw from the global RNG, or a resumed
         # run would see the training RNG (drop path, masks) shifted by one draw.
         kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
+        kwargs["collate_fn"] = SeededCollate(kwargs.get("collate_fn") or default_collate, seed)
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                          **kwargs)
+        self.seed = seed
         self._yielded = 0
 
     def __iter__(self) -> Iterator[Any]:
         sampler: EpochSampler = self.sampler  # type: ignore[assignment]
+        rank, _ = _rank_world()
+        self.collate_fn.rank = rank  # type: ignore[attr-defined]  (before the workers start)
+        if self.generator is not None:  # worker seeds: per process and epoch, same after a resume
+            self.generator.manual_seed(sample_seed(self.seed, sampler.epoch, 2**40 + rank))
         self._yielded = sampler.start // self.batch_size  # type: ignore[operator]
         for batch in super().__iter__():
             self._yielded += 1

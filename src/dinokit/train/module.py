@@ -22,12 +22,22 @@ from torch import Tensor
 from dinokit.schedules import CosineSchedule, scaled_lr
 from dinokit.train.optim import (
     build_optimizer,
+    clip_per_module_,
     clip_per_parameter_,
     param_groups,
     set_group_hyperparameters,
 )
 
 OptimizerSpec = str | type | Callable[..., torch.optim.Optimizer]
+CLIP_MODES = ("per_param", "per_module", "global", "none")
+BATCH_INPUTS = ("masks", "mask_indices", "mask_weights")
+
+
+def method_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The method's keyword arguments from an unpacked batch (views, and masks when present)."""
+    kwargs: dict[str, Any] = {"global_views": batch["global_views"], "local_views": batch["local_views"]}
+    kwargs.update({k: batch[k] for k in BATCH_INPUTS if batch.get(k) is not None})
+    return kwargs
 
 
 def unpack_batch(batch: Any, n_global: int = 2) -> dict[str, Any]:
@@ -43,6 +53,8 @@ def unpack_batch(batch: Any, n_global: int = 2) -> dict[str, Any]:
             "global_views": list(batch["global_views"]),
             "local_views": list(batch.get("local_views") or []),
             "masks": batch.get("masks"),
+            "mask_indices": batch.get("mask_indices"),
+            "mask_weights": batch.get("mask_weights"),
             "labels": batch.get("labels"),
         }
     labels = None
@@ -106,6 +118,8 @@ class DINOModule(pl.LightningModule):
         clip_grad: float = 3.0,
         clip_mode: str = "per_param",
         freeze_last_layer_epochs: int = 1,
+        freeze_last_layer_mode: str = "cancel_grad",
+        no_decay_rule: str = "dinokit",
         layer_decay: float = 1.0,
         patch_embed_lr_mult: float = 1.0,
         exclude_bias_and_norm_wd: bool = True,
@@ -116,8 +130,11 @@ class DINOModule(pl.LightningModule):
         config: dict[str, Any] | None = None,
     ):
         super().__init__()
-        if clip_mode not in ("per_param", "global"):
-            raise ValueError(f"clip_mode must be 'per_param' or 'global', got {clip_mode!r}")
+        if clip_mode not in CLIP_MODES:
+            raise ValueError(f"clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
+        if freeze_last_layer_mode not in ("cancel_grad", "zero_lr"):
+            raise ValueError("freeze_last_layer_mode must be 'cancel_grad' or 'zero_lr', got "
+                             f"{freeze_last_layer_mode!r}")
         if lr_schedule not in ("warmup_cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'warmup_cosine' or 'constant', got {lr_schedule!r}")
         self.method = method
@@ -129,6 +146,7 @@ class DINOModule(pl.LightningModule):
         self.weight_decay, self.weight_decay_end = weight_decay, weight_decay_end
         self.clip_grad, self.clip_mode = clip_grad, clip_mode
         self.freeze_last_layer_epochs = freeze_last_layer_epochs
+        self.freeze_last_layer_mode, self.no_decay_rule = freeze_last_layer_mode, no_decay_rule
         self.layer_decay, self.patch_embed_lr_mult = layer_decay, patch_embed_lr_mult
         self.exclude_bias_and_norm_wd = exclude_bias_and_norm_wd
         self.momentum, self.betas = momentum, tuple(betas)
@@ -164,7 +182,8 @@ class DINOModule(pl.LightningModule):
                 peak, min(self.min_lr, peak), total_steps, warmup, self.warmup_start_lr
             )
         self.wd_schedule = CosineSchedule(self.weight_decay, self.weight_decay_end, total_steps)
-        self.method.set_total_steps(total_steps)
+        self.freeze_steps = min(round(self.freeze_last_layer_epochs * steps_per_epoch), total_steps)
+        self.method.set_total_steps(total_steps, steps_per_epoch)
         self.peak_lr = peak
 
     def on_train_start(self) -> None:
@@ -180,6 +199,7 @@ class DINOModule(pl.LightningModule):
         groups = param_groups(
             named,
             exclude_bias_and_norm_wd=self.exclude_bias_and_norm_wd,
+            no_decay_rule=self.no_decay_rule,
             layer_decay=self.layer_decay,
             n_blocks=n_blocks,
             patch_embed_lr_mult=self.patch_embed_lr_mult,
@@ -211,7 +231,8 @@ class DINOModule(pl.LightningModule):
         lr, wd = self.lr_schedule(step), self.wd_schedule(step)  # type: ignore[misc]
         opt = self.optimizers()
         opt = getattr(opt, "optimizer", opt)
-        set_group_hyperparameters(opt, lr, wd)
+        frozen = self.freeze_last_layer_mode == "zero_lr" and step < getattr(self, "freeze_steps", 0)
+        set_group_hyperparameters(opt, lr, wd, last_layer_lr=0.0 if frozen else None)
         self._scheduled_step = step
         self._current = {"lr": lr, "wd": wd}
 
@@ -221,18 +242,16 @@ class DINOModule(pl.LightningModule):
     def forward_batch(self, batch: Any) -> Any:
         """Run the method on a batch (dict or list form); returns its typed output."""
         b = unpack_batch(batch, self.n_global)
-        kwargs: dict[str, Any] = {"global_views": b["global_views"], "local_views": b["local_views"]}
-        if b["masks"] is not None:
-            kwargs["masks"] = b["masks"]
-        return self.method(**kwargs)
+        return self.method(**method_inputs(b))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         self._apply_schedules()
         out = self.forward_batch(batch)
         bsz = out.student_logits.shape[1] if getattr(out, "student_logits", None) is not None else None
         metrics = {"train/loss": out.loss.detach()}
-        for name in ("loss_cls", "loss_patch", "loss_koleo", "loss_gram", "teacher_entropy",
-                     "teacher_kl_uniform"):
+        for name, v in (getattr(out, "losses", None) or {}).items():  # each declared loss term
+            metrics[f"train/{name}"] = v
+        for name in ("teacher_entropy", "teacher_kl_uniform"):
             v = getattr(out, name, None)
             if v is not None:
                 metrics[f"train/{name}"] = v.detach() if isinstance(v, Tensor) else v
@@ -254,7 +273,8 @@ class DINOModule(pl.LightningModule):
         return out.loss
 
     def on_after_backward(self) -> None:
-        if self.current_epoch < self.freeze_last_layer_epochs:
+        frozen = self.current_epoch < self.freeze_last_layer_epochs
+        if self.freeze_last_layer_mode == "cancel_grad" and frozen:
             self.method.cancel_last_layer_gradients()
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
@@ -265,7 +285,10 @@ class DINOModule(pl.LightningModule):
         if self.clip_mode == "global":
             self.clip_gradients(optimizer, gradient_clip_val=self.clip_grad,
                                 gradient_clip_algorithm="norm")
-        else:
+        elif self.clip_mode == "per_module":  # DINOv2/v3: backbone and each head by its own norm
+            clip_per_module_({k: [p for p in m.parameters() if p.requires_grad]
+                              for k, m in self.method.student.items()}, self.clip_grad)
+        elif self.clip_mode == "per_param":
             clip_per_parameter_(self.method.student_parameters(), self.clip_grad)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,

@@ -1,41 +1,74 @@
 """Optimisers and parameter groups for DINO-family training.
 
-* Biases, norm parameters and other 1-D tensors (tokens, gains) get no weight decay (DINO's
-  ``get_params_groups``).
-* Layer-wise LR decay for ViTs (BEiT/DINOv2): block ``i`` of ``L`` gets ``decay ** (L + 1 - layer)``
-  with the embeddings at layer 0 and the heads at ``L + 1``; the patch embedding may get an extra
-  multiplier (DINOv2: 0.2).
-* Each group carries ``lr_scale`` and ``wd_scale``; the schedules set ``lr = lr(t) * lr_scale`` and
-  ``weight_decay = wd(t) * wd_scale`` every step.
+* Weight-decay exemptions as named rules (:data:`NO_DECAY_RULES`), the official one per method:
+  ``"dino"`` (DINO ``utils.get_params_groups``: biases and 1-D tensors), ``"dinov2"`` (DINOv2
+  ``get_params_groups_with_decay``: names ending in ``.bias`` or containing ``norm`` or ``gamma``;
+  tokens and position embeddings ARE decayed), ``"dinov3"`` (DINOv3 ``param_groups``: names ending
+  in ``bias`` or containing ``norm``, ``gamma`` or ``fourier_w``), ``"dinokit"`` (every tensor
+  with fewer than two dimensions, biases and the learned tokens).
+* Layer-wise LR decay for ViTs (BEiT/DINOv2 ``get_vit_lr_decay_rate``): block ``i`` of ``L`` gets
+  ``decay ** (L + 1 - (i + 1))``, the embeddings and tokens ``decay ** (L + 1)``, everything else
+  (final norm, heads) 1; names containing ``patch_embed`` get ``patch_embed_lr_mult`` on top.
+* Each group carries ``lr_scale``, ``wd_scale`` and ``is_last_layer``; every step sets
+  ``lr = (last_layer_lr if is_last_layer else lr) * lr_scale`` and ``weight_decay = wd *
+  wd_scale`` (DINOv2's ``apply_optim_scheduler``): a last-layer LR of 0 freezes the prototypes.
+* Clipping: DINO's per-parameter norm (:func:`clip_per_parameter_`) or DINOv2's per-module norm
+  (:func:`clip_per_module_`); neither reads a value back to the host.
+* :func:`skip_step_if_`: an optimiser step skipped on the device when a flag tensor is set.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-_EMBED = re.compile(r"(^|\.)(cls_token|reg_token|register_tokens|mask_token|pos_embed|patch_embed)")
+_EMBED = re.compile(
+    r"(^|\.)(cls_token|reg_token|register_tokens|storage_tokens|mask_token|pos_embed|patch_embed)"
+)
 _BLOCK = re.compile(r"(^|\.)blocks\.(\d+)\.")
+_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+#: Names of the weight-decay exemption rules accepted by :func:`param_groups`.
+NO_DECAY_RULES = ("dino", "dinov2", "dinov3", "dinokit")
 
 
-def no_weight_decay(name: str, param: Tensor) -> bool:
-    """Biases, norm weights, tokens and gains: every tensor with fewer than two dimensions, plus
-    the learned tokens (cls/register/mask/position)."""
-    return param.ndim <= 1 or name.endswith(".bias") or bool(
-        re.search(r"(cls_token|reg_token|register_tokens|mask_token|pos_embed)$", name)
-    )
+def clean_name(name: str) -> str:
+    """Parameter name without the wrappers FSDP, activation checkpointing, DDP and
+    ``torch.compile`` insert (as DINOv3's ``remove_fsdp_compile_names``)."""
+    for w in _WRAPPERS:
+        name = name.replace(w, "")
+    name = name.replace("parametrizations.", "").removesuffix(".original")
+    return name.removeprefix("module.")
+
+
+def no_weight_decay(name: str, param: Tensor, rule: str = "dinokit") -> bool:
+    """Whether ``param`` called ``name`` is exempt from weight decay under ``rule``."""
+    name = clean_name(name)
+    if rule == "dino":
+        return name.endswith(".bias") or param.ndim == 1
+    if rule == "dinov2":
+        return name.endswith(".bias") or "norm" in name or "gamma" in name
+    if rule == "dinov3":
+        return name.endswith("bias") or "norm" in name or "gamma" in name or "fourier_w" in name
+    if rule == "dinokit":
+        return param.ndim <= 1 or name.endswith(".bias") or bool(
+            re.search(r"(cls_token|reg_token|register_tokens|storage_tokens|mask_token|pos_embed)$", name)
+        )
+    raise ValueError(f"no_decay_rule must be one of {NO_DECAY_RULES}, got {rule!r}")
 
 
 def layer_id(name: str, n_blocks: int) -> int:
-    """0 for embeddings, ``i + 1`` for ``blocks.i``, ``n_blocks + 1`` for everything after."""
-    m = _BLOCK.search(name)
-    if m:
-        return int(m.group(2)) + 1
+    """0 for embeddings and tokens, ``i + 1`` for ``blocks.i``, ``n_blocks + 1`` for everything
+    else (DINOv2's ``get_vit_lr_decay_rate`` on a backbone)."""
+    name = clean_name(name)
     if _EMBED.search(name) and "head" not in name:
         return 0
+    m = _BLOCK.search(name)
+    if m and ".residual." not in name:
+        return int(m.group(2)) + 1
     return n_blocks + 1
 
 
@@ -43,28 +76,41 @@ def param_groups(
     named_params: Iterable[tuple[str, nn.Parameter]],
     *,
     exclude_bias_and_norm_wd: bool = True,
+    no_decay_rule: str = "dinokit",
     layer_decay: float = 1.0,
     n_blocks: int = 0,
     patch_embed_lr_mult: float = 1.0,
     last_layer_names: set[str] | None = None,
 ) -> list[dict]:
-    """Group trainable parameters by (lr_scale, wd_scale); frozen ones are skipped.
+    """Group trainable parameters by (lr_scale, wd_scale, is_last_layer); frozen ones are skipped.
+
+    Args:
+        named_params: ``(name, parameter)`` pairs, e.g. ``student.named_parameters()``.
+        exclude_bias_and_norm_wd: apply ``no_decay_rule`` (False: everything is decayed).
+        no_decay_rule: one of :data:`NO_DECAY_RULES`.
+        layer_decay, n_blocks: layer-wise LR decay over ``n_blocks`` ViT blocks (1.0 = off).
+        patch_embed_lr_mult: extra LR factor for ``patch_embed`` parameters (DINOv2: 0.2).
+        last_layer_names: names flagged ``is_last_layer``; None = names containing ``last_layer``
+            (the official rule).
 
     Returns optimiser groups with ``params``, ``names``, ``lr_scale``, ``wd_scale``,
     ``is_last_layer``.
     """
+    if no_decay_rule not in NO_DECAY_RULES:
+        raise ValueError(f"no_decay_rule must be one of {NO_DECAY_RULES}, got {no_decay_rule!r}")
     groups: dict[tuple[float, float, bool], dict] = {}
-    last_layer_names = last_layer_names or set()
     for name, p in named_params:
         if not p.requires_grad:
             continue
-        wd_scale = 0.0 if exclude_bias_and_norm_wd and no_weight_decay(name, p) else 1.0
+        exempt = exclude_bias_and_norm_wd and no_weight_decay(name, p, no_decay_rule)
+        wd_scale = 0.0 if exempt else 1.0
         lr_scale = 1.0
         if layer_decay != 1.0 and n_blocks > 0:
             lr_scale = layer_decay ** (n_blocks + 1 - layer_id(name, n_blocks))
         if "patch_embed" in name:
             lr_scale *= patch_embed_lr_mult
-        is_last = name in last_layer_names
+        is_last = ("last_layer" in clean_name(name) if last_layer_names is None
+                   else name in last_layer_names)
         key = (lr_scale, wd_scale, is_last)
         g = groups.setdefault(
             key, {"params": [], "names": [], "lr_scale": lr_scale, "wd_scale": wd_scale,
@@ -112,20 +158,98 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+def _fused_supported(groups: list[dict]) -> bool:
+    """Whether every parameter is a floating tensor on a device with fused optimiser kernels."""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # pragma: no cover - older torch
+        devices = {"cuda"}
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    return bool(params) and all(
+        isinstance(p, Tensor) and p.is_floating_point() and p.device.type in devices for p in params
+    )
+
+
 def build_optimizer(
-    name: str, groups: list[dict], *, momentum: float = 0.9, betas: tuple = (0.9, 0.999)
+    name: str, groups: list[dict], *, momentum: float = 0.9, betas: tuple = (0.9, 0.999),
+    fused: bool | None = None,
 ) -> torch.optim.Optimizer:
-    """``adamw`` | ``sgd`` | ``lars``; learning rate and weight decay are set per step later."""
+    """``adamw`` | ``adam`` | ``sgd`` | ``lars``; learning rate and weight decay are set per step.
+
+    ``fused``: None = the fused kernels (one launch per step, and a device-side skip through
+    ``found_inf``, see :func:`skip_step_if_`) whenever torch has them for the parameters'
+    device, CPU included; False = ``foreach``. Build the optimiser after moving the model.
+    """
     name = name.lower()
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=tuple(betas))
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=0.0, betas=tuple(betas))
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=momentum, weight_decay=0.0)
+    if name not in ("adamw", "adam", "sgd", "lars"):
+        raise ValueError(f"optimizer must be 'adamw', 'adam', 'sgd' or 'lars', got {name!r}")
     if name == "lars":
         return LARS(groups, lr=0.0, momentum=momentum)
-    raise ValueError(f"optimizer must be 'adamw', 'adam', 'sgd' or 'lars', got {name!r}")
+    use_fused = _fused_supported(groups) if fused is None else bool(fused)
+    kw: dict = {"fused": True} if use_fused else {}
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=tuple(betas), **kw)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=0.0, betas=tuple(betas), **kw)
+    return torch.optim.SGD(groups, lr=0.0, momentum=momentum, weight_decay=0.0, **kw)
+
+
+def is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` runs torch's fused kernels (reads ``found_inf``/``grad_scale``)."""
+    return bool(optimizer.defaults.get("fused")) and getattr(optimizer, "_step_supports_amp_scaling", False)
+
+
+@torch.no_grad()
+def skip_step_if_(optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
+    """``optimizer.step()``, without effect when the 0-dim ``found_inf`` tensor is True/nonzero,
+    decided on the device (no host sync).
+
+    Fused Adam/AdamW/SGD take two optional attributes in ``step()`` (the hooks ``GradScaler`` uses):
+    ``optimizer.found_inf`` (a float tensor; nonzero = leave parameters, moments and step counts as
+    they were) and ``optimizer.grad_scale`` (here None: gradients are not scaled). They are set for
+    this one step and removed after it. Other optimisers fall back to a snapshot: the parameters
+    and optimiser-state tensors are copied, the step runs, and ``torch.where(found_inf, old, new)``
+    puts back the old values (state created by a skipped first step is reset to zeros, which every
+    optimiser here treats as "no history"). The fallback costs one copy of parameters and state.
+    """
+    flag = found_inf.detach()
+    if is_fused(optimizer):
+        optimizer.found_inf = flag.float().reshape(())  # type: ignore[attr-defined]
+        optimizer.grad_scale = None  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale  # type: ignore[attr-defined]
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    old_params = [p.detach().clone() for p in params]
+    old_state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items() if isinstance(v, Tensor)}
+                 for p in params if p in optimizer.state}
+    optimizer.step()
+    for p, old in zip(params, old_params):
+        f = flag.to(device=p.device, dtype=torch.bool)
+        p.copy_(torch.where(f, old, p))
+        before = old_state.get(id(p), {})
+        for k, v in optimizer.state.get(p, {}).items():
+            if isinstance(v, Tensor):
+                prev = before.get(k, torch.zeros_like(v))
+                v.copy_(torch.where(flag.to(device=v.device, dtype=torch.bool), prev, v))
+
+
+@torch.no_grad()
+def clip_per_module_(groups: Mapping[str, Iterable[Tensor]], max_norm: float) -> dict[str, Tensor]:
+    """DINOv2/v3's clipping: ``clip_grad_norm_(module.parameters(), max_norm)`` for each module
+    (the backbone and each head) separately. Returns each module's gradient norm before clipping
+    (0-dim tensors; nothing is read back to the host)."""
+    if max_norm <= 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    norms = {}
+    for key, params in groups.items():
+        ps = [p for p in params if p.grad is not None]
+        norms[key] = (torch.nn.utils.clip_grad_norm_(ps, max_norm) if ps else torch.zeros(()))
+    return norms
 
 
 @torch.no_grad()
@@ -142,9 +266,12 @@ def clip_per_parameter_(params: Iterable[Tensor], max_norm: float) -> None:
     torch._foreach_mul_(grads, scales)
 
 
-def set_group_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
-    """Apply this step's scheduled values: ``lr * lr_scale`` and ``weight_decay * wd_scale`` per group."""
+def set_group_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float,
+                              last_layer_lr: float | None = None) -> None:
+    """Apply this step's scheduled values: ``lr * lr_scale`` (``last_layer_lr * lr_scale`` for
+    groups flagged ``is_last_layer`` when given) and ``weight_decay * wd_scale`` per group."""
     for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
+        base = last_layer_lr if last_layer_lr is not None and g.get("is_last_layer") else lr
+        g["lr"] = base * g.get("lr_scale", 1.0)
         if "weight_decay" in g:
             g["weight_decay"] = weight_decay * g.get("wd_scale", 1.0)

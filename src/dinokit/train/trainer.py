@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from dinokit.schedules import CosineSchedule, scaled_lr
-from dinokit.train.module import unpack_batch
+from dinokit.train.module import method_inputs, unpack_batch
 from dinokit.train.optim import (
     build_optimizer,
     clip_per_parameter_,
@@ -87,7 +87,8 @@ class DINOTrainer:
         self.lr_schedule = CosineSchedule(peak, min(min_lr, peak), total,
                                           min(int(warmup_epochs * steps_per_epoch), total))
         self.wd_schedule = CosineSchedule(weight_decay, weight_decay_end, total)
-        method.set_total_steps(total)
+        method.set_total_steps(total, steps_per_epoch)
+        method.check_finite = False  # one check per epoch below, not a host sync per step
         self.optimizer = build_optimizer(optimizer, param_groups(method.student.named_parameters()))
         self.epoch = 0
         self.global_step = 0
@@ -99,10 +100,7 @@ class DINOTrainer:
 
     def _forward(self, batch: Any) -> Any:
         b = unpack_batch(_to_device(batch, self.device), self.n_global)
-        kwargs: dict[str, Any] = {"global_views": b["global_views"], "local_views": b["local_views"]}
-        if b["masks"] is not None:
-            kwargs["masks"] = b["masks"]
-        return self.method(**kwargs)
+        return self.method(**method_inputs(b))
 
     def train_epoch(self) -> EpochStats:
         """One pass over ``train_loader``: step, clip, freeze, optimise, move the teacher."""

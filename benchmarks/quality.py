@@ -1,0 +1,535 @@
+"""Learning quality at one equal budget: dinokit's methods and lightly's DINO parts, side by side.
+
+Trains DINO, DINOv2, DINOv3 (without and with Gram anchoring from mid-run) and iBOT alone (when
+``model.method=ibot`` exists), each from its dinokit preset, with the same backbone (the ``demo``
+preset's tiny ViT), data (Fashion-MNIST, else digits), crops, epochs and batch, over N seeds; and
+the same DINO recipe built from lightly's parts (``peer_quality.py`` in ``.bench-venv``). Every
+run is a subprocess. Each trained teacher is scored here with the same code: k-NN top-1 (k=20) and
+a linear probe (learning rate chosen on a held-out part of the bank), next to the random-init
+backbone and raw pixels; with the final loss and collapse diagnostics (teacher entropy, KL of the
+mean teacher distribution to uniform, feature spread and effective rank).
+
+    .venv/bin/python benchmarks/quality.py                     # full: demo budget, 3 seeds (~1 h+)
+    .venv/bin/python benchmarks/quality.py --quick             # tiny budget, 1 seed, a few minutes
+    .venv/bin/python benchmarks/quality.py --quick --steps 5 --md /tmp/B.md --out /tmp/q.json  # smoke
+
+Writes ``benchmarks/results/quality_<full|quick>.json`` and regenerates the matching table in
+``BENCHMARKS.md`` (between ``<!-- quality-<mode>:begin -->`` and ``<!-- quality-<mode>:end -->``).
+Runs are step-count based and seeded: a busy machine slows them but does not change their numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER_PY = ROOT / ".bench-venv" / "bin" / "python"
+RESULTS = ROOT / "benchmarks" / "results"
+
+#: run name -> (dinokit preset, overrides on top of the common budget). ``{gram_start}`` is half
+#: the run's steps (Gram anchoring from mid-run, as the DINOv3 paper's late Gram stage).
+RUNS: dict[str, tuple[str, list[str]]] = {
+    "DINO": ("demo", []),
+    "DINOv2": ("dinov2_tiny_cpu", []),
+    "DINOv3": ("dinov3_tiny_cpu", ["model.gram_weight=0"]),
+    "DINOv3 + Gram": ("dinov3_tiny_cpu", ["model.gram_weight=1.0", "model.gram_start_step={gram_start}",
+                                          "model.gram_refresh_every={gram_refresh}"]),
+    "iBOT": ("dinov2_tiny_cpu", ["model.method=ibot"]),
+}
+PEER = "lightly DINO parts"
+BUDGETS = {  # images, batch, epochs, local crops, k-NN bank, test images, linear-probe epochs
+    "full": {"limit": 12000, "batch": 64, "epochs": 10, "n_local": 4, "bank": 10000, "test": 2000,
+             "probe_epochs": 100, "seeds": 3},
+    "quick": {"limit": 2048, "batch": 64, "epochs": 3, "n_local": 4, "bank": 2048, "test": 1000,
+              "probe_epochs": 30, "seeds": 1},
+}
+PROBE_LRS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+K = 20
+
+
+# ------------------------------------------------------------------------------- configuration
+def budget_overrides(b: dict[str, Any], seed: int, out_dir: str, run_name: str, device: str) -> list[str]:
+    """The keys every run shares: data, crops, batch, epochs, steps, seed."""
+    return [
+        "data.dataset=demo", f"data.limit={b['limit']}", f"data.val_limit={b['test']}",
+        f"data.batch_size={b['batch']}", f"data.n_local={b['n_local']}", "data.num_workers=0",
+        f"trainer.epochs={b['epochs']}", f"trainer.max_steps={b['steps']}", f"trainer.seed={seed}",
+        f"trainer.output_dir={out_dir}", f"trainer.run_name={run_name}", "trainer.progress=false",
+        f"trainer.accelerator={device}", "trainer.devices=1", "trainer.knn_every_n_epochs=0",
+        f"trainer.log_every_n_steps={max(1, min(10, b['total_steps'] // 5))}",
+    ]
+
+
+def total_steps(b: dict[str, Any]) -> int:
+    per_epoch = b["limit"] // b["batch"]  # the loader drops the ragged tail
+    n = per_epoch * b["epochs"]
+    return min(n, b["steps"]) if b["steps"] > 0 else n
+
+
+def run_overrides(name: str, b: dict[str, Any]) -> tuple[str, list[str]]:
+    preset, extra = RUNS[name]
+    steps = b["total_steps"]
+    fmt = {"gram_start": steps // 2, "gram_refresh": max(1, steps // 4)}
+    return preset, [e.format(**fmt) for e in extra]
+
+
+# ------------------------------------------------------------------------------- evaluation
+def eval_loaders(cfg: Any, bank: int, test: int) -> tuple[Any, Any]:
+    """The k-NN bank (training split) and the test split, in the run's one preprocessing."""
+    import copy
+
+    from torch.utils.data import DataLoader
+
+    from dinokit.train.build import build_dataset, build_preprocessing
+
+    tf = build_preprocessing(cfg).eval_transform()
+    bank_cfg, test_cfg = copy.deepcopy(cfg), copy.deepcopy(cfg)
+    bank_cfg.data.limit, test_cfg.data.val_limit = bank, test
+    return (DataLoader(build_dataset(bank_cfg, "train", transform=tf), batch_size=256),
+            DataLoader(build_dataset(test_cfg, "val", transform=tf), batch_size=256))
+
+
+def pixels(loader: Any) -> tuple[Any, Any]:
+    import torch
+
+    xs, ys = zip(*[(x.flatten(1), y) for x, y in loader], strict=True)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def score(f_bank: Any, y_bank: Any, f_test: Any, y_test: Any, probe_epochs: int, seed: int) -> dict[str, Any]:
+    """k-NN top-1 (k=20) and linear-probe top-1 (lr chosen on the last fifth of the bank)."""
+    import torch
+
+    from dinokit.eval.knn import knn_evaluate
+    from dinokit.eval.linear import linear_probe
+
+    knn = knn_evaluate(f_bank, y_bank, f_test, y_test, ks=(K,))[K]["top1"]
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(f_bank), generator=g)
+    cut = len(order) * 4 // 5
+    tr, va = order[:cut], order[cut:]
+    pick = linear_probe(f_bank[tr], y_bank[tr], f_bank[va], y_bank[va], lrs=PROBE_LRS, epochs=probe_epochs,
+                        seed=seed, progress=False)
+    final = linear_probe(f_bank, y_bank, f_test, y_test, lrs=(pick.best_lr,), epochs=probe_epochs,
+                         seed=seed, progress=False)
+    edge = pick.best_lr in (PROBE_LRS[0], PROBE_LRS[-1])
+    return {"knn_top1": knn, "linear_top1": final.top1, "linear_lr": pick.best_lr, "linear_lr_at_edge": edge}
+
+
+def feature_diagnostics(f: Any) -> dict[str, float]:
+    """Collapse signs in the test features: mean per-dimension std of the L2-normalised features
+    (DINO's collapse monitor; ~0 = one point) and the effective rank (exp of the entropy of the
+    normalised singular values; 1 = a line)."""
+    import torch
+
+    z = torch.nn.functional.normalize(f.double(), dim=1)
+    s = torch.linalg.svdvals(z - z.mean(0))
+    p = s / s.sum().clamp_min(1e-12)
+    erank = float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+    return {"feature_std": float(z.std(0).mean()), "effective_rank": erank}
+
+
+def log_diagnostics(run_dir: Path) -> dict[str, float | None]:
+    from dinokit.viz.curves import read_metrics
+
+    try:
+        m = read_metrics(run_dir)
+    except (FileNotFoundError, ValueError):
+        return {}
+    tail = [v for _, v in m.get("train/loss", [])[-10:]]
+    last = {k: (m[f"train/{k}"][-1][1] if m.get(f"train/{k}") else None)
+            for k in ("teacher_entropy", "teacher_kl_uniform")}
+    return {"final_loss": sum(tail) / len(tail) if tail else None, **last}
+
+
+# ------------------------------------------------------------------------------- workers
+def worker_train(a: dict[str, Any]) -> dict[str, Any]:
+    """One dinokit run: train, then score the teacher."""
+    import torch
+
+    from dinokit.config import load_config
+    from dinokit.eval.features import extract_features
+    from dinokit.train.fit import fit
+
+    torch.set_num_threads(a["threads"])
+    cfg = load_config(a["preset"], a["overrides"])
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = fit(cfg)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    method = result.method.cpu().eval()
+    bank, test = eval_loaders(cfg, a["bank"], a["test"])
+    f_bank, y_bank = extract_features(method, bank, progress=False)
+    f_test, y_test = extract_features(method, test, progress=False)
+    out = score(f_bank, y_bank, f_test, y_test, a["probe_epochs"], a["seed"])
+    out.update(feature_diagnostics(f_test))
+    out.update(log_diagnostics(result.run_dir))
+    out.update({"train_wall_s": wall, "train_cpu_s": cpu, "steps": int(result.trainer.global_step),
+                "n_prototypes": cfg.model.n_prototypes})
+    return out
+
+
+def worker_baselines(a: dict[str, Any]) -> dict[str, Any]:
+    """The DINO preset's backbone at random init (this seed), and raw pixels."""
+    import torch
+
+    from dinokit.config import load_config
+    from dinokit.eval.features import extract_features
+    from dinokit.train.build import build_method
+
+    torch.set_num_threads(a["threads"])
+    cfg = load_config(a["preset"], a["overrides"])
+    torch.manual_seed(a["seed"])
+    method = build_method(cfg).eval()
+    bank, test = eval_loaders(cfg, a["bank"], a["test"])
+    f_bank, y_bank = extract_features(method, bank, progress=False)
+    f_test, y_test = extract_features(method, test, progress=False)
+    out = {"random init": {**score(f_bank, y_bank, f_test, y_test, a["probe_epochs"], a["seed"]),
+                           **feature_diagnostics(f_test)}}
+    if a["pixels"]:
+        x_bank, y_bank = pixels(bank)
+        x_test, y_test = pixels(test)
+        out["raw pixels"] = score(x_bank, y_bank, x_test, y_test, a["probe_epochs"], a["seed"])
+    return out
+
+
+def worker_peer_data(a: dict[str, Any]) -> dict[str, Any]:
+    """What the peer needs from dinokit's side: the training images (uint8), the multi-crop config
+    and the DINO recipe resolved from the DINO preset, written to ``a['path']``."""
+    import numpy as np
+    import torch
+
+    from dinokit.config import load_config
+    from dinokit.train.build import build_dataset, build_multicrop_config
+
+    cfg = load_config(a["preset"], a["overrides"])
+    ds = build_dataset(cfg, "train")  # what dinokit's training loader reads (PIL images)
+    images = torch.stack([torch.as_tensor(np.asarray(ds[i][0])) for i in range(len(ds))])
+    if images.ndim == 3:
+        images = images[:, None]
+    m, o = cfg.model, cfg.optim
+    recipe = {
+        "backbone": m.backbone, "backbone_kwargs": m.backbone_kwargs, "hidden": m.head_hidden_dim,
+        "bottleneck": m.head_bottleneck_dim, "prototypes": m.n_prototypes, "batch_norm": m.head_batch_norm,
+        "norm_last_layer": m.norm_last_layer, "student_temp": m.temperature_student,
+        "warmup_teacher_temp": m.temperature_teacher_warmup, "teacher_temp": m.temperature_teacher,
+        "warmup_teacher_temp_epochs": m.warmup_epochs_temperature_teacher,
+        "center_momentum": m.center_momentum, "ema_start": m.ema_decay_start, "ema_end": m.ema_decay_end,
+        "lr": o.lr, "lr_reference_batch": o.lr_reference_batch, "lr_scaling": o.lr_scaling,
+        "min_lr": o.min_lr, "warmup_epochs": o.warmup_epochs, "weight_decay": o.weight_decay,
+        "weight_decay_end": o.weight_decay_end, "clip_grad": o.clip_grad,
+        "freeze_last_layer_epochs": o.freeze_last_layer_epochs, "batch": cfg.data.batch_size,
+        "epochs": cfg.trainer.epochs, "max_steps": cfg.trainer.max_steps, "seed": cfg.trainer.seed,
+        "crops": build_multicrop_config(cfg).to_dict(),
+    }
+    torch.save({"images": images, "recipe": recipe}, a["path"])
+    return {"images": len(images)}
+
+
+def worker_peer_eval(a: dict[str, Any]) -> dict[str, Any]:
+    """Score the teacher backbone the peer trained (a timm state dict) with dinokit's evaluation."""
+    import timm
+    import torch
+
+    from dinokit.backbones import build_backbone
+    from dinokit.config import load_config
+    from dinokit.eval.features import extract_features
+
+    torch.set_num_threads(a["threads"])
+    cfg = load_config(a["preset"], a["overrides"])
+    model = timm.create_model(cfg.model.backbone, num_classes=0, dynamic_img_size=True,
+                              **cfg.model.backbone_kwargs)
+    model.load_state_dict(torch.load(a["weights"], map_location="cpu", weights_only=True))
+    backbone = build_backbone(model).eval()
+    bank, test = eval_loaders(cfg, a["bank"], a["test"])
+    f_bank, y_bank = extract_features(backbone, bank, progress=False)
+    f_test, y_test = extract_features(backbone, test, progress=False)
+    return {**score(f_bank, y_bank, f_test, y_test, a["probe_epochs"], a["seed"]), **feature_diagnostics(f_test)}
+
+
+WORKERS = {"train": worker_train, "baselines": worker_baselines, "peer_data": worker_peer_data,
+           "peer_eval": worker_peer_eval}
+
+
+# ------------------------------------------------------------------------------- the parent
+CHILD_CPU: list[float] = []  # CPU seconds of every child, for the report
+
+
+def run_child(cmd: list[str], threads: int, timeout: float | None = None) -> tuple[dict[str, Any] | None, str, float]:
+    """Run a child; its last stdout line ``RESULT {json}`` is the answer. Returns (result, log tail,
+    CPU seconds of the child)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONWARNINGS": "ignore", "MPLBACKEND": "Agg"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+        text, ok = proc.stdout + proc.stderr, proc.returncode == 0
+    except subprocess.TimeoutExpired as e:
+        text, ok = f"timed out after {timeout} s\n{e.stdout or ''}{e.stderr or ''}", False
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    CHILD_CPU.append(cpu)
+    lines = [ln for ln in (text or "").splitlines() if ln.startswith("RESULT ")]
+    result = json.loads(lines[-1][len("RESULT "):]) if ok and lines else None
+    return result, "\n".join((text or "").splitlines()[-15:]), cpu
+
+
+def dinokit_child(kind: str, payload: dict[str, Any], threads: int) -> tuple[dict | None, str, float]:
+    return run_child([sys.executable, str(Path(__file__).resolve()), "--worker", kind, json.dumps(payload)],
+                     threads)
+
+
+def method_available(name: str) -> str | None:
+    """None when ``model.method=name`` loads, else the reason."""
+    from dinokit.config import load_config
+
+    try:
+        load_config("demo", [f"model.method={name}"]).validate()
+    except Exception as e:  # any failure means "not available"
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return None
+
+
+def aggregate(values: list[float | None]) -> dict[str, float | None]:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else None, "n": len(v)}
+
+
+METRICS = ("knn_top1", "linear_top1", "final_loss", "teacher_entropy", "teacher_kl_uniform", "feature_std",
+           "effective_rank", "train_wall_s", "train_cpu_s")
+
+
+def versions(peer: dict[str, Any] | None) -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("dinokit", "torch", "timm", "lightning", "torchvision", "scikit-learn"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "?"
+    out["python"] = platform.python_version()
+    for k, v in (peer or {}).items():
+        out[f"peer {k}"] = v
+    return out
+
+
+def machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name}, {cores} cores available, {platform.system()} {platform.release()}"
+
+
+def fmt(agg: dict[str, Any] | None, digits: int = 2) -> str:
+    if not agg or agg.get("mean") is None:
+        return "-"
+    s = f"{agg['mean']:.{digits}f}"
+    return s + (f" ± {agg['std']:.{digits}f}" if agg.get("std") is not None else "")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    b = report["budget"]
+    cap = "" if b["steps"] <= 0 else f", capped at {b['steps']} steps"
+    lines = [
+        f"Budget: {b['limit']} training images, batch {b['batch']}, {b['epochs']} epochs"
+        f"{cap} ({b['total_steps']} steps), "
+        f"2 global + {b['n_local']} local crops, the `demo` preset's tiny ViT; seeds {report['seeds']}; "
+        f"k-NN (k={K}) bank {b['bank']} training images, {b['test']} test images. Mean ± std over seeds.",
+        "",
+        "| run | k-NN top-1 | linear top-1 | final loss | teacher entropy | KL(mean ‖ uniform) | "
+        "feature std | eff. rank | train wall s | train CPU s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in report["runs"].items():
+        if r.get("skipped"):
+            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | | | |")
+            continue
+        a = r["aggregate"]
+        lines.append(f"| {name} | " + " | ".join(fmt(a.get(m), 3 if m in ("final_loss", "teacher_entropy",
+                     "teacher_kl_uniform", "feature_std") else (1 if m.endswith("_s") else 2)) for m in METRICS)
+                     + " |")
+    edge = sorted({n for n, r in report["runs"].items() if any(s.get("linear_lr_at_edge")
+                   for s in r.get("seeds", {}).values() if s)})
+    lines += [
+        "",
+        f"Linear probe: SGD on standardised features, learning rate chosen from {list(PROBE_LRS)} on the "
+        "last fifth of the bank, then retrained on the whole bank and scored on the test split"
+        + (f"; the choice sat at the edge of the sweep for: {', '.join(edge)}." if edge else "."),
+        "Collapse: entropy ≈ ln K and KL ≈ 0 with a feature std near 0 mean a collapsed teacher; "
+        "eff. rank is exp(entropy of the singular values) of the normalised test features.",
+        "",
+        f"Machine: {report['machine']}; {report['threads']} threads per run; date {report['date']}; "
+        f"whole benchmark {report['total_wall_s']:.0f} s wall, {report['total_cpu_s']:.0f} s CPU. Train wall/CPU "
+        "time: dinokit's `fit` (Lightning set-up and checkpoints included); lightly's training loop.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
+        f"Command: `{report['command']}`",
+    ]
+    if report.get("notes"):
+        lines += ["", *[f"Note: {n}" for n in report["notes"]]]
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, mode: str, body: str) -> None:
+    begin, end = f"<!-- quality-{mode}:begin -->", f"<!-- quality-{mode}:end -->"
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        title = {"full": "## Learning quality (full)", "quick": "## Learning quality (--quick)"}[mode]
+        text = text.rstrip("\n") + f"\n\n{title}\n\n{block}\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny budget, 1 seed (a few minutes on 2 cores)")
+    p.add_argument("--seeds", type=int, help="seeds 0..N-1 (default 3, --quick 1)")
+    p.add_argument("--steps", type=int, default=-1, help="cap every run at this many steps (-1 = epochs)")
+    p.add_argument("--epochs", type=int, help="override the budget's epochs")
+    p.add_argument("--limit", type=int, help="override the budget's training images")
+    p.add_argument("--runs", nargs="*", default=[*RUNS, PEER], help=f"subset of {[*RUNS, PEER]}")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--peer-python", type=Path, default=PEER_PY, help="python of the peers' venv")
+    p.add_argument("--out", type=Path, help="JSON result (default benchmarks/results/quality_<mode>.json)")
+    p.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file to update")
+    p.add_argument("--keep-runs", type=Path, help="keep run directories here (default: a temporary folder)")
+    p.add_argument("--worker", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        kind, payload = args.worker
+        print("RESULT " + json.dumps(WORKERS[kind](json.loads(payload))), flush=True)
+        return 0
+
+    mode = "quick" if args.quick else "full"
+    b = dict(BUDGETS[mode])
+    b.update({k: v for k, v in (("epochs", args.epochs), ("limit", args.limit)) if v is not None})
+    b["steps"] = args.steps
+    b["total_steps"] = total_steps(b)
+    seeds = list(range(args.seeds if args.seeds is not None else b.pop("seeds")))
+    b.pop("seeds", None)
+    unknown = sorted(set(args.runs) - set(RUNS) - {PEER})
+    if unknown:
+        p.error(f"unknown runs {unknown}; choose from {[*RUNS, PEER]}")
+    t_start = time.perf_counter()
+    notes: list[str] = []
+    report: dict[str, Any] = {"mode": mode, "budget": b, "seeds": seeds, "threads": args.threads,
+                              "command": "python " + shlex.join(["benchmarks/quality.py", *(argv or sys.argv[1:])]),
+                              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": {}}
+    tmp = tempfile.TemporaryDirectory(prefix="dinokit-quality-")
+    out_dir = str(args.keep_runs or tmp.name)
+    common = {"threads": args.threads, "bank": b["bank"], "test": b["test"], "probe_epochs": b["probe_epochs"]}
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.1f} s] {msg}", flush=True)
+
+    for name in [n for n in RUNS if n in args.runs]:
+        preset, extra = run_overrides(name, b)
+        if name == "iBOT" and (why := method_available("ibot")):
+            report["runs"][name] = {"skipped": "model.method=ibot is not available yet"}
+            notes.append(f"iBOT skipped: model.method=ibot does not load ({why}).")
+            say(f"{name}: skipped ({why})")
+            continue
+        per_seed: dict[str, Any] = {}
+        for seed in seeds:
+            slug = name.lower().replace(" + ", "-").replace(" ", "-")
+            ov = budget_overrides(b, seed, out_dir, f"{slug}-s{seed}", args.device) + extra
+            say(f"{name} seed {seed}: training ({preset} {' '.join(extra)})")
+            res, log, _ = dinokit_child("train", {**common, "preset": preset, "overrides": ov, "seed": seed},
+                                        args.threads)
+            if res is None:
+                notes.append(f"{name} seed {seed} failed: {log.splitlines()[-1] if log else '?'}")
+                say(f"{name} seed {seed}: FAILED\n{log}")
+            per_seed[str(seed)] = res
+        report["runs"][name] = {"preset": preset, "overrides": extra, "seeds": per_seed}
+
+    dino_preset, _ = RUNS["DINO"]
+    peer_versions = None
+    if PEER in args.runs:
+        per_seed = {}
+        if not args.peer_python.is_file():
+            report["runs"][PEER] = {"skipped": "no .bench-venv (bash benchmarks/setup_peers.sh)"}
+            notes.append("lightly skipped: .bench-venv does not exist; run bash benchmarks/setup_peers.sh.")
+            say(f"{PEER}: skipped (no .bench-venv)")
+        else:
+            for seed in seeds:
+                ov = budget_overrides(b, seed, out_dir, f"lightly-s{seed}", args.device)
+                data = Path(out_dir) / f"peer-data-s{seed}.pt"
+                weights = Path(out_dir) / f"peer-teacher-s{seed}.pt"
+                say(f"{PEER} seed {seed}: training in .bench-venv")
+                prep, log, _ = dinokit_child("peer_data", {"preset": dino_preset, "overrides": ov,
+                                                           "path": str(data)}, args.threads)
+                res = None
+                if prep is not None:
+                    res, log, _ = run_child([str(args.peer_python), str(ROOT / "benchmarks" / "peer_quality.py"),
+                                             json.dumps({"data": str(data), "weights": str(weights),
+                                                         "threads": args.threads, "device": args.device})],
+                                            args.threads)
+                if res is not None:
+                    peer_versions = res.pop("versions", None)
+                    scored, log, _ = dinokit_child("peer_eval", {**common, "preset": dino_preset, "overrides": ov,
+                                                                 "weights": str(weights), "seed": seed},
+                                                   args.threads)
+                    res = {**res, **scored} if scored is not None else None
+                if res is None:
+                    notes.append(f"{PEER} seed {seed} failed: {log.splitlines()[-1] if log else '?'}")
+                    say(f"{PEER} seed {seed}: FAILED\n{log}")
+                per_seed[str(seed)] = res
+            report["runs"][PEER] = {"seeds": per_seed}
+
+    say("baselines: random init and raw pixels")
+    base: dict[str, dict[str, Any]] = {"random init": {}, "raw pixels": {}}
+    for seed in seeds:
+        ov = budget_overrides(b, seed, out_dir, f"baseline-s{seed}", args.device)
+        res, log, _ = dinokit_child("baselines", {**common, "preset": dino_preset, "overrides": ov, "seed": seed,
+                                                  "pixels": seed == seeds[0]}, args.threads)
+        if res is None:
+            notes.append(f"baselines seed {seed} failed: {log.splitlines()[-1] if log else '?'}")
+            continue
+        for k, v in res.items():
+            base[k][str(seed)] = v
+    for k, v in base.items():
+        report["runs"][f"{k} (DINO backbone)" if k == "random init" else k] = {"seeds": v}
+
+    for r in report["runs"].values():
+        if "seeds" in r:
+            r["aggregate"] = {m: aggregate([(s or {}).get(m) for s in r["seeds"].values()]) for m in METRICS}
+    report.update({"notes": notes, "machine": machine(), "versions": versions(peer_versions),
+                   "total_wall_s": time.perf_counter() - t_start, "total_cpu_s": sum(CHILD_CPU)})
+    out = args.out or RESULTS / f"quality_{mode}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    body = markdown(report)
+    write_markdown(args.md, mode, body)
+    print(body)
+    say(f"wrote {out} and the quality-{mode} table of {args.md}")
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

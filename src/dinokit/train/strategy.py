@@ -1,0 +1,206 @@
+"""Scale-out helpers for the student/teacher pair: SyncBatchNorm and FSDP2 sharding.
+
+* **SyncBatchNorm.** The original DINO converts student *and* teacher to SyncBatchNorm under
+  DDP (``main_dino.py``: ``nn.SyncBatchNorm.convert_sync_batchnorm`` for a CNN backbone), so the
+  BatchNorm of a ResNet backbone or a BN head normalises over the global batch, not one GPU's
+  share. :func:`prepare_for_strategy` does this before training whenever a run has more than one
+  process and the model has BatchNorm (``trainer.sync_batchnorm``, on by default). torch's
+  SyncBatchNorm runs on GPUs only: on a CPU run with several processes it is skipped with a warning.
+* **FSDP2.** :func:`shard_method` applies ``torch.distributed.fsdp.fully_shard`` to the student
+  and the teacher on *one* device mesh (each transformer block, then each whole network), so every
+  teacher parameter is sharded exactly like its student twin: the EMA then runs shard by shard on
+  the local tensors (:class:`~dinokit.ema.EMAUpdater` pairs by name each step). DINO's per-parameter
+  clipping needs each parameter's *full* gradient norm: :func:`clip_per_parameter_sharded_` sums
+  the squared local shards and reduces them in one collective. :func:`full_state_dict` gathers a
+  sharded module into plain tensors (checkpoints that load at any world size).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` contains a BatchNorm layer (any dimensionality, SyncBatchNorm included)."""
+    return any(isinstance(m, _BN_TYPES) for m in module.modules())
+
+
+def convert_sync_batchnorm(method: nn.Module, process_group: Any = None) -> int:
+    """Replace every BatchNorm of ``method.student`` and ``method.teacher`` (``ModuleDict``\\ s) by
+    SyncBatchNorm, in place, keeping parameters, running statistics and their pairing for the EMA.
+    Returns the number of layers converted."""
+    count = 0
+    for name in ("student", "teacher"):
+        pair = getattr(method, name, None)
+        if not isinstance(pair, nn.ModuleDict):
+            raise TypeError(f"method.{name} must be an nn.ModuleDict (a SelfDistillationMethod), "
+                            f"got {type(pair).__name__}")
+        for key in list(pair.keys()):
+            before = sum(isinstance(m, _BN_TYPES) and not isinstance(m, nn.SyncBatchNorm)
+                         for m in pair[key].modules())
+            if before:
+                pair[key] = nn.SyncBatchNorm.convert_sync_batchnorm(pair[key], process_group)
+                count += before
+    return count
+
+
+def prepare_for_strategy(method: nn.Module, trainer: Any, sync_batchnorm: bool = True) -> bool:
+    """Make ``method`` ready for ``trainer``'s world before ``fit``: SyncBatchNorm for student and
+    teacher when there is more than one process, the model has BatchNorm and ``sync_batchnorm``
+    is on (it needs a GPU). Returns whether BatchNorm layers were converted."""
+    world = int(getattr(trainer, "world_size", 1))
+    if not sync_batchnorm or world <= 1 or not has_batchnorm(method):
+        return False
+    accelerator = type(getattr(trainer, "accelerator", None)).__name__.lower()
+    if "cpu" in accelerator:
+        warnings.warn(f"SyncBatchNorm needs GPUs: with {world} CPU processes each BatchNorm "
+                      f"normalises over its own process's batch (trainer.sync_batchnorm=false "
+                      f"silences this)", stacklevel=2)
+        return False
+    convert_sync_batchnorm(method)
+    return True
+
+
+# ------------------------------------------------------------------------------------ FSDP2
+def _blocks(module: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks of a backbone (``blocks`` of a timm ViT), if any."""
+    found: list[nn.Module] = []
+    for m in module.modules():
+        blocks = getattr(m, "blocks", None)
+        if isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+            found.extend(blocks)
+            break
+    return found
+
+
+def device_mesh(device_type: str | None = None) -> Any:
+    """A 1-D mesh over all processes (``cuda`` when available, else ``cpu``)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("FSDP needs a process group: launch with torchrun / srun, or "
+                           "torch.distributed.init_process_group first")
+    kind = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    return init_device_mesh(kind, (dist.get_world_size(),))
+
+
+def shard_method(method: nn.Module, mesh: Any = None, **fsdp_kwargs: Any) -> Any:
+    """``fully_shard`` each block and each network of ``method.student`` and ``method.teacher`` on
+    one mesh (the same structure, so twin parameters get identical shards). Returns the mesh.
+
+    The teacher is sharded without gradients and only ever runs forward; its EMA update reads the
+    local shards of both networks. Call before building the optimiser.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = mesh if mesh is not None else device_mesh()
+    for name in ("student", "teacher"):
+        pair: nn.ModuleDict = getattr(method, name)
+        for key in list(pair.keys()):
+            for block in _blocks(pair[key]):
+                fully_shard(block, mesh=mesh, **fsdp_kwargs)
+            fully_shard(pair[key], mesh=mesh, **fsdp_kwargs)
+    return mesh
+
+
+def _local(x: Tensor) -> Tensor:
+    to_local = getattr(x, "to_local", None)
+    return to_local() if callable(to_local) else x
+
+
+@torch.no_grad()
+def clip_per_parameter_sharded_(params: Iterable[Tensor], max_norm: float) -> Tensor | None:
+    """DINO's per-parameter clipping (each parameter's gradient rescaled to norm <= ``max_norm``,
+    coefficient ``max_norm / (norm + 1e-6)``) on FSDP2-sharded gradients: the squared norms of the
+    local shards are summed over the processes in one all-reduce. Plain tensors work too (no
+    collective then). Returns the full per-parameter norms (a 1-D tensor) or None."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or max_norm <= 0:
+        return None
+    local = [_local(g) for g in grads]
+    sharded = any(g is not loc for g, loc in zip(grads, local))
+    sq = torch.stack([loc.float().pow(2).sum() for loc in local])
+    if sharded and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sq)
+    norms = sq.sqrt()
+    scales = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(local, list(scales.to(local[0].dtype).unbind()))
+    return norms
+
+
+def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """Plain (unsharded) tensors of ``module``'s state dict: sharded ones are gathered from all
+    processes (a collective: call it on every process)."""
+    out = {}
+    for k, v in module.state_dict().items():
+        full = getattr(v, "full_tensor", None)
+        out[k] = full() if callable(full) else v
+    return out
+
+
+@torch.no_grad()
+def load_full_state_dict(module: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load plain tensors into a (possibly sharded) ``module``: each process keeps its shard, so a
+    checkpoint written at one world size resumes at another."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise KeyError(f"state dict lacks {missing[:5]}")
+    for k, v in own.items():
+        src = state[k]
+        if isinstance(v, DTensor):
+            v.to_local().copy_(distribute_tensor(src.to(v.dtype), v.device_mesh, v.placements,
+                                              src_data_rank=None).to_local())
+        else:
+            v.copy_(src)
+
+
+# ------------------------------------------------------------------------------- launchers
+def launcher_world(env: dict[str, str] | None = None) -> tuple[int, int] | None:
+    """``(processes per node, nodes)`` set by ``torchrun`` (``LOCAL_WORLD_SIZE``, ``WORLD_SIZE``) or
+    by ``srun`` (``SLURM_NTASKS``, ``SLURM_NNODES``), or None when not launched by either."""
+    import os
+    import re
+
+    env = dict(os.environ) if env is None else env
+    if "LOCAL_WORLD_SIZE" in env and "WORLD_SIZE" in env:
+        local, world = int(env["LOCAL_WORLD_SIZE"]), int(env["WORLD_SIZE"])
+        return local, max(world // max(local, 1), 1)
+    interactive = env.get("SLURM_JOB_NAME") in ("bash", "interactive")  # salloc shells: not srun tasks
+    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env and not interactive:
+        nodes = int(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", "1")))
+        per_node = re.match(r"\d+", env.get("SLURM_NTASKS_PER_NODE", ""))
+        local = int(per_node.group()) if per_node else int(env["SLURM_NTASKS"]) // max(nodes, 1)
+        return local, nodes
+    return None
+
+
+def with_launcher_env(cfg: Any, env: dict[str, str] | None = None) -> Any:
+    """``cfg`` with ``trainer.devices`` / ``trainer.num_nodes`` taken from the launcher's environment
+    when they are left at ``auto`` / 1 (so ``torchrun ... dinokit train`` and ``srun dinokit train``
+    need no matching flags). Explicit values are kept (Lightning checks them against the world)."""
+    import dataclasses
+
+    found = launcher_world(env)
+    t = cfg.trainer
+    if found is None or (t.devices != "auto" and t.num_nodes != 1):
+        return cfg
+    local, nodes = found
+    changes: dict[str, Any] = {}
+    if t.devices == "auto":
+        changes["devices"] = str(local)
+    if t.num_nodes == 1 and nodes > 1:
+        changes["num_nodes"] = nodes
+    if not changes:
+        return cfg
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(t, **changes))

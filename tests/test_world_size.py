@@ -1,0 +1,95 @@
+"""World-size invariance: a real ``fit`` with 2 gloo processes holding half the global batch each
+ends where a 1-process ``fit`` on the full global batch ends (student, teacher, centre, optimiser).
+
+The 2-process run goes through ``examples/torchrun_single_node.sh`` (torchrun, CPU, gloo), so
+this is also the smoke test of that script and of ``dinokit train`` reading torchrun's environment.
+Each sample's crops are drawn from ``(seed, epoch, index)``, and the sampler deals the global batch
+``order[8k : 8k + 8]`` of a step to the 2 processes as ``order[8k::2]`` / ``order[8k+1::2]``: both
+runs see the same images and crops in every optimiser step.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinokit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+GLOBAL_BATCH, STEPS = 8, 3
+TINY = [
+    "--config", "demo", "data.dataset=digits", "data.limit=64", "data.num_workers=0", "data.n_local=2",
+    "trainer.epochs=1", f"trainer.max_steps={STEPS}", "trainer.progress=false", "trainer.log_every_n_steps=1",
+    "model.backbone_kwargs={img_size: 28, patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2, in_chans: 1}",
+    "model.n_prototypes=32", "model.head_hidden_dim=32", "model.head_bottleneck_dim=16",
+    "optim.clip_grad=0.5",  # the clipping acts, on the all-reduced gradients
+]
+V2 = ["model.n_patch_prototypes=32", "model.koleo_weight=0.1", "data.mask_probability=0.5"]
+
+
+def _one_process(tmp_path: Path, extra: list[str]) -> dict:
+    args = ["train", *TINY, *extra, f"data.batch_size={GLOBAL_BATCH}", "trainer.devices=1",
+            f"trainer.output_dir={tmp_path}", "trainer.run_name=one"]
+    assert main(args) == 0
+    return torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def _two_processes(tmp_path: Path, extra: list[str]) -> dict:
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "NPROC": "2", "ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "TORCHRUN": str(bin_dir / "torchrun"), "DINOKIT": str(bin_dir / "dinokit"),
+           "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    args = [*TINY, *extra, f"data.batch_size={GLOBAL_BATCH // 2}", f"trainer.output_dir={tmp_path}",
+            "trainer.run_name=two"]
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "torchrun_single_node.sh"), *args], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(tmp_path / "two" / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def _compare(one: dict, two: dict) -> None:
+    assert one["global_step"] == two["global_step"] == STEPS
+    a, b = one["state_dict"], two["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        if not isinstance(a[k], torch.Tensor):
+            assert a[k] == b[k], k  # e.g. the method's step and epoch counters
+        elif a[k].is_floating_point():
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5, msg=k)
+        else:
+            assert torch.equal(b[k], a[k]), k
+    sa, sb = one["optimizer_states"][0]["state"], two["optimizer_states"][0]["state"]
+    assert sa.keys() == sb.keys() and sa
+    for i in sa:
+        for name, va in sa[i].items():
+            torch.testing.assert_close(sb[i][name], va, rtol=1e-4, atol=2e-5, msg=f"param {i} {name}")
+
+
+_DIFFERS = ("two reasons, both measured: (1) KoLeo is computed on each process's batch (the student "
+            "differs by 6e-4 after 3 steps with masks off, 1e-6 with KoLeo off too); (2) masks are drawn "
+            "per batch as in DINOv2's collate (int(n * p) masked crops, ratios spread over the batch), so a "
+            "batch of 4 per process cannot get the masks of a batch of 8")
+#: DINOv2/v3 with masks and KoLeo off: Sinkhorn-Knopp centring and the rest of the step are invariant.
+NO_MASKS_NO_KOLEO = ["data.mask_probability=0.0", "model.koleo_weight=0.0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, extra", [
+    ("dino", []),
+    ("dinov3", [*V2, *NO_MASKS_NO_KOLEO]),
+    pytest.param("dinov2", V2, marks=pytest.mark.xfail(reason=_DIFFERS, run=False)),
+    pytest.param("dinov3", V2, marks=pytest.mark.xfail(reason=_DIFFERS, run=False)),
+], ids=["dino", "dinov3-sinkhorn-no-masks-no-koleo", "dinov2", "dinov3"])
+def test_two_processes_equal_one_process(tmp_path, method, extra):
+    extra = [f"model.method={method}", *extra]
+    one = _one_process(tmp_path, extra)
+    two = _two_processes(tmp_path, extra)
+    _compare(one, two)
+    if method == "dino":  # not trivially equal: the EMA centre moved
+        centre = next(v for k, v in one["state_dict"].items() if k.endswith("center"))
+        assert centre.abs().sum() > 0
