@@ -202,6 +202,8 @@ class TrainerConfig:
         True, "SyncBatchNorm in student and teacher with several GPU processes (BatchNorm models)"
     )
     stop_on_collapse: bool = _f(False, "exit non-zero when the collapse guard fires (else warn)")
+    max_nonfinite_steps: int = _f(
+        3, "stop after this many consecutive non-finite steps (each one is skipped on the device)", min=1)
     collapse_window: int = _f(500, "steps a teacher collapse must last before it is reported",
                               min=1, max=1 << 40)
     slurm_requeue: bool = _f(False, "on SIGUSR1/SIGTERM under SLURM: checkpoint, then scontrol requeue")

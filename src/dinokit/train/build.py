@@ -192,6 +192,7 @@ def build_module(cfg: Config, method: SelfDistillationMethod) -> Any:
         clip_grad=o.clip_grad,
         freeze_last_layer_epochs=o.freeze_last_layer_epochs,
         **resolved_training(cfg),
+        max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
         layer_decay=o.layer_decay,
         patch_embed_lr_mult=o.patch_embed_lr_mult,
         momentum=o.momentum,

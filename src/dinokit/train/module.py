@@ -24,12 +24,41 @@ from dinokit.train.optim import (
     build_optimizer,
     clip_per_module_,
     clip_per_parameter_,
+    is_fused,
     param_groups,
     set_group_hyperparameters,
 )
 
 OptimizerSpec = str | type | Callable[..., torch.optim.Optimizer]
 CLIP_MODES = ("per_param", "per_module", "global", "none")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training stopped after too many consecutive non-finite steps."""
+
+    exit_code = 3
+
+
+@torch.no_grad()
+def nonfinite_flag(loss: Tensor | None, params: Sequence[Tensor]) -> Tensor:
+    """0-dim bool tensor: the loss or any gradient is NaN/Inf (decided on the device)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flags = [] if loss is None else [~torch.isfinite(loss.detach()).all()]
+    if grads:
+        norms = torch._foreach_norm(grads)
+        flags.append(~torch.isfinite(torch.stack([n.float() for n in norms])).all())
+    if not flags:
+        return torch.zeros((), dtype=torch.bool)
+    return torch.stack(flags).any()
+
+
+@torch.no_grad()
+def zero_grads_if_(params: Sequence[Tensor], flag: Tensor) -> None:
+    """Replace every gradient by zeros when ``flag`` is True, without a host sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        keep = (~flag).to(grads[0].dtype)
+        torch._foreach_mul_([g.nan_to_num_(0.0, 0.0, 0.0) for g in grads], keep)
 BATCH_INPUTS = ("masks", "mask_indices", "mask_weights")
 
 
@@ -120,6 +149,7 @@ class DINOModule(pl.LightningModule):
         freeze_last_layer_epochs: int = 1,
         freeze_last_layer_mode: str = "cancel_grad",
         no_decay_rule: str = "dinokit",
+        max_nonfinite_steps: int = 3,
         layer_decay: float = 1.0,
         patch_embed_lr_mult: float = 1.0,
         exclude_bias_and_norm_wd: bool = True,
@@ -147,6 +177,11 @@ class DINOModule(pl.LightningModule):
         self.clip_grad, self.clip_mode = clip_grad, clip_mode
         self.freeze_last_layer_epochs = freeze_last_layer_epochs
         self.freeze_last_layer_mode, self.no_decay_rule = freeze_last_layer_mode, no_decay_rule
+        self.max_nonfinite_steps = int(max_nonfinite_steps)
+        # Device-side counters of the non-finite guard (read only at logging steps).
+        self._bad_streak: Tensor | None = None
+        self._bad_max_streak: Tensor | None = None
+        self._bad_total: Tensor | None = None
         self.layer_decay, self.patch_embed_lr_mult = layer_decay, patch_embed_lr_mult
         self.exclude_bias_and_norm_wd = exclude_bias_and_norm_wd
         self.momentum, self.betas = momentum, tuple(betas)
@@ -264,13 +299,25 @@ class DINOModule(pl.LightningModule):
         })
         self.log("train/loss", metrics.pop("train/loss"), prog_bar=True, batch_size=bsz)
         self.log_dict(metrics, batch_size=bsz)
-        if batch_idx % self.trainer.log_every_n_steps == 0 and not bool(torch.isfinite(out.loss)):
-            raise ValueError(
-                f"the training loss is {out.loss.item()} at step {self.global_step} (epoch "
-                f"{self.current_epoch}); lower optim.lr or check the inputs. The last checkpoint "
-                "in the run directory is intact."
-            )
+        if batch_idx % self.trainer.log_every_n_steps == 0:
+            self._check_nonfinite()
         return out.loss
+
+    def _check_nonfinite(self) -> None:
+        """At logging steps only (one host read): stop after ``max_nonfinite_steps`` consecutive
+        skipped steps."""
+        if self._bad_max_streak is None:
+            return
+        self.log("train/nonfinite_steps", self._bad_total.float())
+        worst = int(self._bad_max_streak)
+        if worst >= self.max_nonfinite_steps:
+            raise NonFiniteTrainingError(
+                f"{worst} consecutive training steps had a non-finite loss or gradient (by step "
+                f"{self.global_step}, epoch {self.current_epoch}); each was skipped (no weight, EMA, "
+                "centre or optimiser update). Likely causes: fp16 overflow (use "
+                "trainer.precision=bf16-mixed), a learning rate too high (lower optim.lr), or bad "
+                "input (NaN pixels)."
+            )
 
     def on_after_backward(self) -> None:
         frozen = self.current_epoch < self.freeze_last_layer_epochs
@@ -293,8 +340,34 @@ class DINOModule(pl.LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
                        optimizer_closure: Callable | None = None) -> None:
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        self.method.update_teacher()
+        raw = getattr(optimizer, "optimizer", optimizer)
+        state: dict[str, Tensor] = {}
+
+        def guarded_closure() -> Any:
+            loss = optimizer_closure() if optimizer_closure is not None else None
+            state["bad"] = bad = nonfinite_flag(loss, self.method.student_parameters())
+            if is_fused(raw):  # fused kernels skip the whole step on the device (GradScaler's hook)
+                raw.found_inf, raw.grad_scale = bad.float(), None
+            else:  # other optimisers: a non-finite step sees zero gradients
+                zero_grads_if_(self.method.student_parameters(), bad)
+            return loss
+
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, guarded_closure)
+        finally:
+            for attr in ("found_inf", "grad_scale"):
+                if hasattr(raw, attr):
+                    delattr(raw, attr)
+        bad = state.get("bad")
+        self.method.update_teacher(apply=None if bad is None else ~bad)
+        if bad is not None:
+            b = bad.long()
+            if self._bad_streak is None:
+                self._bad_streak, self._bad_max_streak, self._bad_total = (
+                    torch.zeros_like(b), torch.zeros_like(b), torch.zeros_like(b))
+            self._bad_streak = (self._bad_streak + 1) * b
+            self._bad_max_streak = torch.maximum(self._bad_max_streak, self._bad_streak)
+            self._bad_total = self._bad_total + b
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         out = self.forward_batch(batch)

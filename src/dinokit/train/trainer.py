@@ -15,12 +15,13 @@ import torch
 from torch import Tensor
 
 from dinokit.schedules import CosineSchedule, scaled_lr
-from dinokit.train.module import method_inputs, unpack_batch
+from dinokit.train.module import method_inputs, nonfinite_flag, unpack_batch
 from dinokit.train.optim import (
     build_optimizer,
     clip_per_parameter_,
     param_groups,
     set_group_hyperparameters,
+    skip_step_if_,
 )
 
 
@@ -117,8 +118,9 @@ class DINOTrainer:
                 self.method.cancel_last_layer_gradients()
             if self.clip_grad > 0:
                 clip_per_parameter_(self.method.student_parameters(), self.clip_grad)
-            self.optimizer.step()
-            self.method.update_teacher()
+            bad = nonfinite_flag(out.loss, self.method.student_parameters())
+            skip_step_if_(self.optimizer, bad)  # a NaN/Inf step changes nothing (decided on the device)
+            self.method.update_teacher(apply=~bad)
             self.global_step += 1
             total += out.loss.detach()
             n += 1
