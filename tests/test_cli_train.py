@@ -112,3 +112,19 @@ def test_unreadable_images_are_counted_at_the_end(tmp_path):
             "data.limit=null", f"trainer.output_dir={tmp_path}", "trainer.run_name=f", "trainer.epochs=1"]
     with pytest.warns(UserWarning, match="1 unreadable image"):
         assert main(args) == 0
+
+
+def test_a_run_started_from_init_weights_loads_and_resumes_after_the_file_is_gone(tmp_path):
+    import shutil
+
+    from dinokit.cli._common import load
+
+    assert _train(tmp_path, "first", "trainer.epochs=1") == 0
+    init = tmp_path / "init.ckpt"
+    shutil.copy(tmp_path / "first" / "checkpoints" / "last.ckpt", init)
+    assert _train(tmp_path, "second", "trainer.epochs=1", f"model.init_weights={init}") == 0
+    init.unlink()  # the start-up file is gone: evaluation and resume must not read it again
+    loaded = load(str(tmp_path / "second"))
+    assert loaded.backbone(torch.zeros(1, 1, 28, 28)).cls.shape == (1, 32)
+    assert _train(tmp_path, "second", "trainer.epochs=2", f"model.init_weights={init}",
+                  "trainer.resume=last") == 0

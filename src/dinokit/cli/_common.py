@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,8 @@ def load(checkpoint: str, which: str = "teacher") -> Loaded:
     src = Path(checkpoint)
     if not src.exists():
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
-    if src.suffix in (".safetensors", ".json"):
+    timm_folder = src.is_dir() and (src / "model.safetensors").exists() and not (src / "checkpoints").exists()
+    if src.suffix in (".safetensors", ".json") or timm_folder:
         from dinokit.export import load_backbone, read_metadata
 
         meta = read_metadata(src)
@@ -55,7 +57,10 @@ def load(checkpoint: str, which: str = "teacher") -> Loaded:
         raise WeightsError(f"{ckpt} is not a dinokit training checkpoint (no run config inside)")
     cfg = from_dict(config)
     torch.manual_seed(0)
-    method = build_method(cfg)
+    # The weights come from the checkpoint: never re-read the run's start-up files (they may be gone).
+    build_cfg = copy.deepcopy(cfg)
+    build_cfg.model.init_weights = build_cfg.model.gram_teacher_path = None
+    method = build_method(build_cfg)
     backbone = getattr(method, f"{which}_backbone")
     load_backbone_weights(backbone, backbone_state_dict(obj, which), source=str(ckpt))
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None

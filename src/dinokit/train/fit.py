@@ -15,6 +15,7 @@ damaged ones with a warning; a collapsed teacher is reported (:mod:`dinokit.trai
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import time
 import warnings
@@ -309,7 +310,11 @@ def fit(cfg: Config) -> FitResult:
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
 
-    method = build_method(cfg)
+    build_cfg = cfg
+    if ckpt is not None:  # resuming: weights come from the checkpoint, start-up files are not re-read
+        build_cfg = copy.deepcopy(cfg)
+        build_cfg.model.init_weights = build_cfg.model.gram_teacher_path = None
+    method = build_method(build_cfg)
     loader = build_train_loader(cfg, method)
     module = build_module(cfg, method)
     if cfg.trainer.compile:
