@@ -147,16 +147,19 @@ def test_last_layer_frozen_for_the_first_epoch_only():
     assert not torch.equal(rec.last_layer[8], method.student_head.last_layer.weight_v)
 
 
-def test_nan_loss_stops_with_a_clear_error():
+def test_one_nan_batch_is_skipped_and_training_goes_on():
+    """A single non-finite step no longer stops the run: it is skipped on the device (see
+    tests/test_nonfinite_guard.py for the state checks and the stop after K in a row)."""
     method = _tiny_dino()
     module = DINOModule(method, lr=0.01)
     bad = _batches(2)
     bad[0]["global_views"][0][0, 0, 0, 0] = float("nan")
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(ValueError, match="training loss is nan"), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, torch.utils.data.DataLoader(bad, batch_size=None))
+    assert all(torch.isfinite(p).all() for p in method.parameters())
 
 
 def test_build_optimizer_uses_fused_kernels_where_torch_has_them():
