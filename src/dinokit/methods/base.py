@@ -151,6 +151,10 @@ class SelfDistillationMethod(nn.Module):
             training step turns it off and guards on the device instead.
     """
 
+    #: np.linspace end point of the teacher-temperature warm-up: DINO/DINOv2 reach the final value
+    #: at the warm-up's last index (True); DINOv3's scheduler one index later (False).
+    temperature_warmup_endpoint: bool = True
+
     def __init__(
         self,
         student: nn.ModuleDict,
@@ -242,7 +246,8 @@ class SelfDistillationMethod(nn.Module):
         per_step = self.temperature_warmup_unit == "step" and self.steps_per_epoch
         length = self.warmup_epochs_temperature_teacher * (self.steps_per_epoch if per_step else 1)
         self.teacher_temp_schedule = TeacherTemperature(
-            self.temperature_teacher_warmup, self.temperature_teacher, length
+            self.temperature_teacher_warmup, self.temperature_teacher, length,
+            endpoint=self.temperature_warmup_endpoint,
         )
 
     def set_epoch(self, epoch: int) -> None:

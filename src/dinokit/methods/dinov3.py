@@ -35,6 +35,10 @@ class DINOv3(DINOv2):
             gram_normalized, gram_teacher_size: see :class:`~dinokit.methods.terms.GramTerm`.
     """
 
+    # DINOv3's default schedulers (train.py, CosineScheduler) warm up with np.linspace like DINOv2;
+    # its ``schedules:`` configs (linear_warmup_cosine_decay) end one step later: set
+    # ``temperature_warmup_endpoint = False`` on an instance's class to follow those.
+
     def __init__(self, encoder_name: str | nn.Module = "vit_small_patch16_224", *,
                  n_register_tokens: int = 4, n_prototypes: int | None = None,
                  n_cls_prototypes: int | None = None, image_size: int | None = None,
