@@ -316,7 +316,7 @@ class DINOModule(pl.LightningModule):
                 f"{self.global_step}, epoch {self.current_epoch}); each was skipped (no weight, EMA, "
                 "centre or optimiser update). Likely causes: fp16 overflow (use "
                 "trainer.precision=bf16-mixed), a learning rate too high (lower optim.lr), or bad "
-                "input (NaN pixels)."
+                "input (NaN pixels)"
             )
 
     def on_after_backward(self) -> None:
