@@ -197,7 +197,7 @@ class TrainerConfig:
     checkpoint_every_n_steps: int | None = _f(None, "also checkpoint every N steps", min=1)
     knn_every_n_epochs: int = _f(0, "k-NN monitor interval on data.val_path (0 = off)", min=0)
     progress: bool = _f(True, "show a progress bar")
-    compile: bool = _f(False, "torch.compile the student backbone")
+    compile: bool = _f(False, "torch.compile the method forward (student, teacher, heads, loss terms)")
     sync_batchnorm: bool = _f(
         True, "SyncBatchNorm in student and teacher with several GPU processes (BatchNorm models)"
     )

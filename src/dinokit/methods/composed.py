@@ -181,8 +181,14 @@ class ComposedMethod(SelfDistillationMethod):
         g, lv = check_views(global_views, local_views, self.student_backbone.in_chans)
         n_g, b = len(g), g[0].shape[0]
         step = self.step
-        active = [(t, w) for t in self.terms if (w := t.weight_at(step)) > 0.0]
-        needs = frozenset().union(*(t.consumes for t, _ in active)) if active else frozenset()
+        # Plain loops (not comprehensions): torch.compile traces these without a graph break.
+        active: list[tuple[LossTerm, float]] = []
+        needs: set[str] = set()
+        for t in self.terms:
+            w = t.weight_at(step)
+            if w > 0.0:
+                active.append((t, w))
+                needs.update(t.consumes)
         temp = self.teacher_temperature
 
         m = idx = wts = None
@@ -223,10 +229,13 @@ class ComposedMethod(SelfDistillationMethod):
                 if isinstance(fields.get(name), Tensor):
                     self._check_finite(name, fields[name])
             self._check_finite("loss", total)
-        for k, v in losses.items():
-            if k in self._field_names:
-                fields[k] = v
-        fields = {k: v for k, v in fields.items() if k in self._field_names}
+        kept: dict[str, Any] = {}
+        for k in self._field_names:
+            if k in losses:
+                kept[k] = losses[k]
+            elif k in fields:
+                kept[k] = fields[k]
+        fields = kept
         emb = (t_out.cls if t_out is not None else s_global.cls).detach()
         return self.output_class(loss=total, embedding=emb, losses=losses, teacher_temperature=temp,
                                  **fields)

@@ -318,7 +318,7 @@ def fit(cfg: Config) -> FitResult:
     loader = build_train_loader(cfg, method)
     module = build_module(cfg, method)
     if cfg.trainer.compile:
-        method.student_backbone.compile()
+        method.compile()  # the whole forward: student, teacher, heads and every loss term
     trainer = build_trainer(cfg, run_dir)
     prepare_for_strategy(method, trainer, cfg.trainer.sync_batchnorm)  # SyncBN (issue 12)
     with warnings.catch_warnings():
