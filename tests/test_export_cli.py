@@ -209,3 +209,15 @@ def test_export_command_writes_a_timm_folder_with_the_runs_preprocessing(run_dir
         ref = trained(x).cls
         torch.testing.assert_close(model.forward_features(x)[:, 0], ref, rtol=0, atol=0)
         torch.testing.assert_close(loaded(x).cls, ref, rtol=0, atol=0)
+
+
+def test_export_of_a_checkpoint_whose_weights_do_not_match_its_config_fails(run_dir, tmp_path, capsys):
+    obj = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    kwargs = obj["dinokit"]["config"]["model"]["backbone_kwargs"]
+    kwargs["embed_dim"] = int(kwargs.get("embed_dim", 32)) + 16  # the config now says another width
+    bad = tmp_path / "bad.ckpt"
+    torch.save(obj, bad)
+    assert main(["export", "--checkpoint", str(bad), "--output", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "shape mismatches" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("out*"))  # nothing half-written
