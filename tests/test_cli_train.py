@@ -128,3 +128,10 @@ def test_a_run_started_from_init_weights_loads_and_resumes_after_the_file_is_gon
     assert loaded.backbone(torch.zeros(1, 1, 28, 28)).cls.shape == (1, 32)
     assert _train(tmp_path, "second", "trainer.epochs=2", f"model.init_weights={init}",
                   "trainer.resume=last") == 0
+
+
+def test_batched_device_augmentation_trains_through_the_cli(tmp_path):
+    """data.augment_on=device: the loader yields uint8 images and the module crops them batched."""
+    assert _train(tmp_path, "dev", "trainer.epochs=1", "data.augment_on=device") == 0
+    losses = _losses(tmp_path / "dev")
+    assert len(losses) == 6 and all(v == v for v in losses)

@@ -193,6 +193,8 @@ def build_module(cfg: Config, method: SelfDistillationMethod) -> Any:
         freeze_last_layer_epochs=o.freeze_last_layer_epochs,
         **resolved_training(cfg),
         max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
+        augment=build_batched_augment(cfg) if cfg.data.augment_on == "device" else None,
+        seed=cfg.trainer.seed,
         layer_decay=o.layer_decay,
         patch_embed_lr_mult=o.patch_embed_lr_mult,
         momentum=o.momentum,

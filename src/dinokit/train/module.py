@@ -150,6 +150,8 @@ class DINOModule(pl.LightningModule):
         freeze_last_layer_mode: str = "cancel_grad",
         no_decay_rule: str = "dinokit",
         max_nonfinite_steps: int = 3,
+        augment: Callable[..., dict[str, Any]] | None = None,
+        seed: int = 0,
         layer_decay: float = 1.0,
         patch_embed_lr_mult: float = 1.0,
         exclude_bias_and_norm_wd: bool = True,
@@ -178,6 +180,8 @@ class DINOModule(pl.LightningModule):
         self.freeze_last_layer_epochs = freeze_last_layer_epochs
         self.freeze_last_layer_mode, self.no_decay_rule = freeze_last_layer_mode, no_decay_rule
         self.max_nonfinite_steps = int(max_nonfinite_steps)
+        # data.augment_on=device: batches bring uint8 images; multi-crop runs batched on the device.
+        self.augment, self.seed = augment, int(seed)
         # Device-side counters of the non-finite guard (read only at logging steps).
         self._bad_streak: Tensor | None = None
         self._bad_max_streak: Tensor | None = None
@@ -270,6 +274,13 @@ class DINOModule(pl.LightningModule):
         set_group_hyperparameters(opt, lr, wd, last_layer_lr=0.0 if frozen else None)
         self._scheduled_step = step
         self._current = {"lr": lr, "wd": wd}
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.augment is not None and isinstance(batch, dict) and "images" in batch:
+            # One CPU generator per step, seeded from the run seed and the step: exact on resume.
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
+            batch = {**batch, **self.augment(batch["images"], g, sizes=batch.get("sizes"))}
+        return batch
 
     def on_train_epoch_start(self) -> None:
         self.method.set_epoch(self.current_epoch)
