@@ -20,19 +20,10 @@ INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")
 
 
 def _values(name: str, value: Any, channels: int) -> tuple[float, ...]:
-    """One value per channel: 1 value is repeated, 3 values are averaged for one channel."""
-    try:
-        vals = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"Preprocessing.{name} must be a sequence of numbers, got {value!r}") from None
-    if len(vals) == channels:
-        return vals
-    if len(vals) == 1:
-        return vals * channels
-    if len(vals) == 3 and channels == 1:
-        return (sum(vals) / 3.0,)
-    raise ValueError(f"Preprocessing.{name} must hold 1 or {channels} values for channels={channels}, "
-                     f"got {value!r}")
+    """One value per channel (the rule :class:`~dinokit.data.MultiCropConfig` applies)."""
+    from dinokit.data.multicrop import _per_channel
+
+    return _per_channel(name, value, channels, owner="Preprocessing.")
 
 
 @dataclass(frozen=True)
