@@ -106,7 +106,7 @@ def test_loader_state_round_trip():
     it = iter(dl)
     next(it), next(it)
     state = dl.state_dict()
-    assert state == {"epoch": 0, "batches": 2}
+    assert state == {"epoch": 0, "batches": 2, "batch_size": 3, "world": 1}  # global batch 3 x 1
     rest = [b[0] for b in it]
     dl2 = ResumableDataLoader(ds, batch_size=3, seed=0)
     dl2.load_state_dict(state)

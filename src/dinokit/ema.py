@@ -61,6 +61,8 @@ class EMAUpdater:
         self.copy_buffers = bool(copy_buffers)
 
     def _pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+        _reshard(self.teacher)
+        _reshard(self.student)
         if self._names is None:
             return list(self.teacher.parameters()), list(self.student.parameters())
         t = dict(self.teacher.named_parameters())
@@ -80,6 +82,8 @@ class EMAUpdater:
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
         t_list, s_list = self._pairs()
+        if apply is not None and callable(getattr(apply, "full_tensor", None)):
+            apply = apply.full_tensor()  # a flag computed from FSDP2-sharded gradients is a DTensor
         if t_list:
             if apply is None:
                 if momentum < 1.0:
@@ -114,6 +118,19 @@ class EMAUpdater:
             w = torch.where(flag, torch.full_like(one, 1.0 - momentum), torch.zeros_like(one))
             torch._foreach_mul_(ts, m)
             torch._foreach_add_(ts, torch._foreach_mul(ss, w))
+
+
+def _reshard(module: nn.Module) -> None:
+    """Register the sharded parameters of FSDP2 modules (``FSDPModule.reshard``, a no-op when they
+    already are): a root module keeps its gathered parameters after a forward pass without a
+    backward one (the teacher's, an evaluation pass), and the EMA must update the shards."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def _local(tensors: list[Tensor]) -> list[Tensor]:

@@ -449,18 +449,17 @@ class UInt8Collate:
     def __init__(self, mask_collate: Any = None, n_global: int = 2, global_size: int = 224):
         self.mask_collate, self.n_global, self.global_size = mask_collate, n_global, global_size
 
-    def __call__(self, batch: Sequence[Any]) -> dict[str, Any]:
+    @property
+    def mask_sampling(self) -> str:
+        """The mask collate's ``mask_sampling`` (``"batch"`` without one)."""
+        return getattr(self.mask_collate, "mask_sampling", "batch")
+
+    def __call__(self, batch: Sequence[Any], sample_seeds: Sequence[int] | None = None) -> dict[str, Any]:
         out: dict[str, Any] = dict(collate_uint8(batch))
         mc = self.mask_collate
         if mc is None or mc.mask_generator is None:
             out["masks"] = None
             return out
-        import random
-
         side = self.global_size // mc.patch_size
-        n_patches, n = side * side, len(batch)
-        rng = random.Random(int(torch.randint(0, 2**62, (1,))))
-        masks = mc.make_masks(self.n_global * n, n_patches, rng, (side, side))
-        out["masks"] = masks
-        out.update(mc.index_masks(masks, mc.upper_bound(n, n_patches, self.n_global)))
+        out.update(mc.batch_masks(len(batch), self.n_global, (side, side), sample_seeds))
         return out

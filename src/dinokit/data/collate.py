@@ -23,6 +23,17 @@ others are unmasked; then the rows are shuffled. ``U`` (:meth:`MultiCropCollate.
 the official ``upperbound``, ``sum_i int(N * prob_max_i)``: it depends only on the batch
 geometry, so the masked-token buffers keep one shape from batch to batch (no recompilation, no
 host sync in the step).
+
+``mask_sampling="sample"`` (a dinokit option; the default ``"batch"`` is the official rule above)
+draws the masks of each image on its own, from a seed of that image (given by
+:class:`~dinokit.train.loader.SeededCollate` from ``(seed, epoch, sample index)``): each of its
+global crops is masked with probability ``mask_probability``, with ``int(N * r)`` patches, ``r``
+uniform in ``mask_ratio_range`` (whatever ``ratio_sampling``), then the generator's own draws
+(block positions) and the circular shift. A sample's masks then do not depend on the batch it
+lands in, so a run gives the same masks at any world size. The number of masked crops varies from
+batch to batch (binomial, same mean), so ``U`` is then ``n_global * B * int(N * high)`` (more
+padded tokens through the patch head: about 3x the official bound with the default ratios);
+``mask_weights`` keep the official meaning.
 """
 
 from __future__ import annotations
@@ -62,15 +73,19 @@ class MultiCropCollate:
             (DINOv3: the slice's upper end).
         random_circular_shift: roll each mask by a random shift of the patch grid (DINOv3's
             ``mask_random_circular_shift``, off by default there too).
+        mask_sampling: ``"batch"`` (official: the masked crops and their ratios spread over the
+            batch) or ``"sample"`` (each image's masks from its own seed; see the module docstring).
 
     Mask randomness comes from one draw of torch's global generator per batch, so it follows
-    ``torch.manual_seed`` and DataLoader workers' per-worker seeds.
+    ``torch.manual_seed`` and DataLoader workers' per-worker seeds. With ``mask_sampling="sample"``
+    it comes from ``sample_seeds`` (one int per item) when the caller passes them, else from one
+    draw of torch's global generator per item.
     """
 
     def __init__(self, mask_generator: Callable[..., Any] | None = None,
                  patch_size: int | None = None, mask_probability: float = 0.5,
                  mask_ratio_range: Sequence[float] = (0.1, 0.5), ratio_sampling: str = "uniform",
-                 random_circular_shift: bool = False):
+                 random_circular_shift: bool = False, mask_sampling: str = "batch"):
         if mask_generator is not None and not callable(mask_generator):
             raise TypeError(f"mask_generator must be callable or None, "
                             f"got {type(mask_generator).__name__}")
@@ -87,6 +102,9 @@ class MultiCropCollate:
             raise ValueError(f"ratio_sampling must be 'uniform' (DINOv2) or 'upper' (DINOv3), "
                              f"got {ratio_sampling!r}")
         self.ratio_sampling, self.random_circular_shift = ratio_sampling, bool(random_circular_shift)
+        if mask_sampling not in ("batch", "sample"):
+            raise ValueError(f"mask_sampling must be 'batch' (official) or 'sample', got {mask_sampling!r}")
+        self.mask_sampling = mask_sampling
         self._pass_rng = mask_generator is not None and _takes_rng(mask_generator)
 
     # ------------------------------------------------------------------------------ stacking
@@ -135,7 +153,11 @@ class MultiCropCollate:
     def upper_bound(self, batch_size: int, n_patches: int, n_global: int = 2) -> int:
         """``U``: the most masked tokens a batch of ``batch_size`` images (``n_global`` crops
         each, ``n_patches`` patches per crop) can carry: ``sum_i int(N * prob_max_i)`` over the
-        ``int(n_global * batch_size * mask_probability)`` masked crops (DINOv2's ``upperbound``)."""
+        ``int(n_global * batch_size * mask_probability)`` masked crops (DINOv2's ``upperbound``).
+        With ``mask_sampling="sample"``: every crop may be masked, ``n_global * B * int(N * high)``."""
+        if self.mask_sampling == "sample":
+            n_crops = n_global * batch_size if self.mask_probability > 0 else 0
+            return n_crops * int(n_patches * self.mask_ratio_range[1])
         n_masked = int(n_global * batch_size * self.mask_probability)
         probs = self._probs(n_masked)
         return sum(int(n_patches * probs[i + 1]) for i in range(n_masked))
@@ -157,26 +179,66 @@ class MultiCropCollate:
                 ratio = probs[i] + (probs[i + 1] - probs[i]) * rng.random()  # random.uniform, float32
             else:
                 ratio = probs[i + 1]
-            count = int(n_patches * ratio)
-            out = self.mask_generator(count, rng) if self._pass_rng else self.mask_generator(count)
-            mask = torch.as_tensor(out).bool()
-            if mask.numel() != n_patches:
-                raise ValueError(f"mask_generator gave {mask.numel()} patches but the global crops "
-                                 f"have N = {n_patches} (check its grid against "
-                                 f"patch_size={self.patch_size})")
-            if int(mask.sum()) > count:
-                raise ValueError(f"mask_generator masked {int(mask.sum())} patches when asked for "
-                                 f"at most {count}")
-            if self.random_circular_shift:
-                if grid is None:
-                    raise ValueError("random_circular_shift needs the patch grid (rows, cols)")
-                mask = mask.reshape(grid)
-                shift = (rng.randint(0, grid[0] - 1), rng.randint(0, grid[1] - 1))
-                mask = torch.roll(mask, shift, (0, 1))
-            rows.append(mask.flatten())
+            rows.append(self._generate(int(n_patches * ratio), n_patches, rng, grid))
         rows += [torch.zeros(n_patches, dtype=torch.bool) for _ in range(n_crops - n_masked)]
         rng.shuffle(rows)
         return torch.stack(rows)
+
+    def _generate(self, count: int, n_patches: int, rng: random.Random,
+                  grid: tuple[int, int] | None) -> Tensor:
+        """One crop's flat mask of at most ``count`` patches (the generator's draws, then the
+        optional circular shift), from ``rng``."""
+        assert self.mask_generator is not None
+        out = self.mask_generator(count, rng) if self._pass_rng else self.mask_generator(count)
+        mask = torch.as_tensor(out).bool().flatten()
+        if mask.numel() != n_patches:
+            raise ValueError(f"mask_generator gave {mask.numel()} patches but the global crops "
+                             f"have N = {n_patches} (check its grid against "
+                             f"patch_size={self.patch_size})")
+        if int(mask.sum()) > count:
+            raise ValueError(f"mask_generator masked {int(mask.sum())} patches when asked for "
+                             f"at most {count}")
+        if self.random_circular_shift:
+            if grid is None:
+                raise ValueError("random_circular_shift needs the patch grid (rows, cols)")
+            shift = (rng.randint(0, grid[0] - 1), rng.randint(0, grid[1] - 1))
+            mask = torch.roll(mask.reshape(grid), shift, (0, 1)).flatten()
+        return mask
+
+    def sample_masks(self, n_global: int, n_patches: int, seed: int,
+                     grid: tuple[int, int] | None = None) -> Tensor:
+        """BoolTensor ``[n_global, n_patches]``: one image's masks under ``mask_sampling="sample"``,
+        a function of ``seed`` only. Per crop, from ``random.Random(seed)``: masked or not
+        (``rng.random() < mask_probability``), the ratio ``low + (high - low) * rng.random()``,
+        then (masked crops only) the generator's draws and the circular shift."""
+        rng = random.Random(int(seed))
+        low, high = self.mask_ratio_range
+        rows = []
+        for _ in range(n_global):
+            masked = rng.random() < self.mask_probability
+            ratio = low + (high - low) * rng.random()
+            if masked:
+                rows.append(self._generate(int(n_patches * ratio), n_patches, rng, grid))
+            else:
+                rows.append(torch.zeros(n_patches, dtype=torch.bool))
+        return torch.stack(rows)
+
+    def batch_masks(self, n_images: int, n_global: int, grid: tuple[int, int],
+                    sample_seeds: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """``masks [n_global * n_images, N]`` (view-major rows) with ``mask_indices``,
+        ``mask_weights`` and ``n_masked`` for a batch, by the ``mask_sampling`` rule."""
+        n_patches = grid[0] * grid[1]
+        if self.mask_sampling == "sample":
+            if sample_seeds is None:
+                sample_seeds = torch.randint(0, 2**62, (n_images,)).tolist()
+            if len(sample_seeds) != n_images:
+                raise ValueError(f"sample_seeds has {len(sample_seeds)} seeds for {n_images} items")
+            per_image = torch.stack([self.sample_masks(n_global, n_patches, s, grid) for s in sample_seeds])
+            masks = per_image.transpose(0, 1).flatten(0, 1)  # row v * B + b
+        else:
+            rng = random.Random(int(torch.randint(0, 2**62, (1,))))
+            masks = self.make_masks(n_global * n_images, n_patches, rng, grid)
+        return {"masks": masks, **self.index_masks(masks, self.upper_bound(n_images, n_patches, n_global))}
 
     @staticmethod
     def index_masks(masks: Tensor, upper_bound: int) -> dict[str, Tensor]:
@@ -194,7 +256,8 @@ class MultiCropCollate:
         return {"mask_indices": indices, "mask_weights": padded,
                 "n_masked": torch.tensor(n, dtype=torch.long)}
 
-    def __call__(self, batch: Sequence[Any]) -> dict[str, Any]:
+    def __call__(self, batch: Sequence[Any], sample_seeds: Sequence[int] | None = None) -> dict[str, Any]:
+        """The batch dict; ``sample_seeds`` (one per item) are used by ``mask_sampling="sample"``."""
         if len(batch) == 0:
             raise ValueError("batch is empty")
         views, labels = self._split(batch)
@@ -209,10 +272,8 @@ class MultiCropCollate:
             h, w = global_views[0].shape[-2:]
             assert self.patch_size is not None
             grid = (h // self.patch_size, w // self.patch_size)
-            n_patches = grid[0] * grid[1]
-            rng = random.Random(int(torch.randint(0, 2**62, (1,))))
-            masks = self.make_masks(len(global_views) * len(views), n_patches, rng, grid)
-            extra = self.index_masks(masks, self.upper_bound(len(views), n_patches, len(global_views)))
+            extra = self.batch_masks(len(views), len(global_views), grid, sample_seeds)
+            masks = extra.pop("masks")
         return {
             "global_views": global_views,
             "local_views": self._stack(views, "local_views"),
@@ -227,4 +288,5 @@ class MultiCropCollate:
         return (f"MultiCropCollate(mask_generator={self.mask_generator!r}, "
                 f"patch_size={self.patch_size}, mask_probability={self.mask_probability}, "
                 f"mask_ratio_range={self.mask_ratio_range}, ratio_sampling={self.ratio_sampling!r}, "
-                f"random_circular_shift={self.random_circular_shift})")
+                f"random_circular_shift={self.random_circular_shift}, "
+                f"mask_sampling={self.mask_sampling!r})")

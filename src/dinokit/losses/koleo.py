@@ -7,6 +7,12 @@ As the official ``KoLeoLoss`` (dinov2/dinov3 ``loss/koleo_loss.py``): ``F.normal
 distance by ``nn.PairwiseDistance(2, eps=1e-8)`` (i.e. ``||x_i - x_j + 1e-8||``), all in fp32.
 DINOv2 adds the KoLeo of each global crop (``sum`` over crops, :func:`koleo_loss_over_crops`);
 DINOv3 takes the mean over crops times ``n_global``: the same number.
+
+``all_processes=True`` (``model.koleo_all_processes``; off by default, as in DINOv2 and DINOv3's
+default ``koleo_loss_distributed: false``) is DINOv3's ``KoLeoLossDistributed`` with ``topk=1``:
+the neighbours are searched in the all-gathered global batch and the gradient flows back through
+the gather (``torch.distributed.nn.functional.all_gather``, summed over processes), so that with
+the processes' gradients averaged (DDP/FSDP) a run equals one process on the global batch.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dinokit.distributed import all_gather_cat, is_distributed
+from dinokit.distributed import is_distributed
 
 #: ``eps`` of the official ``nn.PairwiseDistance(2, eps=1e-8)``.
 PDIST_EPS = 1e-8
@@ -25,21 +31,25 @@ def koleo_loss(x: Tensor, eps: float = 1e-8, all_processes: bool = False) -> Ten
     """``x [B, D]`` -> scalar.
 
     ``all_processes``: neighbours are searched in the batch of every process (DINOv3's
-    ``KoLeoLossDistributed`` with ``topk=1``; gradients reach this process's samples only). With
-    a single sample and no other process there is no neighbour: the loss is ``0 * x.sum()``
-    (the official code would pair the sample with itself).
+    ``KoLeoLossDistributed`` with ``topk=1``): the loss is the mean over this process's samples
+    and the gradient also reaches the other processes' samples that are neighbours of these (the
+    gather's backward sums over processes; a collective in the backward pass too, so every
+    process must call it with the same batch size). With a single sample and no other process there
+    is no neighbour: the loss is ``0 * x.sum()`` (the official code would pair the sample with
+    itself).
     """
     if x.ndim != 2:
         raise ValueError(f"koleo input must be [B, D], got shape {tuple(x.shape)}")
     z = F.normalize(x.float(), p=2, dim=-1, eps=eps)
-    pool = all_gather_cat(z) if all_processes and is_distributed() else z
+    offset, pool = 0, z
+    if all_processes and is_distributed():
+        import torch.distributed as dist
+        from torch.distributed.nn.functional import all_gather
+
+        pool = torch.cat(all_gather(z), dim=0)
+        offset = dist.get_rank() * z.shape[0]
     if pool.shape[0] < 2:
         return x.sum() * 0.0
-    offset = 0
-    if pool is not z:
-        import torch.distributed as dist
-
-        offset = dist.get_rank() * z.shape[0]
     with torch.no_grad():
         dots = z @ pool.t()
         n_local, n_all = dots.shape

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 _MIX = 0x9E3779B97F4A7C15
 _MASK_SALT = 0x5EED_0F_3A5C
+_ITEM_MASK_SALT = 0x5A3F_1E_77D1
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -123,6 +124,10 @@ class SeededCollate:
 
     ``rank`` is set by :class:`ResumableDataLoader` in the main process before workers start.
     Batches not made by :meth:`SeededViews.__getitems__` (no keys) are collated unseeded.
+
+    A collate with ``mask_sampling == "sample"`` (``data.mask_sampling=sample``) is also given one
+    seed per item, :meth:`item_seed` of ``(seed, epoch, sample index)`` only: each sample's masks
+    are then the same whatever batch, process or worker it lands in.
     """
 
     def __init__(self, collate: Callable[[Any], Any], seed: int = 0):
@@ -132,13 +137,21 @@ class SeededCollate:
         epoch, index = divmod(int(first_key), n)
         return sample_seed(self.seed ^ _MASK_SALT, epoch * 65_537 + self.rank, index)
 
+    def item_seed(self, key: int, n: int) -> int:
+        """The mask seed of one sample: ``(seed, epoch, index)``, not the rank nor the batch."""
+        epoch, index = divmod(int(key), n)
+        return sample_seed(self.seed ^ _ITEM_MASK_SALT, epoch, index)
+
     def __call__(self, batch: Any) -> Any:
         keys, n = getattr(batch, "keys", None), getattr(batch, "n", None)
         if not keys or not n:
             return self.collate(batch)
+        kwargs = {}
+        if getattr(self.collate, "mask_sampling", "batch") == "sample":
+            kwargs["sample_seeds"] = [self.item_seed(k, n) for k in keys]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.batch_seed(keys[0], n))
-            return self.collate(list(batch))
+            return self.collate(list(batch), **kwargs)
 
 
 class ResumableDataLoader(DataLoader):
@@ -170,11 +183,32 @@ class ResumableDataLoader(DataLoader):
         sampler.start = 0
 
     def state_dict(self) -> dict[str, int]:
+        """The epoch, the batches this process has taken in it, and the global batch they made
+        (``batch_size`` per process x ``world`` processes)."""
         sampler: EpochSampler = self.sampler  # type: ignore[assignment]
-        return {"epoch": sampler.epoch, "batches": self._yielded}
+        _, world = _rank_world()
+        return {"epoch": sampler.epoch, "batches": self._yielded, "batch_size": int(self.batch_size or 0),
+                "world": world}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue where ``state`` stopped, also at another world size when the global batch is
+        the same (each global batch is ``order[k * G : (k + 1) * G]`` of the epoch's permutation,
+        dealt over the processes); a different global batch is refused (ConfigError)."""
+        from dinokit.config import ConfigError
+
         sampler: EpochSampler = self.sampler  # type: ignore[assignment]
+        if "world" in state and "batch_size" in state:
+            _, world = _rank_world()
+            saved, now = int(state["world"]) * int(state["batch_size"]), world * int(self.batch_size or 0)
+            if saved != now:
+                procs = lambda n: f"{n} process" + ("es" if n != 1 else "")  # noqa: E731
+                hint = (f"; data.batch_size={saved // world} with {procs(world)} keeps it"
+                        if saved % world == 0 else "")
+                raise ConfigError(
+                    f"data.batch_size: the checkpoint's run took global batches of {saved} "
+                    f"({procs(int(state['world']))} x {state['batch_size']}), this run would take {now} "
+                    f"({procs(world)} x {self.batch_size}): an exact resume needs the same global "
+                    f"batch{hint}")
         sampler.epoch = int(state["epoch"])
         sampler.start = int(state["batches"]) * int(self.batch_size)  # type: ignore[arg-type]
         self._yielded = int(state["batches"])

@@ -11,8 +11,12 @@
   teacher parameter is sharded exactly like its student twin: the EMA then runs shard by shard on
   the local tensors (:class:`~dinokit.ema.EMAUpdater` pairs by name each step). DINO's per-parameter
   clipping needs each parameter's *full* gradient norm: :func:`clip_per_parameter_sharded_` sums
-  the squared local shards and reduces them in one collective. :func:`full_state_dict` gathers a
-  sharded module into plain tensors (checkpoints that load at any world size).
+  the squared local shards and reduces them in one collective (DINOv2/v3's per-module
+  ``clip_grad_norm_`` handles DTensor gradients itself). :func:`full_state_dict` and
+  :func:`full_optimizer_state_dict` gather a sharded method and its optimiser into plain tensors,
+  and :func:`load_full_state_dict` / :func:`load_full_optimizer_state_dict` cut them again: a
+  checkpoint taken at one world size resumes at another (tests/test_fsdp.py: 2 CPU processes on
+  gloo equal 1 process, for DINO and DINOv2, and resume 2 -> 1 and 1 -> 2).
 """
 
 from __future__ import annotations
@@ -96,18 +100,22 @@ def shard_method(method: nn.Module, mesh: Any = None, **fsdp_kwargs: Any) -> Any
     """``fully_shard`` each block and each network of ``method.student`` and ``method.teacher`` on
     one mesh (the same structure, so twin parameters get identical shards). Returns the mesh.
 
-    The teacher is sharded without gradients and only ever runs forward; its EMA update reads the
-    local shards of both networks. Call before building the optimiser.
+    The teacher is sharded without gradients and only ever runs forward, so it reshards after
+    every forward, its outermost modules too (``reshard_after_forward=True``; FSDP2's default
+    keeps a root module's parameters gathered until the backward pass, which the teacher never
+    has: its EMA update would then write to a gathered copy that is thrown away). Its EMA update
+    reads the local shards of both networks. Call before building the optimiser.
     """
     from torch.distributed.fsdp import fully_shard
 
     mesh = mesh if mesh is not None else device_mesh()
     for name in ("student", "teacher"):
         pair: nn.ModuleDict = getattr(method, name)
+        kwargs = {**fsdp_kwargs, "reshard_after_forward": True} if name == "teacher" else fsdp_kwargs
         for key in list(pair.keys()):
             for block in _blocks(pair[key]):
-                fully_shard(block, mesh=mesh, **fsdp_kwargs)
-            fully_shard(pair[key], mesh=mesh, **fsdp_kwargs)
+                fully_shard(block, mesh=mesh, **kwargs)
+            fully_shard(pair[key], mesh=mesh, **kwargs)
     return mesh
 
 
@@ -146,23 +154,77 @@ def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-@torch.no_grad()
-def load_full_state_dict(module: nn.Module, state: dict[str, Tensor]) -> None:
-    """Load plain tensors into a (possibly sharded) ``module``: each process keeps its shard, so a
-    checkpoint written at one world size resumes at another."""
+def _shard_like(ref: Any, src: Any) -> Any:
+    """``src`` (a full tensor) cut as the DTensor ``ref`` is (every process holds ``src``: no
+    communication); anything else as it is."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    if isinstance(ref, DTensor) and isinstance(src, Tensor) and not isinstance(src, DTensor):
+        if tuple(src.shape) != tuple(ref.shape):
+            raise ValueError(f"full tensor of shape {tuple(src.shape)} for a parameter of shape "
+                             f"{tuple(ref.shape)}")
+        return distribute_tensor(src.to(device=ref.device, dtype=ref.dtype), ref.device_mesh,
+                                 ref.placements, src_data_rank=None)
+    return src
+
+
+@torch.no_grad()
+def load_full_state_dict(module: nn.Module, state: dict[str, Any]) -> None:
+    """Load plain tensors (what :func:`full_state_dict` gives) into a (possibly sharded)
+    ``module``: each process keeps its shard, so a checkpoint written at one world size resumes at
+    another. Non-tensor entries (a method's ``_extra_state``: step and epoch) load as usual."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     if missing:
         raise KeyError(f"state dict lacks {missing[:5]}")
-    for k, v in own.items():
-        src = state[k]
-        if isinstance(v, DTensor):
-            v.to_local().copy_(distribute_tensor(src.to(v.dtype), v.device_mesh, v.placements,
-                                              src_data_rank=None).to_local())
-        else:
-            v.copy_(src)
+    module.load_state_dict({k: _shard_like(v, state[k]) for k, v in own.items()})
+
+
+def _param_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name in ``module`` of each parameter of ``optimizer``, in its param_groups order."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    out = []
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            if id(p) not in names:
+                raise ValueError(f"the optimiser holds a parameter of shape {tuple(p.shape)} that is "
+                                 f"not in the module (build the optimiser after shard_method)")
+            out.append(names[id(p)])
+    return out
+
+
+def full_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer``'s state keyed by parameter names in ``module``, with full (unsharded) tensors:
+    it loads at any world size with :func:`load_full_optimizer_state_dict` (a collective when the
+    parameters are sharded: call it on every process)."""
+    names = _param_names(module, optimizer)
+    sd = optimizer.state_dict()
+    state = {}
+    for i, st in sd["state"].items():
+        state[names[i]] = {k: (v.full_tensor() if callable(getattr(v, "full_tensor", None)) else v)
+                           for k, v in st.items()}
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def load_full_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer,
+                                   state: dict[str, Any]) -> None:
+    """Load what :func:`full_optimizer_state_dict` wrote (at any world size) into ``optimizer``,
+    whose parameters (sharded or not) belong to ``module``."""
+    names = _param_names(module, optimizer)
+    saved = [n for g in state["param_groups"] for n in g["params"]]
+    if saved != names:
+        diff = sorted(set(saved) ^ set(names))[:5]
+        raise ValueError(f"optimiser state of other parameters (or another order), e.g. {diff}")
+    params = dict(module.named_parameters())
+    index = {n: i for i, n in enumerate(names)}
+    per_param = {}
+    for n, st in state["state"].items():
+        ref = params[n]
+        per_param[index[n]] = {k: _shard_like(ref, v) if getattr(v, "shape", None) == ref.shape else v
+                               for k, v in st.items()}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
 
 
 # ------------------------------------------------------------------------------- launchers

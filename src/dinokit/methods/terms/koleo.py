@@ -15,8 +15,10 @@ from dinokit.methods.terms.base import GLOBAL_CLS, LossTerm, StepFeatures, TermO
 class KoLeoTerm(LossTerm):
     """Args:
         weight: the term's weight (DINOv2/v3: 0.1).
-        all_processes: search nearest neighbours over every process's batch (a dinokit option;
-            the official default searches within each process's batch).
+        all_processes: search nearest neighbours over every process's batch, the gradient
+            flowing back through the gather (DINOv3's ``koleo_loss_distributed: true``; the
+            official default, off, searches within each process's batch). On, a run with several
+            processes equals one process on the global batch.
         reduction: ``"sum"`` over the global crops (official) or ``"mean"``.
     """
 
