@@ -1,13 +1,25 @@
 """Shared by dinokit's and the peers' step benchmarks (plain torch + timm only, no dinokit import,
-so the peer script can run in the peers' own virtual environment)."""
+so the peer script can run in the peers' own virtual environment).
+
+Each library runs in its own worker process that builds its step once and then answers requests
+on stdin (``time N``: run N steps and print their wall and CPU times as one JSON line), so that the
+driver (``step_time.py``) can interleave the libraries round-robin in one invocation.
+"""
 
 from __future__ import annotations
 
+import json
+import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import torch
+
+#: dense bf16 tensor-core peak (FLOP/s) by device name fragment, for the MFU figure.
+BF16_PEAK = {"H200": 989.4e12, "H100 SXM": 989.4e12, "H100 NVL": 835.5e12, "H100 PCIe": 756.5e12,
+             "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
 
 
 def make_views(batch: int, n_global: int, n_local: int, gsize: int, lsize: int, device: str):
@@ -17,22 +29,82 @@ def make_views(batch: int, n_global: int, n_local: int, gsize: int, lsize: int, 
     return glob, loc
 
 
-def time_steps(step: Callable[[], None], steps: int, warmup: int, device: str) -> list[float]:
-    """Milliseconds per call of ``step`` (synchronising CUDA around each timed step)."""
-    for _ in range(warmup):
-        step()
-    out = []
+def random_masks(rows: int, n_patches: int, ratio: float, device: str) -> torch.Tensor:
+    """Exactly ``round(ratio * N)`` masked patches per row (what every library's DINOv2 draws)."""
+    k = int(round(ratio * n_patches))
+    order = torch.rand(rows, n_patches, device=device).argsort(dim=1)[:, :k]
+    return torch.zeros(rows, n_patches, dtype=torch.bool, device=device).scatter_(1, order, True)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(step: Callable[[], None], steps: int, device: str) -> tuple[list[float], list[float]]:
+    """Wall and process-CPU milliseconds of each of ``steps`` calls of ``step``."""
+    wall, cpu = [], []
     for _ in range(steps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        _sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        out.append((time.perf_counter() - t0) * 1000)
-    return out
+        _sync(device)
+        wall.append((time.perf_counter() - t0) * 1000)
+        cpu.append((time.process_time() - c0) * 1000)
+    return wall, cpu
 
 
-def summary(times: list[float], batch: int) -> dict[str, float]:
-    med = statistics.median(times)
-    return {"median_ms": med, "min_ms": min(times), "images_per_s": batch / (med / 1000)}
+def peak_memory_mb(device: str) -> float:
+    """Peak CUDA memory allocated, or this process's maximum resident set size on CPU."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def count_flops(step: Callable[[], None]) -> float:
+    """FLOPs of one call of ``step`` (forward and backward), by ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def serve(build: Callable[[], Callable[[], None]], a: dict) -> None:
+    """Worker loop: build the step, say ``ready``, then answer ``warmup N`` / ``time N`` /
+    ``flops`` / ``quit`` lines on stdin with one JSON line each on stdout."""
+    torch.manual_seed(0)
+    torch.set_num_threads(a["threads"])
+    out = sys.stdout
+    sys.stdout = sys.stderr  # libraries' prints must not break the protocol
+    try:
+        step = build()
+    except Exception as e:
+        out.write(json.dumps({"error": f"{type(e).__name__}: {e}"[:400]}) + "\n")
+        out.flush()
+        return
+    out.write(json.dumps({"ready": True}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        cmd, *rest = line.split()
+        try:
+            if cmd == "quit":
+                break
+            if cmd == "warmup":
+                time_steps(step, int(rest[0]), a["device"])
+                reply: dict = {"ok": True}
+            elif cmd == "time":
+                wall, cpu = time_steps(step, int(rest[0]), a["device"])
+                reply = {"wall_ms": wall, "cpu_ms": cpu, "peak_mb": peak_memory_mb(a["device"])}
+            elif cmd == "flops":
+                reply = {"flops": count_flops(step)}
+            else:
+                reply = {"error": f"unknown command {cmd!r}"}
+        except Exception as e:
+            reply = {"error": f"{type(e).__name__}: {e}"[:400]}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")

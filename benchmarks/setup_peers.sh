@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [ -x .bench-venv/bin/python ] || python3 -m venv .bench-venv
 .bench-venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-.bench-venv/bin/pip install -q lightly stable-pretraining timm || echo "some peers failed to install"
-.bench-venv/bin/pip list 2>/dev/null | grep -iE "^(lightly|stable.pretraining|timm|torch) "
+.bench-venv/bin/pip install -q lightly stable-pretraining nidl timm || echo "some peers failed to install"
+.bench-venv/bin/pip list 2>/dev/null | grep -iE "^(lightly|stable.pretraining|nidl|timm|torch) "

@@ -8,11 +8,14 @@ tokens of the last ``n`` blocks (DINO's linear evaluation input).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dinokit.backbones.base import Backbone, BackboneOutput, suggest_sizes
+from dinokit.backbones.packed import PackedLayout, packable_block, packed_block
 
 
 def is_timm_vit(model: nn.Module) -> bool:
@@ -149,15 +152,39 @@ class ViTBackbone(Backbone):
             cls = patches.mean(dim=1)
         return BackboneOutput(cls=cls, patches=patches, registers=regs)
 
+    def _checkpointing(self) -> bool:
+        return bool(getattr(self.model, "grad_checkpointing", False)) and torch.is_grad_enabled()
+
     def forward(self, x: Tensor, masks: Tensor | None = None) -> BackboneOutput:
         t = self.tokens(x, masks)
-        if getattr(self.model, "grad_checkpointing", False) and torch.is_grad_enabled():
+        if self._checkpointing():
             for blk in self.model.blocks:
                 t = checkpoint(blk, t, use_reentrant=False)
         else:
             t = self.model.blocks(t)
         t = self.model.norm(t)
         return self._split(t)
+
+    @property
+    def can_pack(self) -> bool:
+        """Whether :meth:`forward_packed` really packs (every block a plain timm pre-norm block)."""
+        return all(packable_block(b) for b in self.model.blocks)
+
+    def forward_packed(self, inputs: Sequence[tuple[Tensor, Tensor | None]]) -> list[BackboneOutput]:
+        """Several batches of crops (one per resolution, each ``(images, masks or None)``) through
+        the blocks in one sequence-packed pass, attention kept within each crop; one output per
+        batch, equal to ``self(images, masks)`` up to float rounding. Each crop gets its own
+        position-embedding interpolation, registers and mask tokens (:meth:`tokens`)."""
+        if len(inputs) == 1 or not self.can_pack:
+            return [self(x, masks=m) for x, m in inputs]
+        toks = [self.tokens(x, m) for x, m in inputs]
+        layout = PackedLayout([(t.shape[0], t.shape[1]) for t in toks])
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in toks])
+        ckpt = self._checkpointing()
+        for blk in self.model.blocks:
+            x = checkpoint(packed_block, blk, x, layout, use_reentrant=False) if ckpt else packed_block(
+                blk, x, layout)
+        return [self._split(t) for t in layout.split(self.model.norm(x))]
 
     def last_self_attention(self, x: Tensor) -> Tensor:
         """Softmax attention of the last block, ``[B, heads, T, T]``, computed explicitly."""

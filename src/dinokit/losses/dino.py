@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from dinokit.losses.centering import EMACenter
+from dinokit.losses.lean_ce import dino_pair_cross_entropy_sum
 
 
 def n_pairs(n_teacher: int, n_student: int) -> int:
@@ -36,11 +37,10 @@ def dino_cross_entropy(student_logits: Tensor, teacher_probs: Tensor, student_te
         raise ValueError(
             f"the DINO loss needs at least two views in total; got {n_t} teacher and {n_s} student"
         )
-    log_p_s = torch.log_softmax(student_logits.float() / student_temp, dim=-1)
-    # ce[t, s] = mean_b H(P_t[b], P_s[b]): one batched contraction over all pairs.
-    ce = -torch.einsum("tbk,sbk->ts", teacher_probs.float(), log_p_s) / student_logits.shape[1]
-    # A view is never compared with itself: drop the diagonal (no boolean indexing, no host sync).
-    return (ce.sum() - ce.diagonal().sum()) / pairs
+    # Memory-lean (lean_ce.py): one student view at a time, no fp32 copy of the log-softmax kept
+    # for backward; a view is never compared with itself (no boolean indexing, no host sync).
+    total = dino_pair_cross_entropy_sum(student_logits, teacher_probs, student_temp)
+    return total / (student_logits.shape[1] * pairs)
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from dinokit.losses.centering import EMACenter
+from dinokit.losses.lean_ce import weighted_row_cross_entropy_sum
 from dinokit.losses.sinkhorn import sinkhorn_knopp
 
 
@@ -52,11 +53,9 @@ def ibot_patch_loss(student_patch_logits: Tensor, teacher_patch_probs: Tensor, w
         raise ValueError(f"weights must be [U={student_patch_logits.shape[0]}], got {tuple(weights.shape)}")
     if isinstance(n_crops, int) and n_crops < 1:
         raise ValueError(f"n_crops (all global crops, n_global * B) must be >= 1, got {n_crops}")
-    log_p_s = torch.log_softmax(student_patch_logits.float() / student_temp, dim=-1)
-    ce = (teacher_patch_probs.float() * log_p_s).sum(-1)  # [U]
-    w = weights.float()
-    per_token = torch.where(w != 0, ce * w, 0.0)  # padding contributes exactly 0
-    return -per_token.sum() / n_crops
+    # memory-lean (lean_ce.py): chunks of rows, no fp32 log-softmax copy kept; padding adds exactly 0
+    return weighted_row_cross_entropy_sum(student_patch_logits, teacher_patch_probs, weights,
+                                          student_temp) / n_crops
 
 
 class IBOTPatchLoss(nn.Module):

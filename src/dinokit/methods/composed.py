@@ -2,9 +2,10 @@
 
 The forward pass computes each feature once, and only the features the active terms consume:
 the teacher on the unmasked global crops (no grad), the student on the global crops (with the
-iBOT mask token where masked) and on the local crops (one batched pass per resolution), the
-masked tokens gathered at static-size indices. Each term turns those into a loss; the total is
-the weighted sum. DINO, DINOv2, DINOv3 and iBOT are presets of this class.
+iBOT mask token where masked) and on the local crops (one sequence-packed pass over every crop, or
+one batched pass per resolution: the backbone's ``packed_crops``), the masked tokens gathered at
+static-size indices. Each term turns those into a loss; the total is the weighted sum. DINO,
+DINOv2, DINOv3 and iBOT are presets of this class.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from dinokit.backbones import Backbone, BackboneOutput
-from dinokit.methods.base import MethodOutput, SelfDistillationMethod, check_views, forward_views
+from dinokit.methods.base import (
+    MethodOutput,
+    SelfDistillationMethod,
+    check_views,
+    forward_views,
+    resolution_groups,
+)
 from dinokit.methods.outputs import DINOv2Output
 from dinokit.methods.terms.base import (
     LOCAL_CLS,
@@ -204,10 +211,14 @@ class ComposedMethod(SelfDistillationMethod):
         if TEACHER_GLOBAL in needs:
             with torch.no_grad():
                 t_out = _merge(forward_views(self.teacher_backbone, g))
-        s_global = _merge(forward_views(self.student_backbone, g, m))
         s_local = None
-        if LOCAL_CLS in needs and lv:
-            s_local = torch.cat([o.cls for o in forward_views(self.student_backbone, lv)])
+        if LOCAL_CLS in needs and lv:  # one call: the backbone may pack every crop into one pass
+            outs = forward_views(self.student_backbone, g + lv, m, breaks=(n_g,))
+            n_runs = len(resolution_groups(g))
+            s_global = _merge(outs[:n_runs])
+            s_local = torch.cat([o.cls for o in outs[n_runs:]])
+        else:
+            s_global = _merge(forward_views(self.student_backbone, g, m))
         features = StepFeatures(
             n_global=n_g, batch_size=b, teacher_temp=temp, step=step, training=self.training,
             global_images=torch.cat(g) if STUDENT_PATCHES in needs else None, student_global=s_global,

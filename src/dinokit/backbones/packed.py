@@ -1,0 +1,98 @@
+"""Sequence-packed multi-crop: crops of several resolutions through the ViT blocks in one pass.
+
+DINO's multi-crop runs the student once per resolution (``MultiCropWrapper``: two 224 crops, then
+the 96 crops). Packing flattens the tokens of every crop of the step into one ``[rows, D]`` stream:
+the per-token layers of a pre-norm block (LayerNorms, the qkv and output projections, the MLP,
+layer scale) run once over all of it, and only scaled dot-product attention is split, one call per
+resolution run, so that each crop attends to its own tokens only (no padding, no masked-out
+score matrix). The result equals the per-resolution forward up to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def packable_block(block: nn.Module) -> bool:
+    """Whether ``block`` is a plain timm pre-norm ``Block`` with a plain ``Attention`` (what
+    :func:`packed_block` reproduces); other block types run unpacked."""
+    try:
+        from timm.layers import Attention
+        from timm.models.vision_transformer import Block
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    attn = getattr(block, "attn", None)
+    # exact types: FSDP-wrapped or otherwise subclassed blocks run unpacked, and so do blocks
+    # whose hooks the packed path would bypass
+    return (type(block) is Block and type(attn) is Attention and getattr(attn, "gate", None) is None
+            and not getattr(attn, "is_causal", False) and not any(has_hooks(m) for m in block.modules()))
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or forward-pre hooks of its own."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+class PackedLayout:
+    """Where each resolution run sits in the packed stream.
+
+    Args:
+        shapes: ``(crops, tokens_per_crop)`` of each run, in stream order.
+    """
+
+    def __init__(self, shapes: Sequence[tuple[int, int]]):
+        self.shapes = [(int(n), int(t)) for n, t in shapes]
+        self.rows: list[tuple[int, int]] = []
+        r = 0
+        for n, t in self.shapes:
+            self.rows.append((r, r + n * t))
+            r += n * t
+        self.n_rows = r
+        self.n_crops = sum(n for n, _ in self.shapes)
+        self._crop_index: Tensor | None = None
+
+    def crop_index(self, device: torch.device) -> Tensor:
+        """Crop number of every row of the stream, ``[rows]`` (for per-crop stochastic depth)."""
+        if self._crop_index is None or self._crop_index.device != device:
+            counts = torch.tensor([t for n, t in self.shapes for _ in range(n)], device=device)
+            self._crop_index = torch.repeat_interleave(torch.arange(self.n_crops, device=device), counts)
+        return self._crop_index
+
+    def split(self, x: Tensor) -> list[Tensor]:
+        """The stream ``[rows, D]`` back to one ``[crops, tokens, D]`` tensor per run (one
+        ``split``: its backward is one concatenation, not a zero-filled copy per slice)."""
+        parts = x.split([r1 - r0 for r0, r1 in self.rows])
+        return [p.view(n, t, x.shape[-1]) for (n, t), p in zip(self.shapes, parts)]
+
+
+def _drop_path(module: nn.Module, y: Tensor, layout: PackedLayout) -> Tensor:
+    """timm's ``DropPath`` (one keep draw per crop) on the packed stream; identity otherwise."""
+    p = float(getattr(module, "drop_prob", 0.0) or 0.0)
+    if p == 0.0 or not module.training:
+        return y
+    keep = 1.0 - p
+    mask = y.new_empty(layout.n_crops).bernoulli_(keep)
+    if keep > 0.0 and getattr(module, "scale_by_keep", True):
+        mask.div_(keep)
+    return y * mask.index_select(0, layout.crop_index(y.device)).unsqueeze(-1)
+
+
+def packed_block(block: nn.Module, x: Tensor, layout: PackedLayout) -> Tensor:
+    """One timm ``Block`` on the packed stream ``x [rows, D]``; attention stays within each crop."""
+    a = block.attn
+    qkv = a.qkv(block.norm1(x))
+    p = a.attn_drop.p if a.training else 0.0
+    outs = []
+    for part in layout.split(qkv):
+        n, t = part.shape[:2]
+        q, k, v = part.view(n, t, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(a.q_norm(q), a.k_norm(k), v, dropout_p=p)
+        outs.append(o.transpose(1, 2).reshape(n * t, -1))
+    o = torch.cat(outs) if len(outs) > 1 else outs[0]
+    o = a.proj_drop(a.proj(a.norm(o)))
+    x = x + _drop_path(block.drop_path1, block.ls1(o), layout)
+    return x + _drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), layout)
