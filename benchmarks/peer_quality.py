@@ -87,10 +87,16 @@ def main(a: dict) -> dict:
 
     device = a.get("device", "cpu")
     backbone = timm.create_model(r["backbone"], num_classes=0, dynamic_img_size=True, **r["backbone_kwargs"])
-    head = DINOProjectionHead(backbone.num_features, r["hidden"], r["bottleneck"], r["prototypes"],
-                              batch_norm=r["batch_norm"], freeze_last_layer=r["freeze_last_layer_epochs"],
-                              norm_last_layer=r["norm_last_layer"])
-    t_backbone, t_head = copy.deepcopy(backbone), copy.deepcopy(head)
+    def make_head() -> DINOProjectionHead:
+        return DINOProjectionHead(backbone.num_features, r["hidden"], r["bottleneck"], r["prototypes"],
+                                  batch_norm=r["batch_norm"], freeze_last_layer=r["freeze_last_layer_epochs"],
+                                  norm_last_layer=r["norm_last_layer"])
+
+    head = make_head()
+    # The teacher head is a copy of the student's; built anew and loaded, because deepcopy refuses
+    # the weight-normalised last layer (its ``weight`` is not a leaf tensor under torch >= 2.x).
+    t_backbone, t_head = copy.deepcopy(backbone), make_head()
+    t_head.load_state_dict(head.state_dict())
     deactivate_requires_grad(t_backbone)
     deactivate_requires_grad(t_head)
     for m in (backbone, head, t_backbone, t_head):

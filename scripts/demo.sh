@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The README's main job: set up .venv, pretrain the `demo` preset on a small real dataset
+# The README's main job: set up .venv, pretrain the `demo_cnn` preset on a small real dataset
 # (Fashion-MNIST from Debian's dataset-fashion-mnist, else scikit-learn's digits), then print
-# the k-NN table and write the pictures. Extra arguments are config overrides (key=value).
+# the k-NN / linear-probe table and write the pictures. Extra arguments are config overrides
+# (key=value).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

@@ -59,6 +59,9 @@ class ModelConfig:
     )
     freeze_patch_embed: bool = _f(False, "keep the patch embedding fixed (continued pretraining)")
     grad_checkpointing: bool = _f(False, "recompute student block activations in backward (less memory)")
+    packed_crops: Literal["auto", "true", "false"] = _f(
+        "auto", "all student crops through the ViT blocks in one sequence-packed pass, attention kept "
+        "within each crop (auto: where it measured faster, see BENCHMARKS.md)")
     n_prototypes: int = _f(65536, "prototypes K of the CLS head", min=2, max=1 << 20)
     head_hidden_dim: int = _f(2048, "hidden width of the head MLP", min=1, max=1 << 16)
     head_bottleneck_dim: int = _f(256, "bottleneck width before the prototypes", min=1, max=1 << 14)
@@ -88,8 +91,9 @@ class ModelConfig:
     koleo_weight: float = _f(0.1, "[dinov2/3] weight of the KoLeo regulariser", ge=0)
     n_registers: int | None = _f(None, "[dinov2/3] register tokens (None = official: DINOv2 0, DINOv3 4)",
                                  min=0, max=64)
-    koleo_all_processes: bool = _f(False, "[dinov2/3] KoLeo neighbours over every process's batch "
-                                   "(the official code: per process)")
+    koleo_all_processes: bool = _f(False, "[dinov2/3] KoLeo neighbours over the global batch, gradient "
+                                   "through the gather (DINOv3's koleo_loss_distributed); off = official "
+                                   "default: per process")
     temperature_warmup_unit: Literal["epoch", "step"] | None = _f(
         None, "teacher temperature warm-up per epoch or per step (None = official: DINO epoch, "
         "DINOv2/v3 step)")
@@ -139,6 +143,9 @@ class DataConfig:
     mask_probability: float = _f(0.5, "[dinov2/3] fraction of global crops masked", ge=0, le=1)
     mask_ratio_range: tuple = _f((0.1, 0.5), "[dinov2/3] masked patch ratio range", ratio=True)
     mask_mode: Literal["block", "random"] = _f("block", "[dinov2/3] block (iBOT) or random masks")
+    mask_sampling: Literal["batch", "sample"] = _f(
+        "batch", "[dinov2/3] batch = official (masked crops and ratios spread over each batch); sample = "
+        "each image's masks from (seed, epoch, index), the same at any batch size or world size")
 
 
 @dataclass
@@ -284,6 +291,8 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
         raise ConfigError(f"{key}: may not be empty")
     if get_origin(tp) is Literal:
         choices = get_args(tp)
+        if isinstance(value, bool) and str(value).lower() in choices:  # YAML true/false for "true"/"false"
+            value = str(value).lower()
         if value not in choices:
             raise ConfigError(f"{key}: must be one of {list(choices)}, got {value!r}")
         return value

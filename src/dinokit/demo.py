@@ -1,8 +1,9 @@
-"""The main job of the README: pretrain the ``demo`` preset, then show that DINO learned.
+"""The main job of the README: pretrain the main-job preset, then show what it learned.
 
-Trains on the small real dataset (Fashion-MNIST, else digits), then prints the k-NN accuracy of
-the trained teacher next to the same backbone at random initialisation and raw pixels, and
-draws attention maps, PCA maps, a t-SNE plot and the training curves into the run directory.
+Trains on the small real dataset (Fashion-MNIST, else digits), then prints the k-NN and
+linear-probe accuracy of the trained teacher next to the same backbone at random initialisation
+and raw pixels, and draws attention maps, PCA maps (ViTs), a t-SNE plot and the training curves
+into the run directory.
 """
 
 from __future__ import annotations
@@ -18,10 +19,16 @@ from torch.utils.data import DataLoader
 
 from dinokit.config import Config, load_config
 
+#: The preset the README's main job trains (``dinokit demo`` without ``--config``): the best recipe
+#: found to fit 10 minutes on 2 CPU cores (BENCHMARKS.md, "Recipes for small budgets").
+MAIN_JOB_PRESET = "demo_cnn"
+#: The linear probe's learning-rate sweep (SGD on standardised features; the best sits near 1).
+PROBE_LRS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+
 
 @dataclass
 class DemoReport:
-    """k-NN top-1 (%) of each feature extractor and the pictures written."""
+    """k-NN and linear-probe top-1 (%) of each feature extractor, and the pictures written."""
 
     run_dir: Path
     knn: dict[str, float]
@@ -29,12 +36,17 @@ class DemoReport:
     final_loss: float | None
     n_prototypes: int
     pictures: list[Path] = field(default_factory=list)
+    linear: dict[str, float] = field(default_factory=dict)
 
     def table(self) -> str:
-        lines = [f"k-NN top-1 (k={self.k}, weighted vote, T=0.07) on the held-out split:"]
+        lines = [f"top-1 on the held-out split (k-NN: k={self.k}, weighted vote, T=0.07;",
+                 "linear: SGD probe, learning rate picked on a fifth of the bank):"]
         width = max(len(n) for n in self.knn)
+        lines.append(f"  {'':<{width}}  {'k-NN':>8}  {'linear':>8}")
         for name, acc in self.knn.items():
-            lines.append(f"  {name:<{width}}  {acc:6.2f} %")
+            lin = self.linear.get(name)
+            lin_s = f"{lin:6.2f} %" if lin is not None else f"{'-':>8}"
+            lines.append(f"  {name:<{width}}  {acc:6.2f} %  {lin_s}")
         if self.final_loss is not None:
             lines.append(
                 f"final training loss {self.final_loss:.3f} (ln K = {math.log(self.n_prototypes):.3f}"
@@ -54,15 +66,31 @@ def _final_loss(run_dir: Path) -> float | None:
     return sum(tail) / len(tail) if tail else None
 
 
-def evaluate_knn(cfg: Config, trained: torch.nn.Module, *, k: int = 20,
-                 bank_limit: int = 10000, test_limit: int = 2000) -> dict[str, float]:
-    """k-NN top-1 of the trained teacher, a randomly initialised twin, and raw pixels."""
-    from dinokit.data import EvalTransform
+def linear_top1(f_bank: torch.Tensor, y_bank: torch.Tensor, f_test: torch.Tensor, y_test: torch.Tensor,
+                *, epochs: int = 30, seed: int = 0) -> float:
+    """Linear-probe top-1 (%): the learning rate is picked from :data:`PROBE_LRS` on the last fifth
+    of the bank (a held-out part of the training split), then the probe is retrained on the whole
+    bank and scored once on the test split."""
+    from dinokit.eval.linear import linear_probe
+
+    order = torch.randperm(len(f_bank), generator=torch.Generator().manual_seed(seed))
+    cut = len(order) * 4 // 5
+    tr, va = order[:cut], order[cut:]
+    pick = linear_probe(f_bank[tr], y_bank[tr], f_bank[va], y_bank[va], lrs=PROBE_LRS, epochs=epochs,
+                        seed=seed, progress=False)
+    return linear_probe(f_bank, y_bank, f_test, y_test, lrs=(pick.best_lr,), epochs=epochs, seed=seed,
+                        progress=False).top1
+
+
+def evaluate(cfg: Config, trained: torch.nn.Module, *, k: int = 20, bank_limit: int = 10000,
+             test_limit: int = 2000, probe_epochs: int = 30) -> tuple[dict[str, float], dict[str, float]]:
+    """k-NN and linear-probe top-1 (row name -> %) of the trained teacher, a randomly initialised
+    twin and raw pixels, all in the run's one preprocessing; ``probe_epochs=0`` skips the probe."""
     from dinokit.eval.features import extract_features
     from dinokit.eval.knn import knn_evaluate
-    from dinokit.train.build import build_dataset, build_method, build_multicrop_config
+    from dinokit.train.build import build_dataset, build_method, build_preprocessing
 
-    tf = EvalTransform.for_config(build_multicrop_config(cfg))
+    tf = build_preprocessing(cfg).eval_transform()
     bank_cfg = copy.deepcopy(cfg)
     bank_cfg.data.limit = min(bank_limit, cfg.data.limit or bank_limit)
     bank = build_dataset(bank_cfg, "train", transform=tf)
@@ -73,16 +101,26 @@ def evaluate_knn(cfg: Config, trained: torch.nn.Module, *, k: int = 20,
     test_loader = DataLoader(test, batch_size=256, num_workers=0)
 
     torch.manual_seed(cfg.trainer.seed)
-    random_init = build_method(cfg)
-    results: dict[str, float] = {}
-    for name, model in (("DINO teacher (trained)", trained), ("same ViT, random init", random_init)):
-        f_tr, y_tr = extract_features(model, bank_loader, progress=False)
-        f_te, y_te = extract_features(model, test_loader, progress=False)
-        results[name] = knn_evaluate(f_tr, y_tr, f_te, y_te, ks=(k,))[k]["top1"]
-    x_tr, y_tr = _pixels(bank_loader)
-    x_te, y_te = _pixels(test_loader)
-    results["raw pixels"] = knn_evaluate(x_tr, y_tr, x_te, y_te, ks=(k,))[k]["top1"]
-    return results
+    random_init = build_method(cfg).eval()
+    method = cfg.model.method.upper().replace("DINOV", "DINOv")
+    features = {}
+    rows = ((f"{method} teacher (trained)", trained), ("same backbone, random init", random_init))
+    for name, model in rows:
+        features[name] = (*extract_features(model, bank_loader, progress=False),
+                          *extract_features(model, test_loader, progress=False))
+    features["raw pixels"] = (*_pixels(bank_loader), *_pixels(test_loader))
+    knn, linear = {}, {}
+    for name, (f_tr, y_tr, f_te, y_te) in features.items():
+        knn[name] = knn_evaluate(f_tr, y_tr, f_te, y_te, ks=(k,))[k]["top1"]
+        if probe_epochs > 0:
+            linear[name] = linear_top1(f_tr, y_tr, f_te, y_te, epochs=probe_epochs, seed=cfg.trainer.seed)
+    return knn, linear
+
+
+def evaluate_knn(cfg: Config, trained: torch.nn.Module, *, k: int = 20,
+                 bank_limit: int = 10000, test_limit: int = 2000) -> dict[str, float]:
+    """k-NN top-1 of the trained teacher, a randomly initialised twin, and raw pixels."""
+    return evaluate(cfg, trained, k=k, bank_limit=bank_limit, test_limit=test_limit, probe_epochs=0)[0]
 
 
 def _pixels(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,24 +133,23 @@ def _pixels(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
 
 def draw_pictures(cfg: Config, method: torch.nn.Module, run_dir: Path, n_images: int = 6) -> list[Path]:
     """Attention maps, PCA maps and a t-SNE plot of the trained teacher."""
-    from dinokit.data import EvalTransform
     from dinokit.eval.features import extract_features
-    from dinokit.train.build import build_dataset, build_multicrop_config
+    from dinokit.train.build import build_dataset, build_preprocessing
     from dinokit.viz.attention import cls_attention_maps, plot_attention
     from dinokit.viz.embedding import plot_embedding_2d
     from dinokit.viz.pca import pca_patch_maps, plot_pca
 
     out = run_dir / "pictures"
     out.mkdir(parents=True, exist_ok=True)
-    mc = build_multicrop_config(cfg)
-    tf = EvalTransform.for_config(mc)
+    prep = build_preprocessing(cfg)
+    tf = prep.eval_transform()
     test_cfg = copy.deepcopy(cfg)
     test_cfg.data.val_limit = 1000
     test = build_dataset(test_cfg, "val", transform=tf)
     images = torch.stack([test[i][0] for i in range(n_images)])
     backbone = method.teacher_backbone.eval()
     written: list[Path] = []
-    mean, std = tuple(mc.mean), tuple(mc.std)
+    mean, std = tuple(prep.mean), tuple(prep.std)
     if backbone.supports_attention:
         maps = cls_attention_maps(backbone, images)
         for i in range(min(3, n_images)):
@@ -133,19 +170,20 @@ def draw_pictures(cfg: Config, method: torch.nn.Module, run_dir: Path, n_images:
     return written
 
 
-def run_demo(overrides: list[str] | None = None, config: str = "demo") -> DemoReport:
-    """Train the demo preset and report; ``overrides`` are ``key=value`` strings."""
+def run_demo(overrides: list[str] | None = None, config: str | None = None, *,
+             probe_epochs: int = 30) -> DemoReport:
+    """Train the main-job preset (or ``config``) and report; ``overrides`` are ``key=value`` strings."""
     from dinokit.train.fit import fit
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(config or MAIN_JOB_PRESET, overrides)
     result = fit(cfg)
     method = result.method.cpu().eval()
-    knn = evaluate_knn(cfg, method)
+    knn, linear = evaluate(cfg, method, probe_epochs=probe_epochs)
     pictures = draw_pictures(cfg, method, result.run_dir)
     report = DemoReport(result.run_dir, knn, 20, _final_loss(result.run_dir),
-                        cfg.model.n_prototypes, pictures)
+                        cfg.model.n_prototypes, pictures, linear)
     eval_dir = result.run_dir / "eval"
     eval_dir.mkdir(exist_ok=True)
-    (eval_dir / "demo_knn.json").write_text(json.dumps({"k": 20, "top1": knn,
+    (eval_dir / "demo_knn.json").write_text(json.dumps({"k": 20, "top1": knn, "linear_top1": linear,
                                                         "final_loss": report.final_loss}, indent=2))
     return report

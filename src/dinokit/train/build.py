@@ -52,6 +52,7 @@ def build_method(cfg: Config) -> SelfDistillationMethod:
         encoder_kwargs.setdefault("drop_path_rate", m.drop_path_rate)
     values = {k: v for k, v in dataclasses.asdict(m).items() if v is not None}
     method = build_method_from(spec, values, encoder_kwargs=encoder_kwargs)
+    method.student_backbone.packed_crops = {"true": True, "false": False}.get(m.packed_crops, "auto")
     if getattr(m, "gram_teacher_path", None):
         if not hasattr(method, "load_gram_teacher"):
             raise ConfigError(f"model.gram_teacher_path: method {m.method!r} has no Gram teacher")
@@ -152,6 +153,7 @@ def build_train_loader(cfg: Config, method: SelfDistillationMethod) -> DataLoade
             patch_size=ps,
             mask_probability=d.mask_probability,
             mask_ratio_range=tuple(d.mask_ratio_range),
+            mask_sampling=d.mask_sampling,
         )
     if d.augment_on == "device":  # uint8 images; BatchedMultiCrop (build_batched_augment) crops them
         from dinokit.data.batched import DecodeUInt8, UInt8Collate

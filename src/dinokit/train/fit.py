@@ -124,6 +124,17 @@ def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     return Path(t.output_dir) / name, None
 
 
+def _records_global_batch(obj: dict[str, Any]) -> bool:
+    """Whether the checkpoint's loader state records its global batch (``data.batch_size`` x
+    processes), which :meth:`~dinokit.train.loader.ResumableDataLoader.load_state_dict` checks:
+    ``data.batch_size`` may then change with the world size (issue 12)."""
+    try:
+        states = obj["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    except (KeyError, TypeError):
+        return False
+    return bool(states) and all(isinstance(s, dict) and {"world", "batch_size"} <= set(s) for s in states)
+
+
 def check_resume_compatible(ckpt: Path, cfg: Config) -> None:
     """Fail before training when the checkpoint's run used an incompatible config."""
     obj = torch.load(str(ckpt), map_location="cpu", weights_only=True, mmap=True)
@@ -135,6 +146,8 @@ def check_resume_compatible(ckpt: Path, cfg: Config) -> None:
         warnings.warn("trainer.epochs/max_steps changed on resume: the lr, weight-decay and momentum "
                       "schedules are stretched to the new length", stacklevel=2)
     changed = [k for k in all_changes if k not in RESUMABLE_CHANGES]
+    if "data.batch_size" in changed and _records_global_batch(obj):
+        changed.remove("data.batch_size")  # another world size: the loader checks the global batch
     if changed:
         raise ConfigError(
             f"trainer.resume: the config differs from the run's in keys that break exact "

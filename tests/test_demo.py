@@ -1,0 +1,43 @@
+"""The README's main job: its preset, its report table (k-NN beside the linear probe) and a tiny
+end-to-end run of ``dinokit demo`` on digits."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from dinokit.config import load_config
+from dinokit.demo import MAIN_JOB_PRESET, DemoReport, run_demo
+
+
+def test_main_job_preset_is_the_small_cnn_recipe():
+    cfg = load_config(MAIN_JOB_PRESET)
+    assert MAIN_JOB_PRESET == "demo_cnn"
+    assert cfg.model.method == "dino" and cfg.model.backbone == "resnet10t"
+    assert cfg.model.backbone_kwargs == {"in_chans": 1} and cfg.model.head_batch_norm is True
+    assert cfg.data.channels == 1 and cfg.data.dataset == "demo" and cfg.trainer.accelerator == "cpu"
+
+
+def test_table_prints_linear_beside_knn_and_a_dash_where_missing(tmp_path):
+    r = DemoReport(tmp_path, {"DINO teacher (trained)": 80.5, "raw pixels": 82.8}, 20, 2.0, 256,
+                   linear={"DINO teacher (trained)": 84.25})
+    lines = r.table().splitlines()
+    assert lines[2].split() == ["k-NN", "linear"]
+    assert lines[3] == "  DINO teacher (trained)   80.50 %   84.25 %"
+    assert lines[4] == "  raw pixels               82.80 %         -"
+    assert lines[5] == f"final training loss 2.000 (ln K = {math.log(256):.3f} would mean uniform collapse)"
+
+
+def test_demo_runs_end_to_end_on_digits(tmp_path):
+    overrides = ["data.dataset=digits", "data.limit=128", "data.val_limit=100", "data.batch_size=32",
+                 "data.num_workers=0", "trainer.epochs=1", "trainer.progress=false",
+                 "trainer.log_every_n_steps=1", "model.n_prototypes=32", "model.head_hidden_dim=32",
+                 "model.head_bottleneck_dim=16", "model.backbone_kwargs={in_chans: 1, channels: [8, 16, 32, 64]}",
+                 f"trainer.output_dir={tmp_path}", "trainer.run_name=d"]
+    report = run_demo(overrides, probe_epochs=2)
+    names = ["DINO teacher (trained)", "same backbone, random init", "raw pixels"]
+    assert list(report.knn) == names and list(report.linear) == names
+    assert all(0 <= v <= 100 for v in [*report.knn.values(), *report.linear.values()])
+    saved = json.loads((tmp_path / "d" / "eval" / "demo_knn.json").read_text())
+    assert saved["linear_top1"] == report.linear and saved["top1"] == report.knn
+    assert (tmp_path / "d" / "pictures" / "tsne.png").is_file()
