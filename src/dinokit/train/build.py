@@ -177,6 +177,7 @@ def build_train_loader(cfg: Config, method: SelfDistillationMethod) -> DataLoade
 def build_module(cfg: Config, method: SelfDistillationMethod) -> Any:
     """The Lightning module with ``cfg.optim``'s settings."""
     from dinokit.train.module import DINOModule
+    from dinokit.train.step import STEP_PRECISIONS
 
     o = cfg.optim
     return DINOModule(
@@ -193,6 +194,8 @@ def build_module(cfg: Config, method: SelfDistillationMethod) -> Any:
         freeze_last_layer_epochs=o.freeze_last_layer_epochs,
         **resolved_training(cfg),
         max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
+        accumulate=cfg.trainer.accumulate_grad_batches,
+        precision=cfg.trainer.precision if cfg.trainer.precision in STEP_PRECISIONS else "32-true",
         augment=build_batched_augment(cfg) if cfg.data.augment_on == "device" else None,
         seed=cfg.trainer.seed,
         layer_decay=o.layer_decay,

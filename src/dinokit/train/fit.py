@@ -231,6 +231,15 @@ def _knn_monitor(cfg: Config) -> pl.Callback | None:
     )
 
 
+def engine_precision(precision: str) -> str:
+    """What Lightning is given for ``trainer.precision``: whole-model dtypes (``64``, ``*-true``)
+    stay Lightning's; autocast precisions (``bf16-mixed``, ``16-mixed``) belong to the training
+    step (:data:`~dinokit.train.step.STEP_PRECISIONS`), so Lightning runs ``32-true``."""
+    from dinokit.train.step import STEP_PRECISIONS
+
+    return "32-true" if precision in STEP_PRECISIONS else precision
+
+
 def build_trainer(cfg: Config, run_dir: Path, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
     """The Lightning Trainer for ``cfg.trainer`` logging to ``run_dir``."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -260,8 +269,8 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list[pl.Callback] | Non
         devices=devices,
         num_nodes=t.num_nodes,
         strategy=t.strategy,
-        precision=t.precision,
-        accumulate_grad_batches=t.accumulate_grad_batches,
+        precision=engine_precision(t.precision),  # mixed precision is the TrainingStep's
+        accumulate_grad_batches=1,  # gradient accumulation too (manual optimisation)
         log_every_n_steps=t.log_every_n_steps,
         logger=loggers,
         callbacks=callbacks if callbacks is not None else _callbacks(cfg, run_dir),

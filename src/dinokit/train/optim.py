@@ -20,7 +20,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -202,7 +203,8 @@ def is_fused(optimizer: torch.optim.Optimizer) -> bool:
 
 
 @torch.no_grad()
-def skip_step_if_(optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
+def skip_step_if_(optimizer: torch.optim.Optimizer, found_inf: Tensor,
+                  step: Callable[[], Any] | None = None) -> None:
     """``optimizer.step()``, without effect when the 0-dim ``found_inf`` tensor is True/nonzero,
     decided on the device (no host sync).
 
@@ -213,13 +215,15 @@ def skip_step_if_(optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
     and optimiser-state tensors are copied, the step runs, and ``torch.where(found_inf, old, new)``
     puts back the old values (state created by a skipped first step is reset to zeros, which every
     optimiser here treats as "no history"). The fallback costs one copy of parameters and state.
+    ``step`` replaces ``optimizer.step`` (an engine's wrapper around it).
     """
+    run = optimizer.step if step is None else step
     flag = found_inf.detach()
     if is_fused(optimizer):
         optimizer.found_inf = flag.float().reshape(())  # type: ignore[attr-defined]
         optimizer.grad_scale = None  # type: ignore[attr-defined]
         try:
-            optimizer.step()
+            run()
         finally:
             del optimizer.found_inf, optimizer.grad_scale  # type: ignore[attr-defined]
         return
@@ -227,7 +231,7 @@ def skip_step_if_(optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
     old_params = [p.detach().clone() for p in params]
     old_state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items() if isinstance(v, Tensor)}
                  for p in params if p in optimizer.state}
-    optimizer.step()
+    run()
     for p, old in zip(params, old_params):
         f = flag.to(device=p.device, dtype=torch.bool)
         p.copy_(torch.where(f, old, p))
