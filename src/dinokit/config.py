@@ -111,10 +111,16 @@ class ModelConfig:
 class DataConfig:
     """Where the images come from and how they are cropped."""
 
-    dataset: Literal["folder", "fashion-mnist", "digits", "demo"] = _f(
-        "folder", "folder = your images under data.path; demo = Fashion-MNIST, else digits"
+    dataset: Literal["folder", "shards", "fashion-mnist", "digits", "demo"] = _f(
+        "folder", "folder = your images under data.path; shards = WebDataset tar shards under "
+        "data.path (dinokit data shard); demo = Fashion-MNIST, else digits"
     )
-    path: str | None = _f(None, "image folder (recursive; class sub-folders give labels)")
+    path: str | None = _f(None, "image folder (recursive; class sub-folders give labels), or for "
+                          "shards: their folder, index.json or brace pattern")
+    iterations_per_epoch: int | None = _f(None, "shards: batches per process per epoch (default: "
+                                          "one pass over index.json's samples)", min=1)
+    shuffle_buffer: int = _f(1000, "shards: sample shuffle buffer size (0 = read order)", min=0,
+                             max=1 << 24)
     val_path: str | None = _f(None, "labelled folder for validation loss and k-NN monitor")
     limit: int | None = _f(None, "use only the first N training images", min=1)
     val_limit: int | None = _f(None, "use only the first N validation images", min=1)
@@ -228,8 +234,11 @@ class Config:
     def validate(self) -> Config:
         """Check cross-field rules; returns self."""
         d, m = self.data, self.model
-        if d.dataset == "folder" and not d.path:
-            raise ConfigError("data.path: required when data.dataset is 'folder'")
+        if d.dataset in ("folder", "shards") and not d.path:
+            raise ConfigError(f"data.path: required when data.dataset is '{d.dataset}'")
+        if d.dataset == "shards" and d.augment_on == "device":
+            raise ConfigError("data.augment_on: 'device' reads an image folder or a demo set; with "
+                              "data.dataset=shards the multi-crop runs in the loader workers")
         if m.method != "dino" and d.n_global < 1:
             raise ConfigError("data.n_global: DINOv2/v3 need at least one global crop")
         if d.n_global + d.n_local < 2:
