@@ -148,3 +148,25 @@ def test_mixed_precision_runs_the_forward_under_autocast_and_trains(precision):
     after = _state(method)
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
     assert not torch.equal(after[key], before[key])
+
+
+def test_cli_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    """trainer.accumulate_grad_batches=2 with data.batch_size=4 trains what data.batch_size=8 does
+    (the sampler deals the same 8 images per optimiser step, crops are seeded per sample)."""
+    from dinokit.cli import main
+
+    tiny = ["--config", "demo", "data.dataset=digits", "data.limit=64", "data.num_workers=0",
+            "data.n_local=2", "trainer.epochs=1", "trainer.max_steps=3", "trainer.progress=false",
+            "model.backbone_kwargs={img_size: 28, patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2, "
+            "in_chans: 1}", "model.n_prototypes=32", "model.head_hidden_dim=32",
+            "model.head_bottleneck_dim=16", f"trainer.output_dir={tmp_path}"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["train", *tiny, "data.batch_size=8", "trainer.run_name=big"]) == 0
+        assert main(["train", *tiny, "data.batch_size=4", "trainer.accumulate_grad_batches=2",
+                     "trainer.run_name=acc"]) == 0
+    a, b = (torch.load(tmp_path / n / "checkpoints" / "last.ckpt", weights_only=True) for n in ("big", "acc"))
+    assert a["global_step"] == b["global_step"] == 3
+    for k, v in a["state_dict"].items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-4, atol=2e-5, msg=k)
