@@ -114,3 +114,25 @@ def test_estimator_steps_do_not_sync_outside_logging_steps():
         est.fit(torch.utils.data.DataLoader(_batches(6, False), batch_size=None))
     assert len(counter.counts) == 6
     assert [c for i, c in enumerate(counter.counts) if i % 4] == [0, 0, 0, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("cls,masks", METHODS, ids=["dino", "dinov2", "dinov3"])
+def test_cuda_steps_pass_under_sync_debug_mode_error(cls, masks):
+    """On a GPU, torch itself raises on any synchronising call inside the steps."""
+    from dinokit.train.step import StepSettings, TrainingStep, build_method_optimizer
+
+    method = _method(cls).cuda()
+    step = TrainingStep(method, build_method_optimizer(method, "adamw"), StepSettings(warmup_epochs=0))
+    step.plan(4, 4, 4)
+    batches = [{k: ([t.cuda() for t in v] if isinstance(v, list) else
+                    v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+               for b in _batches(4, masks)]
+    step(batches[0], step=0, epoch=0)  # first call: lazy initialisation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i, b in enumerate(batches[1:], start=1):
+            step(b, step=i, epoch=0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
