@@ -231,6 +231,20 @@ def _knn_monitor(cfg: Config) -> pl.Callback | None:
     )
 
 
+def fsdp_strategy(cfg: Config) -> Any:
+    """``trainer.strategy=fsdp``: FSDP2 (``fully_shard`` of student and teacher, see
+    :func:`~dinokit.train.strategy.shard_method`) through :class:`~dinokit.train.fsdp.FSDP2Strategy`
+    on a 1-D data-parallel mesh; checkpoints hold full tensors, so a run resumes at any world size
+    and with any strategy."""
+    from dinokit.train.build import planned_world_size
+    from dinokit.train.fsdp import FSDP2Strategy
+
+    if cfg.trainer.strategy != "fsdp":
+        raise ConfigError(f"trainer.strategy: {cfg.trainer.strategy!r} is not supported; 'fsdp' is FSDP2 "
+                          "(fully_shard of student and teacher, full-tensor checkpoints)")
+    return FSDP2Strategy(planned_world_size(cfg))
+
+
 def engine_precision(precision: str) -> str:
     """What Lightning is given for ``trainer.precision``: whole-model dtypes (``64``, ``*-true``)
     stay Lightning's; autocast precisions (``bf16-mixed``, ``16-mixed``) belong to the training
@@ -260,6 +274,9 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list[pl.Callback] | Non
         # Requeueing is done at a step boundary by PreemptionCallback, not inside Lightning's
         # signal handler (which would save in the middle of a step).
         plugins.append(SLURMEnvironment(auto_requeue=False))
+    strategy: Any = t.strategy
+    if str(strategy).startswith("fsdp"):
+        strategy = fsdp_strategy(cfg)
     return pl.Trainer(
         default_root_dir=str(run_dir),
         plugins=plugins,
@@ -268,7 +285,7 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list[pl.Callback] | Non
         accelerator=t.accelerator,
         devices=devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=strategy,
         precision=engine_precision(t.precision),  # mixed precision is the TrainingStep's
         accumulate_grad_batches=1,  # gradient accumulation too (manual optimisation)
         log_every_n_steps=t.log_every_n_steps,

@@ -145,6 +145,18 @@ class DINOModule(pl.LightningModule):
             self._pending_step_state = None
         self.step_fn.plan(self.total_steps(), self.steps_per_epoch(), self.global_batch_size())
 
+    def configure_model(self) -> None:
+        """FSDP2 (``trainer.strategy=fsdp``): shard student and teacher on the strategy's mesh,
+        before the optimiser is built on the sharded parameters."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or getattr(self.method, "_dinokit_sharded", False):
+            return
+        from dinokit.train.strategy import shard_method
+
+        shard_method(self.method, mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ())
+                     else mesh)
+        self.method._dinokit_sharded = True
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return build_method_optimizer(
             self.method, self.optimizer_spec, no_decay_rule=self.no_decay_rule,
@@ -203,7 +215,8 @@ class DINOModule(pl.LightningModule):
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         step_state = self.step_fn.state_dict() if self.step_fn is not None else {}
-        checkpoint["dinokit"] = {"config": self.run_config, "rng": rng, "format": 1, "step": step_state}
+        checkpoint["dinokit"] = {"config": self.run_config, "rng": rng, "format": 1, "step": step_state,
+                                 "fsdp": bool(getattr(self.method, "_dinokit_sharded", False))}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("dinokit")

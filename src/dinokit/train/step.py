@@ -27,11 +27,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from dinokit.losses.centering import EMACenter
 from dinokit.schedules import CosineSchedule, scaled_lr
 from dinokit.train.optim import (
+    align_kernel_flags,
     build_optimizer,
     clip_per_module_,
     clip_per_parameter_,
@@ -39,6 +41,7 @@ from dinokit.train.optim import (
     set_group_hyperparameters,
     skip_step_if_,
 )
+from dinokit.train.strategy import _local, clip_per_parameter_sharded_
 
 CLIP_MODES = ("per_param", "per_module", "global", "none")
 FREEZE_MODES = ("cancel_grad", "zero_lr")
@@ -150,15 +153,25 @@ def build_method_optimizer(
 
 @torch.no_grad()
 def nonfinite_flag(loss: Tensor | None, params: Sequence[Tensor]) -> Tensor:
-    """0-dim bool tensor: the loss or any gradient is NaN/Inf (decided on the device)."""
+    """0-dim bool tensor: the loss or any gradient is NaN/Inf (decided on the device).
+
+    With FSDP2-sharded gradients each process sees its shards only: the flag is all-reduced
+    (max) so that every process skips the same steps.
+    """
     grads = [p.grad for p in params if p.grad is not None]
-    flags = [] if loss is None else [~torch.isfinite(loss.detach()).all()]
-    if grads:
-        norms = torch._foreach_norm(grads)
+    local = [_local(g) for g in grads]
+    flags = [] if loss is None else [~torch.isfinite(_local(loss.detach())).all()]
+    if local:
+        norms = torch._foreach_norm(local)
         flags.append(~torch.isfinite(torch.stack([n.float() for n in norms])).all())
     if not flags:
         return torch.zeros((), dtype=torch.bool)
-    return torch.stack(flags).any()
+    flag = torch.stack(flags).any()
+    if any(g is not loc for g, loc in zip(grads, local)) and dist.is_available() and dist.is_initialized():
+        as_int = flag.to(torch.int32)
+        dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
+        flag = as_int.bool()
+    return flag
 
 
 @torch.no_grad()
@@ -249,6 +262,7 @@ class TrainingStep:
     def __init__(self, method: nn.Module, optimizer: torch.optim.Optimizer, settings: StepSettings,
                  *, n_global: int = 2):
         self.method, self.optimizer, self.settings = method, optimizer, settings
+        align_kernel_flags(optimizer)  # a resumed state dict may carry another run's kernel choice
         self.n_global = n_global
         method.check_finite = False  # read at logging steps instead (no per-step host sync)
         self.autocast_dtype = STEP_PRECISIONS[settings.precision]
@@ -396,7 +410,10 @@ class TrainingStep:
         if s.clip_grad <= 0 or s.clip_mode == "none":
             return
         if s.clip_mode == "per_param":
-            clip_per_parameter_(params, s.clip_grad)
+            if any(hasattr(p, "to_local") for p in params):  # FSDP2: norms summed over the shards
+                clip_per_parameter_sharded_(params, s.clip_grad)
+            else:
+                clip_per_parameter_(params, s.clip_grad)
         elif s.clip_mode == "per_module":  # DINOv2/v3: backbone and each head by its own norm
             clip_per_module_({k: [p for p in m.parameters() if p.requires_grad]
                               for k, m in self.method.student.items()}, s.clip_grad)
