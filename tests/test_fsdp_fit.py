@@ -38,3 +38,11 @@ def test_fsdp_two_processes_equal_one_process_and_resume_in_one(tmp_path, monkey
     assert main(args) == 0
     resumed = torch.load(tmp_path / "two" / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == STEPS + 1
+
+
+def test_other_fsdp_flavours_are_refused_with_the_key_named(tmp_path, capsys):
+    args = ["train", *TINY, "data.batch_size=8", "trainer.strategy=fsdp_cpu_offload",
+            f"trainer.output_dir={tmp_path}"]
+    assert main(args) == 2
+    out = capsys.readouterr()
+    assert "trainer.strategy" in out.out + out.err and "Traceback" not in out.out + out.err
