@@ -15,8 +15,8 @@ from dinokit.train import DINOModule
 from dinokit.train.optim import (
     LARS,
     build_optimizer,
-    is_fused,
     clip_per_parameter_,
+    is_fused,
     layer_id,
     param_groups,
     set_group_hyperparameters,

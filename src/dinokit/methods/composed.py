@@ -130,6 +130,12 @@ class ComposedMethod(SelfDistillationMethod):
                 return t
         raise KeyError(f"no loss term named {name!r}; terms: {[t.name for t in self.terms]}")
 
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """Compile the step's tensor work (student, teacher, heads and every active loss term,
+        :meth:`_step_terms`); the per-step scalars (the step, the teacher temperature, the terms'
+        weights) stay outside as arguments, so training does not recompile at every step."""
+        self._step_terms = torch.compile(self._step_terms, *args, **kwargs)  # type: ignore[method-assign]
+
     def after_teacher_update(self) -> None:
         for t in self.terms:
             t.on_teacher_update(self)
@@ -179,17 +185,27 @@ class ComposedMethod(SelfDistillationMethod):
             emb = self.embed(images)
             return self.output_class(loss=emb.new_zeros(()), embedding=emb)
         g, lv = check_views(global_views, local_views, self.student_backbone.in_chans)
-        n_g, b = len(g), g[0].shape[0]
+        # This step's scalars, decided in Python (eagerly: they change every step) and handed to
+        # the tensor work as arguments, so a compiled step is traced once, not once per step.
         step = self.step
-        # Plain loops (not comprehensions): torch.compile traces these without a graph break.
         active: list[tuple[LossTerm, float]] = []
-        needs: set[str] = set()
         for t in self.terms:
             w = t.weight_at(step)
             if w > 0.0:
                 active.append((t, w))
-                needs.update(t.consumes)
-        temp = self.teacher_temperature
+        return self._step_terms(g, lv, masks, mask_indices, mask_weights, active, step,
+                                float(self.teacher_temperature))
+
+    def _step_terms(self, g: list[Tensor], lv: list[Tensor], masks: Tensor | None,
+                    mask_indices: Tensor | None, mask_weights: Tensor | None,
+                    active: list[tuple[LossTerm, float]], step: int, temp: float) -> MethodOutput:
+        """The tensor work of a training step: the features the active terms consume, once, then
+        each term. :meth:`compile` compiles this function."""
+        n_g, b = len(g), g[0].shape[0]
+        # Plain loops (not comprehensions): torch.compile traces these without a graph break.
+        needs: set[str] = set()
+        for t, _w in active:
+            needs.update(t.consumes)
 
         m = idx = wts = None
         if MASKED_PATCHES in needs:
