@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 #: Lightning accelerator names accepted by ``trainer.accelerator``.
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 #: Lightning precision names accepted by ``trainer.precision``.
-PRECISIONS = ("64", "64-true", "32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed",
+PRECISIONS = ("auto", "64", "64-true", "32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed",
               "bf16-true")
 #: Families of Lightning strategy names accepted by ``trainer.strategy`` (``ddp``,
 #: ``ddp_find_unused_parameters_true``, ``fsdp_cpu_offload``, ``deepspeed_stage_2``, ...).
@@ -190,7 +190,8 @@ class TrainerConfig:
     num_nodes: int = _f(1, "nodes (torchrun / SLURM)", min=1, max=100_000)
     strategy: str = _f("auto", "auto, ddp, ddp_spawn, fsdp, deepspeed, ... (Lightning names)",
                        strategy=True)
-    precision: str = _f("32", "32, bf16-mixed or 16-mixed (loss scaling), ...", choices=PRECISIONS)
+    precision: str = _f("auto", "auto (bf16-mixed on a GPU with bf16, else 32), 32, bf16-mixed or "
+                        "16-mixed (loss scaling), ...", choices=PRECISIONS)
     accumulate_grad_batches: int = _f(1, "gradient accumulation steps", min=1, max=1 << 14)
     seed: int = _f(0, "random seed (data order, augmentations, init)", min=0, max=2**32 - 1)
     output_dir: str = _f("runs", "parent folder of run directories")

@@ -235,6 +235,16 @@ def build_train_loader(cfg: Config, method: SelfDistillationMethod) -> DataLoade
     )
 
 
+def resolved_precision(cfg: Config) -> str:
+    """``trainer.precision``, with ``auto`` resolved: bf16 autocast on a CUDA GPU that has bf16
+    (A100, H100, ...), full fp32 elsewhere (CPU autocast to bf16 is slower than fp32 there)."""
+    p = cfg.trainer.precision
+    if p != "auto":
+        return p
+    gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
 def build_module(cfg: Config, method: SelfDistillationMethod) -> Any:
     """The Lightning module with ``cfg.optim``'s settings."""
     from dinokit.train.module import DINOModule
@@ -256,7 +266,7 @@ def build_module(cfg: Config, method: SelfDistillationMethod) -> Any:
         **resolved_training(cfg),
         max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
         accumulate=cfg.trainer.accumulate_grad_batches,
-        precision=cfg.trainer.precision if cfg.trainer.precision in STEP_PRECISIONS else "32-true",
+        precision=resolved_precision(cfg) if resolved_precision(cfg) in STEP_PRECISIONS else "32-true",
         augment=build_batched_augment(cfg) if cfg.data.augment_on == "device" else None,
         seed=cfg.trainer.seed,
         layer_decay=o.layer_decay,

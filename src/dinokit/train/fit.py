@@ -29,7 +29,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dinokit.config import Config, ConfigError
-from dinokit.train.build import build_method, build_module, build_train_loader
+from dinokit.train.build import build_method, build_module, build_train_loader, resolved_precision
 from dinokit.train.checkpoint_io import (
     CheckpointReadError,
     SafeCheckpointIO,
@@ -286,7 +286,7 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list[pl.Callback] | Non
         devices=devices,
         num_nodes=t.num_nodes,
         strategy=strategy,
-        precision=engine_precision(t.precision),  # mixed precision is the TrainingStep's
+        precision=engine_precision(resolved_precision(cfg)),  # mixed precision is the TrainingStep's
         accumulate_grad_batches=1,  # gradient accumulation too (manual optimisation)
         log_every_n_steps=t.log_every_n_steps,
         logger=loggers,
