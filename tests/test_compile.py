@@ -55,3 +55,24 @@ def test_compiled_training_steps_match_eager_and_do_not_recompile_every_step(cls
             assert counters["stats"]["unique_graphs"] <= 3  # not one per step
     torch.testing.assert_close(torch.stack(losses["compiled"]), torch.stack(losses["eager"]), rtol=1e-4,
                                atol=1e-5)
+
+
+def test_inductor_compiled_step_keeps_the_autograd_graph_and_trains():
+    """The default backend (what trainer.compile=true uses): the compiled loss has a gradient and
+    a step moves the student (inductor once dropped the graph of a loss returned beside a
+    detached alias of itself)."""
+    from dinokit.train.step import StepSettings, TrainingStep, build_method_optimizer
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    method = _method(DINO)
+    step = TrainingStep(method, build_method_optimizer(method, "adamw"),
+                        StepSettings(warmup_epochs=0, freeze_last_layer_epochs=0))
+    step.plan(2, 2, 4)
+    eager = copy.deepcopy(method)(**method_inputs(unpack_batch(_batches(1, False)[0]))).loss
+    method.compile()
+    before = method.student_backbone.model.cls_token.detach().clone()
+    out = step(_batches(1, False)[0], step=0, epoch=0).output
+    assert out.loss.grad_fn is not None
+    torch.testing.assert_close(out.loss.detach(), eager.detach(), rtol=1e-4, atol=1e-5)
+    assert not torch.equal(method.student_backbone.model.cls_token, before)
