@@ -3,6 +3,7 @@
 #
 #   examples/torchrun_single_node.sh --config vit_small_imagenet data.path=/data/imagenet/train
 #   NPROC=2 ACCELERATOR=cpu examples/torchrun_single_node.sh --config demo trainer.max_steps=2
+#   STRATEGY=fsdp NPROC=8 examples/torchrun_single_node.sh --config vit_small_imagenet   # FSDP2
 #
 # torchrun sets RANK, LOCAL_RANK, LOCAL_WORLD_SIZE, WORLD_SIZE, MASTER_ADDR/PORT; `dinokit train`
 # takes trainer.devices / trainer.num_nodes from them when they are auto / 1 (as this script sets
@@ -16,4 +17,4 @@ ACCELERATOR=${ACCELERATOR:-auto}
 DINOKIT=${DINOKIT:-$(command -v dinokit)}
 TORCHRUN=${TORCHRUN:-torchrun}
 exec $TORCHRUN --standalone --nproc_per_node="$NPROC" --no-python "$DINOKIT" train "$@" \
-    trainer.accelerator="$ACCELERATOR" trainer.strategy=ddp trainer.devices=auto trainer.num_nodes=1
+    trainer.accelerator="$ACCELERATOR" trainer.strategy="${STRATEGY:-ddp}" trainer.devices=auto trainer.num_nodes=1

@@ -106,7 +106,7 @@ def test_yaml_round_trip(tmp_path):
 def test_help_lists_every_option_with_default():
     text = help_text()
     for key in ("model.n_prototypes=65536", "optim.lr=0.0005", "data.n_local=8",
-                "trainer.precision='32'", "model.gram_weight=0.0"):
+                "trainer.precision='auto'", "model.gram_weight=0.0"):
         assert key in text
 
 
@@ -163,3 +163,19 @@ def test_config_files_that_are_not_configs(tmp_path):
         load_config(tmp_path / "a.yaml")
     with pytest.raises(ConfigError, match="did you mean 'demo'"):
         load_config("dem")
+
+
+def test_precision_auto_is_bf16_on_a_bf16_gpu_and_fp32_elsewhere(monkeypatch):
+    import torch
+
+    from dinokit.train.build import resolved_precision
+
+    cfg = load_config("demo", ["trainer.accelerator=auto"])
+    assert cfg.trainer.precision == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolved_precision(cfg) == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolved_precision(cfg) == "bf16-mixed"
+    assert resolved_precision(load_config("demo", ["trainer.accelerator=cpu"])) == "32-true"
+    assert resolved_precision(load_config("demo", ["trainer.precision=16-mixed"])) == "16-mixed"

@@ -60,12 +60,20 @@ METHODS = [(DINO, False), (DINOv2, True), (DINOv3, True)]
 
 @pytest.mark.parametrize("cls,masks", METHODS, ids=["dino", "dinov2", "dinov3"])
 def test_plain_trainer_steps_do_not_sync(cls, masks):
-    data = _batches(4, masks)
-    trainer = DINOTrainer(_method(cls), data, epochs=1, device="cpu")
     mode = CountSyncs()
+    seen: list[int] = []  # syncs counted so far, each time the loop asks for its next batch
+
+    class Watched(list):
+        def __iter__(self):
+            for b in super().__iter__():
+                seen.append(mode.count)
+                yield b
+
+    trainer = DINOTrainer(_method(cls), Watched(_batches(4, masks)), epochs=1, device="cpu")
     with mode:
         trainer.train_epoch()
-    assert mode.count == 1  # the epoch's mean loss, read once at the end
+    assert seen == [0, 0, 0, 0]  # no step read anything back
+    assert mode.count <= 1  # the epoch's loss and guard, one read at the end (.tolist())
 
 
 class PerStep(pl.Callback):
@@ -92,3 +100,39 @@ def test_lightning_steps_do_not_sync_outside_logging_steps(cls, masks, tmp_path)
         warnings.simplefilter("ignore")
         trainer.fit(DINOModule(_method(cls), warmup_epochs=0), loader)
     assert [c for i, c in enumerate(counter.counts) if i % 4] == [0, 0, 0, 0]
+
+
+def test_estimator_steps_do_not_sync_outside_logging_steps():
+    from dinokit.estimator import DINOEstimator
+
+    counter = PerStep()
+    est = DINOEstimator(tiny_vit(), proj_hidden_dim=32, proj_bottleneck_dim=16, proj_output_dim=24,
+                        num_local_crops=2, clip_grad=3.0, batch_size=4, max_epochs=1, accelerator="cpu",
+                        enable_progress_bar=False, log_every_n_steps=4, callbacks=[counter])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est.fit(torch.utils.data.DataLoader(_batches(6, False), batch_size=None))
+    assert len(counter.counts) == 6
+    assert [c for i, c in enumerate(counter.counts) if i % 4] == [0, 0, 0, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("cls,masks", METHODS, ids=["dino", "dinov2", "dinov3"])
+def test_cuda_steps_pass_under_sync_debug_mode_error(cls, masks):
+    """On a GPU, torch itself raises on any synchronising call inside the steps."""
+    from dinokit.train.step import StepSettings, TrainingStep, build_method_optimizer
+
+    method = _method(cls).cuda()
+    step = TrainingStep(method, build_method_optimizer(method, "adamw"), StepSettings(warmup_epochs=0))
+    step.plan(4, 4, 4)
+    batches = [{k: ([t.cuda() for t in v] if isinstance(v, list) else
+                    v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+               for b in _batches(4, masks)]
+    step(batches[0], step=0, epoch=0)  # first call: lazy initialisation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i, b in enumerate(batches[1:], start=1):
+            step(b, step=i, epoch=0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

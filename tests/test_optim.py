@@ -16,6 +16,7 @@ from dinokit.train.optim import (
     LARS,
     build_optimizer,
     clip_per_parameter_,
+    is_fused,
     layer_id,
     param_groups,
     set_group_hyperparameters,
@@ -225,3 +226,19 @@ def test_last_layer_lr_multiplier_freezes_flagged_groups():
 def test_bad_no_decay_rule_is_named():
     with pytest.raises(ValueError, match="no_decay_rule"):
         param_groups([("w", nn.Parameter(torch.ones(2, 2)))], no_decay_rule="timm")
+
+
+def test_a_loaded_state_dict_does_not_change_the_kernel_choice():
+    """A checkpoint from a foreach run (e.g. FSDP2) loaded into a fused optimiser keeps it fused."""
+    from dinokit.train.optim import align_kernel_flags
+
+    p = nn.Parameter(torch.ones(2, 2))
+    saved = build_optimizer("adamw", [{"params": [p]}], fused=False).state_dict()
+    opt = build_optimizer("adamw", [{"params": [p]}])
+    opt.load_state_dict(saved)
+    assert not is_fused(opt)  # the loaded groups say foreach: found_inf would be refused
+    align_kernel_flags(opt)
+    assert is_fused(opt)
+    p.grad = torch.ones(2, 2)
+    skip_step_if_(opt, torch.tensor(True))  # the device-side skip works again
+    assert torch.equal(p, torch.ones(2, 2))

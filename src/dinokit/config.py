@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 #: Lightning accelerator names accepted by ``trainer.accelerator``.
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 #: Lightning precision names accepted by ``trainer.precision``.
-PRECISIONS = ("64", "64-true", "32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed",
+PRECISIONS = ("auto", "64", "64-true", "32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed",
               "bf16-true")
 #: Families of Lightning strategy names accepted by ``trainer.strategy`` (``ddp``,
 #: ``ddp_find_unused_parameters_true``, ``fsdp_cpu_offload``, ``deepspeed_stage_2``, ...).
@@ -115,10 +115,16 @@ class ModelConfig:
 class DataConfig:
     """Where the images come from and how they are cropped."""
 
-    dataset: Literal["folder", "fashion-mnist", "digits", "demo"] = _f(
-        "folder", "folder = your images under data.path; demo = Fashion-MNIST, else digits"
+    dataset: Literal["folder", "shards", "fashion-mnist", "digits", "demo"] = _f(
+        "folder", "folder = your images under data.path; shards = WebDataset tar shards under "
+        "data.path (dinokit data shard); demo = Fashion-MNIST, else digits"
     )
-    path: str | None = _f(None, "image folder (recursive; class sub-folders give labels)")
+    path: str | None = _f(None, "image folder (recursive; class sub-folders give labels), or for "
+                          "shards: their folder, index.json or brace pattern")
+    iterations_per_epoch: int | None = _f(None, "shards: batches per process per epoch (default: "
+                                          "one pass over index.json's samples)", min=1)
+    shuffle_buffer: int = _f(1000, "shards: sample shuffle buffer size (0 = read order)", min=0,
+                             max=1 << 24)
     val_path: str | None = _f(None, "labelled folder for validation loss and k-NN monitor")
     limit: int | None = _f(None, "use only the first N training images", min=1)
     val_limit: int | None = _f(None, "use only the first N validation images", min=1)
@@ -191,7 +197,8 @@ class TrainerConfig:
     num_nodes: int = _f(1, "nodes (torchrun / SLURM)", min=1, max=100_000)
     strategy: str = _f("auto", "auto, ddp, ddp_spawn, fsdp, deepspeed, ... (Lightning names)",
                        strategy=True)
-    precision: str = _f("32", "32, bf16-mixed or 16-mixed (loss scaling), ...", choices=PRECISIONS)
+    precision: str = _f("auto", "auto (bf16-mixed on a GPU with bf16, else 32), 32, bf16-mixed or "
+                        "16-mixed (loss scaling), ...", choices=PRECISIONS)
     accumulate_grad_batches: int = _f(1, "gradient accumulation steps", min=1, max=1 << 14)
     seed: int = _f(0, "random seed (data order, augmentations, init)", min=0, max=2**32 - 1)
     output_dir: str = _f("runs", "parent folder of run directories")
@@ -235,8 +242,11 @@ class Config:
     def validate(self) -> Config:
         """Check cross-field rules; returns self."""
         d, m = self.data, self.model
-        if d.dataset == "folder" and not d.path:
-            raise ConfigError("data.path: required when data.dataset is 'folder'")
+        if d.dataset in ("folder", "shards") and not d.path:
+            raise ConfigError(f"data.path: required when data.dataset is '{d.dataset}'")
+        if d.dataset == "shards" and d.augment_on == "device":
+            raise ConfigError("data.augment_on: 'device' reads an image folder or a demo set; with "
+                              "data.dataset=shards the multi-crop runs in the loader workers")
         if m.method != "dino" and d.n_global < 1:
             raise ConfigError("data.n_global: DINOv2/v3 need at least one global crop")
         if d.n_global + d.n_local < 2:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from dinokit.schedules import CosineSchedule
 from dinokit.train.module import DINOModule, unpack_batch
+from dinokit.train.step import STEP_PRECISIONS
 
 OPTIMIZERS = {"sgd": "sgd", "adam": "adam", "adamW": "adamw", "adamw": "adamw"}
 SCHEDULERS = ("none", "warmup_cosine")
@@ -180,9 +181,7 @@ class _SchedulerCallback(pl.Callback):
         self._stepped_at = trainer.global_step
         if self.build is None:
             return
-        total_steps = int(trainer.estimated_stepping_batches)
-        per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)) \
-            if math.isfinite(trainer.num_training_batches) else 1
+        total_steps, per_epoch = pl_module.total_steps(), pl_module.steps_per_epoch()
         if self.interval == "step":
             total, units = total_steps, per_epoch
         else:
@@ -222,12 +221,9 @@ class _SchedulerCallback(pl.Callback):
 
 class _EstimatorModule(DINOModule):
     """DINOModule that returns seed 003's step dicts, checks the view count and records the mean
-    training / validation loss of each epoch. The step itself is DINOModule's.
-
-    Hooks used: ``forward_batch`` (public; recorded to build the step dicts), ``training_step`` /
-    ``validation_step`` (wrapped, not replaced), and ``_apply_schedules``, wrapped so the module
-    keeps setting weight decay but leaves the learning rate to the estimator's scheduler.
-    """
+    training / validation loss of each epoch. The step itself is DINOModule's (the shared
+    :class:`~dinokit.train.step.TrainingStep`, with ``lr_schedule="none"``: the estimator's torch
+    scheduler owns the learning rate)."""
 
     def __init__(self, method: nn.Module, *, n_views: int, **kwargs: Any):
         super().__init__(method, **kwargs)
@@ -238,7 +234,7 @@ class _EstimatorModule(DINOModule):
         self._last_out: Any = None
         self._labels: Any = None
 
-    def forward_batch(self, batch: Any) -> Any:
+    def _check_views(self, batch: Any) -> None:
         b = unpack_batch(batch, self.n_global)
         found = len(b["global_views"]) + len(b["local_views"])
         if found != self.n_views:
@@ -246,9 +242,10 @@ class _EstimatorModule(DINOModule):
                 f"batch has {found} views but num_local_crops={self.n_views - 2} needs "
                 f"{self.n_views} (2 global + {self.n_views - 2} local)"
             )
-        self._last_out = out = super().forward_batch(batch)
         self._labels = b["labels"]
-        return out
+
+    def record_step(self, output: Any) -> None:
+        self._last_out = output
 
     def _record(self, split: str, loss: Tensor) -> dict[str, Any]:
         s = self._sums[split]
@@ -264,12 +261,16 @@ class _EstimatorModule(DINOModule):
         return float(total) / count if count else None  # one sync per epoch
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        self._check_views(batch)
         loss = super().training_step(batch, batch_idx)
         return self._record("train", loss)
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        loss = super().validation_step(batch, batch_idx)
-        return self._record("val", loss)
+        self._check_views(batch)
+        self._last_out = out = self.forward_batch(batch)
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=out.student_logits.shape[1],
+                 sync_dist=True)
+        return self._record("val", out.loss)
 
     def on_train_epoch_end(self) -> None:
         mean = self._epoch_mean("train")
@@ -280,15 +281,6 @@ class _EstimatorModule(DINOModule):
         mean = self._epoch_mean("val")
         if mean is not None and not self.trainer.sanity_checking:
             self.val_losses.append(mean)
-
-    def _apply_schedules(self) -> None:
-        # Needed hook: DINOModule(lr_schedule="none") leaving group["lr"] alone would replace this.
-        opt = self.optimizers()
-        opt = getattr(opt, "optimizer", opt)
-        lrs = [g["lr"] for g in opt.param_groups]
-        super()._apply_schedules()
-        for g, lr in zip(opt.param_groups, lrs, strict=True):
-            g["lr"] = lr
 
 
 def _trainer_parameter_names() -> list[str]:
@@ -539,15 +531,22 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         width = method.student_backbone.embed_dim
         if self.proj_input_dim is not None and self.proj_input_dim != width:
             raise ValueError(f"proj_input_dim={self.proj_input_dim} but the encoder outputs {width} features")
+        tkw = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
+               **self._trainer_kwargs}
+        # The shared training step owns accumulation and autocast precision (fit.engine_precision).
+        accumulate = int(tkw.pop("accumulate_grad_batches", 1) or 1)
+        precision = str(tkw.get("precision", "32-true"))
+        if precision in STEP_PRECISIONS:
+            tkw["precision"] = "32-true"
         module = _EstimatorModule(
-            method, n_views=2 + self.num_local_crops, optimizer=opt_spec, lr=lr, lr_scaling="none",
-            lr_schedule="constant", weight_decay=self.weight_decay, weight_decay_end=self.weight_decay,
+            method, n_views=2 + self.num_local_crops, accumulate=accumulate,
+            precision=precision if precision in STEP_PRECISIONS else "32-true",
+            optimizer=opt_spec, lr=lr, lr_scaling="none",
+            lr_schedule="none", weight_decay=self.weight_decay, weight_decay_end=self.weight_decay,
             clip_grad=self.clip_grad, clip_mode="global", freeze_last_layer_epochs=self.freeze_last_layer,
             exclude_bias_and_norm_wd=self.exclude_bias_and_norm_wd, optimizer_kwargs=opt_kwargs,
         )
         scheduler_cb = _SchedulerCallback(build_sched, lr, interval, monitor)
-        tkw = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-               **self._trainer_kwargs}
         tkw["callbacks"] = [*(tkw.get("callbacks") or []), scheduler_cb]
         if not isinstance(X, DataLoader):
             tkw.setdefault("use_distributed_sampler", False)

@@ -28,13 +28,15 @@ def register(sub: argparse._SubParsersAction) -> None:
             q.add_argument("--temperature", type=float, default=0.07)
         else:
             q.add_argument("--mode", choices=("sgd", "logistic"), default="sgd")
-            q.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+            q.add_argument("--lrs", type=float, nargs="+", default=None,
+                           help="learning rates swept (default: dinokit.eval.linear.DEFAULT_LRS, 1e-3..10)")
             q.add_argument("--epochs", type=int, default=100)
         q.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from dinokit.eval import extract_features, knn_evaluate, linear_probe
+    from dinokit.eval.linear import DEFAULT_LRS
 
     model = load(args.checkpoint, args.which)
     feats = []
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {k:>5}  {r['top1']:7.2f}  {top5:>7}")
         payload: dict = {"features": args.features, "results": {str(k): v for k, v in res.items()}}
     else:
-        res = linear_probe(f_tr, y_tr, f_va, y_va, mode=args.mode, lrs=tuple(args.lrs), epochs=args.epochs)
+        res = linear_probe(f_tr, y_tr, f_va, y_va, mode=args.mode, lrs=tuple(args.lrs or DEFAULT_LRS),
+                           epochs=args.epochs)
         print(f"linear probe ({args.mode}, {args.features} features):")
         for lr, r in res.per_lr.items():
             mark = "  <- best" if lr == res.best_lr else ""

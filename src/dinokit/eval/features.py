@@ -114,6 +114,28 @@ def gather_shards(x: Tensor, n: int) -> Tensor:
     return out
 
 
+def extract_share(model: Any, dataset: Any, *, batch_size: int = 256, num_workers: int = 0,
+                  kind: str = "cls", n_last_blocks: int = 4, device: str | torch.device | None = None,
+                  progress: bool = False, out_device: str | torch.device | None = "cpu",
+                  ) -> tuple[Tensor, Tensor | None]:
+    """Features of this process's :func:`shard_indices` of ``dataset`` (all of it in one process).
+
+    Every process makes the same number of forward passes (FSDP all-gathers parameters in each
+    one, so an extra batch on one process would wait forever): a smaller share is padded with a
+    repeat of its first sample, whose rows are dropped from the result.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    rank, world = _rank_world()
+    n = len(dataset)
+    own = shard_indices(n, rank, world)
+    mine = Subset(dataset, own + own[:1] * (-(-n // world) - len(own))) if world > 1 else dataset
+    f, y = extract_features(model, DataLoader(mine, batch_size=batch_size, num_workers=num_workers),
+                            kind=kind, n_last_blocks=n_last_blocks, device=device, progress=progress,
+                            out_device=out_device)
+    return f[: len(own)], (None if y is None else y[: len(own)])
+
+
 def extract_features_sharded(model: Any, dataset: Any, *, batch_size: int = 256, num_workers: int = 0,
                              kind: str = "cls", n_last_blocks: int = 4,
                              device: str | torch.device | None = None, progress: bool = False,
@@ -123,18 +145,16 @@ def extract_features_sharded(model: Any, dataset: Any, *, batch_size: int = 256,
     are images or ``(image, label, ...)``. Under gloo the gather runs on the CPU, under NCCL on the
     model's device."""
     import torch.distributed as dist
-    from torch.utils.data import DataLoader, Subset
 
-    rank, world = _rank_world()
+    _, world = _rank_world()
     n = len(dataset)
     if n == 0:
         raise ValueError("the dataset is empty")
     if n < world:  # every process knows: all raise, none waits in the gather
         raise ValueError(f"{n} samples for {world} processes: each process needs at least one")
-    mine = Subset(dataset, shard_indices(n, rank, world)) if world > 1 else dataset
-    loader = DataLoader(mine, batch_size=batch_size, num_workers=num_workers)
-    f, y = extract_features(model, loader, kind=kind, n_last_blocks=n_last_blocks, device=device,
-                            progress=progress, out_device=out_device)
+    f, y = extract_share(model, dataset, batch_size=batch_size, num_workers=num_workers, kind=kind,
+                         n_last_blocks=n_last_blocks, device=device, progress=progress,
+                         out_device=out_device)
     if world == 1:
         return f, y
     comm = f.device if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -63,17 +63,13 @@ class KNNMonitor(pl.Callback):
 
     def _extract(self, backbone: Any, dataset: Any, batch_size: int, workers: int, device: Any,
                  gather: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from torch.utils.data import DataLoader, Subset
-
-        from dinokit.eval.features import _rank_world, extract_features, shard_indices
+        from dinokit.eval.features import extract_share
 
         if gather:
             return extract_features_sharded(backbone, dataset, batch_size=batch_size, num_workers=workers,
                                             kind=self.kind, out_device=None)
-        rank, world = _rank_world()
-        mine = Subset(dataset, shard_indices(len(dataset), rank, world)) if world > 1 else dataset
-        f, y = extract_features(backbone, DataLoader(mine, batch_size=batch_size, num_workers=workers),
-                                kind=self.kind, progress=False, out_device=None)
+        f, y = extract_share(backbone, dataset, batch_size=batch_size, num_workers=workers, kind=self.kind,
+                             out_device=None)
         return f, (y if y is not None else torch.full((len(f),), -1, dtype=torch.long, device=f.device))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -44,6 +44,27 @@ class EMACenter(nn.Module):
             raise ValueError(f"center_momentum must be in [0, 1], got {momentum}")
         self.momentum = float(momentum)
         self.register_buffer("center", torch.zeros(dim))
+        # Deferred mode (a training step owns the update): batch means accumulate here until commit.
+        self.register_buffer("pending", torch.zeros(dim), persistent=False)
+        self.deferred = False
+
+    def defer_updates(self, deferred: bool = True) -> None:
+        """Deferred: :meth:`update` only accumulates the batch mean; :meth:`commit` applies the mean
+        of what accumulated, once per optimiser step and only after a finite step (what the
+        training step does, so gradient accumulation keeps one centre update per step)."""
+        self.deferred = bool(deferred)
+
+    @torch.no_grad()
+    def commit(self, n: int = 1, apply: Tensor | None = None) -> None:
+        """Apply the mean of the ``n`` batch means accumulated since the last commit; ``apply``
+        False (0-dim bool tensor) keeps the old centre. The accumulator is cleared either way."""
+        if not self.deferred:
+            return
+        new = self.center * self.momentum + (self.pending / n) * (1.0 - self.momentum)
+        if apply is not None:
+            new = torch.where(apply.to(device=new.device, dtype=torch.bool), new, self.center)
+        self.center.copy_(new)
+        self.pending.zero_()
 
     def probs(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
         """Teacher distribution ``softmax((logits - c) / tau_t)`` in fp32, same leading shape."""
@@ -64,6 +85,9 @@ class EMACenter(nn.Module):
         """
         batch_center = valid_mean(teacher_logits.reshape(-1, teacher_logits.shape[-1]), valid)
         all_reduce_mean(batch_center)
+        if self.deferred:  # the step commits it (apply: the step's own finiteness guard)
+            self.pending.add_(batch_center)
+            return
         new = self.center * self.momentum + batch_center * (1.0 - self.momentum)
         if apply is not None:
             new = torch.where(apply.to(device=new.device, dtype=torch.bool), new, self.center)

@@ -137,6 +137,12 @@ class ComposedMethod(SelfDistillationMethod):
                 return t
         raise KeyError(f"no loss term named {name!r}; terms: {[t.name for t in self.terms]}")
 
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """Compile the step's tensor work (student, teacher, heads and every active loss term,
+        :meth:`_step_terms`); the per-step scalars (the step, the teacher temperature, the terms'
+        weights) stay outside as arguments, so training does not recompile at every step."""
+        self._step_terms = torch.compile(self._step_terms, *args, **kwargs)  # type: ignore[method-assign]
+
     def after_teacher_update(self) -> None:
         for t in self.terms:
             t.on_teacher_update(self)
@@ -186,17 +192,40 @@ class ComposedMethod(SelfDistillationMethod):
             emb = self.embed(images)
             return self.output_class(loss=emb.new_zeros(()), embedding=emb)
         g, lv = check_views(global_views, local_views, self.student_backbone.in_chans)
-        n_g, b = len(g), g[0].shape[0]
+        # This step's scalars, decided in Python (eagerly: they change every step) and handed to
+        # the tensor work as arguments, so a compiled step is traced once, not once per step.
         step = self.step
-        # Plain loops (not comprehensions): torch.compile traces these without a graph break.
         active: list[tuple[LossTerm, float]] = []
-        needs: set[str] = set()
         for t in self.terms:
             w = t.weight_at(step)
             if w > 0.0:
                 active.append((t, w))
-                needs.update(t.consumes)
-        temp = self.teacher_temperature
+        temp = float(self.teacher_temperature)
+        total, emb, stacked, fields = self._step_terms(g, lv, masks, mask_indices, mask_weights, active,
+                                                       step, temp)
+        losses: dict[str, Tensor] = {}
+        for (t, _w), value in zip(active, stacked.unbind(), strict=False):
+            losses[f"loss_{t.name}"] = value
+        for k in self._field_names:
+            if k in losses:
+                fields[k] = losses[k]
+        # The typed output is built outside the compiled region: a compiled function returning a
+        # custom object loses the loss's autograd graph under inductor.
+        return self.output_class(loss=total, embedding=emb, losses=losses, teacher_temperature=temp,
+                                 **fields)
+
+    def _step_terms(self, g: list[Tensor], lv: list[Tensor], masks: Tensor | None,
+                    mask_indices: Tensor | None, mask_weights: Tensor | None,
+                    active: list[tuple[LossTerm, float]], step: int, temp: float,
+                    ) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
+        """The tensor work of a training step: the features the active terms consume, once, then
+        each term. Returns ``(loss, embedding, each active term's loss [n_active], fields)``.
+        :meth:`compile` compiles this function."""
+        n_g, b = len(g), g[0].shape[0]
+        # Plain loops (not comprehensions): torch.compile traces these without a graph break.
+        needs: set[str] = set()
+        for t, _w in active:
+            needs.update(t.consumes)
 
         m = idx = wts = None
         if MASKED_PATCHES in needs:
@@ -226,12 +255,12 @@ class ComposedMethod(SelfDistillationMethod):
             mask_weights=wts,
         )
         total: Tensor | None = None
-        losses: dict[str, Tensor] = {}
+        term_losses: list[Tensor] = []
         fields: dict[str, Any] = {}
         for t, w in active:
             r = t(features, self.student, self.teacher)
             total = w * r.loss if total is None else total + w * r.loss
-            losses[f"loss_{t.name}"] = r.loss.detach()
+            term_losses.append(r.loss)
             fields.update(r.outputs)
         if total is None:  # every term weighs 0 at this step
             total = s_global.cls.sum() * 0.0
@@ -242,11 +271,10 @@ class ComposedMethod(SelfDistillationMethod):
             self._check_finite("loss", total)
         kept: dict[str, Any] = {}
         for k in self._field_names:
-            if k in losses:
-                kept[k] = losses[k]
-            elif k in fields:
+            if k in fields:
                 kept[k] = fields[k]
-        fields = kept
         emb = (t_out.cls if t_out is not None else s_global.cls).detach()
-        return self.output_class(loss=total, embedding=emb, losses=losses, teacher_temperature=temp,
-                                 **fields)
+        # The terms' losses as one new tensor: a detached alias of the loss among the outputs of a
+        # compiled (inductor) function makes the returned loss lose its autograd graph.
+        stacked = torch.stack(term_losses).detach() if term_losses else total.detach().reshape(1)
+        return total, emb, stacked, kept

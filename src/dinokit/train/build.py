@@ -7,6 +7,9 @@ translate a config into those arguments.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -120,6 +123,10 @@ def build_dataset(cfg: Config, split: str = "train", transform: Any = None) -> D
 
     d = cfg.data
     limit = d.limit if split == "train" else d.val_limit
+    if d.dataset == "shards":
+        raise ConfigError("data.dataset: shards are a stream, not a dataset to index: set "
+                          "trainer.knn_every_n_epochs=0 and score checkpoints with `dinokit eval knn` "
+                          "on labelled folders")
     if d.dataset == "folder":
         path = d.path if split == "train" else d.val_path
         if path is None:
@@ -131,30 +138,84 @@ def build_dataset(cfg: Config, split: str = "train", transform: Any = None) -> D
     return ds
 
 
+def build_collate(cfg: Config, method: SelfDistillationMethod) -> Any:
+    """The multi-crop collate, with iBOT block masks when the method's terms need them."""
+    from dinokit.data import MultiCropCollate
+    from dinokit.masking import make_mask_generator
+
+    d = cfg.data
+    if not getattr(method, "needs_masks", False):
+        return MultiCropCollate()
+    mc = build_multicrop_config(cfg)
+    ps = method.student_backbone.patch_size
+    grid = (mc.global_size // ps, mc.global_size // ps)
+    return MultiCropCollate(
+        mask_generator=make_mask_generator(d.mask_mode, grid),
+        patch_size=ps,
+        mask_probability=d.mask_probability,
+        mask_ratio_range=tuple(d.mask_ratio_range),
+        mask_sampling=d.mask_sampling,
+    )
+
+
+def planned_world_size(cfg: Config) -> int:
+    """Processes of the run: the launcher's ``WORLD_SIZE``, else ``devices x num_nodes``."""
+    env = os.environ.get("WORLD_SIZE")
+    if env and env.isdigit():
+        return max(1, int(env))
+    devices = cfg.trainer.devices
+    n = int(devices) if isinstance(devices, int) or str(devices).isdigit() else \
+        len([x for x in str(devices).split(",") if x.strip()]) if "," in str(devices) else 1
+    return max(1, n) * max(1, int(cfg.trainer.num_nodes))
+
+
+def build_stream_loader(cfg: Config, method: SelfDistillationMethod) -> Any:
+    """``data.dataset=shards``: a resumable :class:`~dinokit.data.streaming.StreamLoader` over
+    WebDataset shards (every sample once per pass across processes and workers; an epoch is
+    ``data.iterations_per_epoch`` batches, by default one pass over ``index.json``'s samples)."""
+    from dinokit.data import MultiCropTransform
+    from dinokit.data.streaming import INDEX_FILE, ShardStream, StreamLoader
+
+    d = cfg.data
+    local = "{" not in str(d.path) and "://" not in str(d.path)
+    if local and not Path(d.path).exists():
+        raise ConfigError(f"data.path: {d.path} does not exist (a folder of .tar shards, its index.json, "
+                          "or a brace pattern such as data/shard-{000000..000127}.tar)")
+    try:
+        stream = ShardStream(d.path, d.batch_size, transform=MultiCropTransform(build_multicrop_config(cfg)),
+                             collate=build_collate(cfg, method), seed=cfg.trainer.seed,
+                             shuffle=d.shuffle_buffer)
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.path: {e}") from None
+    iterations = d.iterations_per_epoch
+    if iterations is None:
+        index = Path(d.path) / INDEX_FILE if Path(d.path).is_dir() else Path(d.path)
+        if index.suffix != ".json" or not index.is_file():
+            raise ConfigError(f"data.iterations_per_epoch: needed with data.dataset=shards when "
+                              f"{d.path} has no {INDEX_FILE} giving the sample count")
+        total = int(json.loads(index.read_text()).get("total", 0))
+        iterations = total // (d.batch_size * planned_world_size(cfg))
+        if iterations < 1:
+            raise ConfigError(f"data.batch_size: {d.batch_size} x {planned_world_size(cfg)} process(es) "
+                              f"is more than the {total} samples in {index}")
+    return StreamLoader(stream, iterations, num_workers=d.num_workers,
+                        pin_memory=torch.cuda.is_available())
+
+
 def build_train_loader(cfg: Config, method: SelfDistillationMethod) -> DataLoader:
     """The resumable multi-crop training loader (masks for DINOv2/v3 made in the collate)."""
-    from dinokit.data import MultiCropCollate, MultiCropTransform
-    from dinokit.masking import make_mask_generator
+    from dinokit.data import MultiCropTransform
     from dinokit.train.loader import ResumableDataLoader, SeededViews
 
     d = cfg.data
     mc = build_multicrop_config(cfg)
+    if d.dataset == "shards":
+        return build_stream_loader(cfg, method)
     dataset = build_dataset(cfg, "train")
     if d.dataset == "folder" and d.limit:
         dataset = torch.utils.data.Subset(dataset, range(min(d.limit, len(dataset))))
     views = SeededViews(dataset, MultiCropTransform(mc), seed=cfg.trainer.seed)
-    collate = MultiCropCollate()
-    if getattr(method, "needs_masks", False):
-        backbone = method.student_backbone
-        ps = backbone.patch_size
-        grid = (mc.global_size // ps, mc.global_size // ps)
-        collate = MultiCropCollate(
-            mask_generator=make_mask_generator(d.mask_mode, grid),
-            patch_size=ps,
-            mask_probability=d.mask_probability,
-            mask_ratio_range=tuple(d.mask_ratio_range),
-            mask_sampling=d.mask_sampling,
-        )
+    collate = build_collate(cfg, method)
     if d.augment_on == "device":  # uint8 images; BatchedMultiCrop (build_batched_augment) crops them
         from dinokit.data.batched import DecodeUInt8, UInt8Collate
 
@@ -176,9 +237,20 @@ def build_train_loader(cfg: Config, method: SelfDistillationMethod) -> DataLoade
     )
 
 
+def resolved_precision(cfg: Config) -> str:
+    """``trainer.precision``, with ``auto`` resolved: bf16 autocast on a CUDA GPU that has bf16
+    (A100, H100, ...), full fp32 elsewhere (CPU autocast to bf16 is slower than fp32 there)."""
+    p = cfg.trainer.precision
+    if p != "auto":
+        return p
+    gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
 def build_module(cfg: Config, method: SelfDistillationMethod) -> Any:
     """The Lightning module with ``cfg.optim``'s settings."""
     from dinokit.train.module import DINOModule
+    from dinokit.train.step import STEP_PRECISIONS
 
     o = cfg.optim
     return DINOModule(
@@ -195,6 +267,8 @@ def build_module(cfg: Config, method: SelfDistillationMethod) -> Any:
         freeze_last_layer_epochs=o.freeze_last_layer_epochs,
         **resolved_training(cfg),
         max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
+        accumulate=cfg.trainer.accumulate_grad_batches,
+        precision=resolved_precision(cfg) if resolved_precision(cfg) in STEP_PRECISIONS else "32-true",
         augment=build_batched_augment(cfg) if cfg.data.augment_on == "device" else None,
         seed=cfg.trainer.seed,
         layer_decay=o.layer_decay,

@@ -29,7 +29,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dinokit.config import Config, ConfigError
-from dinokit.train.build import build_method, build_module, build_train_loader
+from dinokit.train.build import build_method, build_module, build_train_loader, resolved_precision
 from dinokit.train.checkpoint_io import (
     CheckpointReadError,
     SafeCheckpointIO,
@@ -244,6 +244,29 @@ def _knn_monitor(cfg: Config) -> pl.Callback | None:
     )
 
 
+def fsdp_strategy(cfg: Config) -> Any:
+    """``trainer.strategy=fsdp``: FSDP2 (``fully_shard`` of student and teacher, see
+    :func:`~dinokit.train.strategy.shard_method`) through :class:`~dinokit.train.fsdp.FSDP2Strategy`
+    on a 1-D data-parallel mesh; checkpoints hold full tensors, so a run resumes at any world size
+    and with any strategy."""
+    from dinokit.train.build import planned_world_size
+    from dinokit.train.fsdp import FSDP2Strategy
+
+    if cfg.trainer.strategy != "fsdp":
+        raise ConfigError(f"trainer.strategy: {cfg.trainer.strategy!r} is not supported; 'fsdp' is FSDP2 "
+                          "(fully_shard of student and teacher, full-tensor checkpoints)")
+    return FSDP2Strategy(planned_world_size(cfg))
+
+
+def engine_precision(precision: str) -> str:
+    """What Lightning is given for ``trainer.precision``: whole-model dtypes (``64``, ``*-true``)
+    stay Lightning's; autocast precisions (``bf16-mixed``, ``16-mixed``) belong to the training
+    step (:data:`~dinokit.train.step.STEP_PRECISIONS`), so Lightning runs ``32-true``."""
+    from dinokit.train.step import STEP_PRECISIONS
+
+    return "32-true" if precision in STEP_PRECISIONS else precision
+
+
 def build_trainer(cfg: Config, run_dir: Path, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
     """The Lightning Trainer for ``cfg.trainer`` logging to ``run_dir``."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -264,6 +287,9 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list[pl.Callback] | Non
         # Requeueing is done at a step boundary by PreemptionCallback, not inside Lightning's
         # signal handler (which would save in the middle of a step).
         plugins.append(SLURMEnvironment(auto_requeue=False))
+    strategy: Any = t.strategy
+    if str(strategy).startswith("fsdp"):
+        strategy = fsdp_strategy(cfg)
     return pl.Trainer(
         default_root_dir=str(run_dir),
         plugins=plugins,
@@ -272,9 +298,9 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list[pl.Callback] | Non
         accelerator=t.accelerator,
         devices=devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=t.precision,
-        accumulate_grad_batches=t.accumulate_grad_batches,
+        strategy=strategy,
+        precision=engine_precision(resolved_precision(cfg)),  # mixed precision is the TrainingStep's
+        accumulate_grad_batches=1,  # gradient accumulation too (manual optimisation)
         log_every_n_steps=t.log_every_n_steps,
         logger=loggers,
         callbacks=callbacks if callbacks is not None else _callbacks(cfg, run_dir),

@@ -20,7 +20,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -167,8 +168,9 @@ def _fused_supported(groups: list[dict]) -> bool:
     except ImportError:  # pragma: no cover - older torch
         devices = {"cuda"}
     params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
-    return bool(params) and all(
-        isinstance(p, Tensor) and p.is_floating_point() and p.device.type in devices for p in params
+    return bool(params) and all(  # FSDP2's sharded (DTensor) parameters take the foreach path
+        isinstance(p, Tensor) and p.is_floating_point() and p.device.type in devices
+        and not hasattr(p, "to_local") for p in params
     )
 
 
@@ -198,11 +200,27 @@ def build_optimizer(
 
 def is_fused(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` runs torch's fused kernels (reads ``found_inf``/``grad_scale``)."""
-    return bool(optimizer.defaults.get("fused")) and getattr(optimizer, "_step_supports_amp_scaling", False)
+    return (getattr(optimizer, "_step_supports_amp_scaling", False)
+            and all(g.get("fused", optimizer.defaults.get("fused")) for g in optimizer.param_groups))
+
+
+def align_kernel_flags(optimizer: torch.optim.Optimizer) -> None:
+    """Re-pick fused or foreach kernels for the parameters as they are now, after a loaded state
+    dict has overwritten the groups' flags with those of the run that saved it (a fused 1-process
+    run resumed under FSDP2, whose sharded parameters take the foreach path, or the reverse)."""
+    if "fused" not in optimizer.defaults:
+        return
+    built_fused = bool(optimizer.defaults.get("fused"))  # what this run's optimiser was built with
+    for g in optimizer.param_groups:
+        fused = built_fused and _fused_supported([{"params": g["params"]}])
+        g["fused"] = fused
+        if fused:
+            g["foreach"] = None
 
 
 @torch.no_grad()
-def skip_step_if_(optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
+def skip_step_if_(optimizer: torch.optim.Optimizer, found_inf: Tensor,
+                  step: Callable[[], Any] | None = None) -> None:
     """``optimizer.step()``, without effect when the 0-dim ``found_inf`` tensor is True/nonzero,
     decided on the device (no host sync).
 
@@ -213,29 +231,40 @@ def skip_step_if_(optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
     and optimiser-state tensors are copied, the step runs, and ``torch.where(found_inf, old, new)``
     puts back the old values (state created by a skipped first step is reset to zeros, which every
     optimiser here treats as "no history"). The fallback costs one copy of parameters and state.
+    ``step`` replaces ``optimizer.step`` (an engine's wrapper around it).
     """
+    run = optimizer.step if step is None else step
     flag = found_inf.detach()
     if is_fused(optimizer):
         optimizer.found_inf = flag.float().reshape(())  # type: ignore[attr-defined]
         optimizer.grad_scale = None  # type: ignore[attr-defined]
         try:
-            optimizer.step()
+            run()
         finally:
             del optimizer.found_inf, optimizer.grad_scale  # type: ignore[attr-defined]
         return
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    old_params = [p.detach().clone() for p in params]
-    old_state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items() if isinstance(v, Tensor)}
-                 for p in params if p in optimizer.state}
-    optimizer.step()
-    for p, old in zip(params, old_params):
-        f = flag.to(device=p.device, dtype=torch.bool)
-        p.copy_(torch.where(f, old, p))
-        before = old_state.get(id(p), {})
-        for k, v in optimizer.state.get(p, {}).items():
-            if isinstance(v, Tensor):
-                prev = before.get(k, torch.zeros_like(v))
-                v.copy_(torch.where(flag.to(device=v.device, dtype=torch.bool), prev, v))
+    # FSDP2 (DTensor) parameters and state: each process restores its local shard.
+    old = {id(p): [_local_shard(t).clone() for t in _tensors(optimizer, p)] for p in params}
+    run()
+    for p in params:
+        now = [_local_shard(t) for t in _tensors(optimizer, p)]
+        saved = old[id(p)]
+        for i, t in enumerate(now):
+            prev = saved[i] if i < len(saved) else torch.zeros_like(t)  # state made by this step
+            t.copy_(torch.where(flag.to(device=t.device, dtype=torch.bool), prev, t))
+
+
+def _local_shard(t: Tensor) -> Tensor:
+    """The local shard of an FSDP2 ``DTensor`` (a view), or ``t`` itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _tensors(optimizer: torch.optim.Optimizer, p: Tensor) -> list[Tensor]:
+    """``p`` and its optimiser-state tensors, in a fixed order."""
+    state = optimizer.state.get(p, {})
+    return [p, *(state[k] for k in sorted(state) if isinstance(state[k], Tensor))]
 
 
 @torch.no_grad()

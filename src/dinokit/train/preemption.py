@@ -119,7 +119,9 @@ class PreemptionCallback(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         # Accumulating gradients: only stop where an optimiser step just happened.
-        if (batch_idx + 1) % trainer.accumulate_grad_batches and not trainer.fit_loop.epoch_loop.done:
+        settings = getattr(pl_module, "settings", None)
+        every = getattr(settings, "accumulate", None) or trainer.accumulate_grad_batches
+        if (batch_idx + 1) % every and not trainer.fit_loop.epoch_loop.done:
             return
         if trainer.world_size > 1:
             if trainer.global_step % self.sync_every_n_steps:

@@ -1,7 +1,8 @@
 """A plain PyTorch trainer with ``fit`` / ``train_epoch`` / ``validate`` (the shape of seed 002).
 
-For people who prefer to read the whole loop. It uses the same parts as the Lightning engine
-(method hooks, parameter groups, schedules, clipping), so both train the same algorithm.
+For people who prefer to read the whole loop. The step itself is
+:class:`~dinokit.train.step.TrainingStep`, the one the Lightning module and the estimator run, so
+all three train the same algorithm with the same schedules, clipping, precision and guard.
 """
 
 from __future__ import annotations
@@ -14,15 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dinokit.schedules import CosineSchedule, scaled_lr
-from dinokit.train.module import method_inputs, nonfinite_flag, unpack_batch
-from dinokit.train.optim import (
-    build_optimizer,
-    clip_per_parameter_,
-    param_groups,
-    set_group_hyperparameters,
-    skip_step_if_,
-)
+from dinokit.train.step import OptimizerSpec, StepSettings, TrainingStep, build_method_optimizer
 
 
 def _to_device(x: Any, device: torch.device) -> Any:
@@ -52,9 +45,15 @@ class DINOTrainer:
         train_loader: multi-crop batches (dicts from ``MultiCropCollate`` or ``[X]`` lists).
         val_loader: optional held-out multi-crop batches for :meth:`validate`.
         epochs: planned epochs (the schedules span them).
-        optimizer, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, clip_grad,
-            freeze_last_layer_epochs, lr_scaling: as in :class:`~dinokit.train.DINOModule`.
+        optimizer, no_decay_rule, layer_decay, patch_embed_lr_mult, momentum, betas: the
+            optimiser (see :func:`~dinokit.train.step.build_method_optimizer`).
+        global_batch: images per optimiser step for the LR scaling rule (default: the loader's
+            ``batch_size`` times ``accumulate``).
+        log_every_n_steps: how often the non-finite guard is read (one host read each time).
         device: where to train (default: CUDA when available).
+        **settings: the step's :class:`~dinokit.train.step.StepSettings` (``lr``, ``min_lr``,
+            ``warmup_epochs``, ``weight_decay``, ``clip_grad``, ``clip_mode``, ``precision``,
+            ``accumulate``, ...). Defaults differ from the CLI's only in ``warmup_epochs=1``.
     """
 
     def __init__(
@@ -64,69 +63,64 @@ class DINOTrainer:
         val_loader: Iterable[Any] | None = None,
         *,
         epochs: int = 10,
-        optimizer: str = "adamw",
-        lr: float = 0.0005,
-        lr_scaling: str = "linear",
-        min_lr: float = 1e-6,
-        warmup_epochs: float = 1,
-        weight_decay: float = 0.04,
-        weight_decay_end: float = 0.4,
-        clip_grad: float = 3.0,
-        freeze_last_layer_epochs: int = 1,
+        optimizer: OptimizerSpec = "adamw",
+        no_decay_rule: str = "dinokit",
+        layer_decay: float = 1.0,
+        patch_embed_lr_mult: float = 1.0,
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        global_batch: int | None = None,
+        log_every_n_steps: int = 50,
         n_global: int = 2,
         device: str | torch.device | None = None,
+        **settings: Any,
     ):
+        unknown = sorted(set(settings) - set(StepSettings.names()))
+        if unknown:
+            raise TypeError(f"DINOTrainer got unknown arguments {unknown}; step settings are "
+                            f"{list(StepSettings.names())}")
+        settings.setdefault("warmup_epochs", 1)
+        self.settings = StepSettings(**settings)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.method = method.to(self.device)
         self.train_loader, self.val_loader = train_loader, val_loader
-        self.epochs, self.n_global = epochs, n_global
-        self.clip_grad, self.freeze_last_layer_epochs = clip_grad, freeze_last_layer_epochs
-        steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
-        batch = getattr(train_loader, "batch_size", None) or 1
-        total = max(1, steps_per_epoch * epochs)
-        peak = scaled_lr(lr, batch, lr_scaling)
-        self.lr_schedule = CosineSchedule(peak, min(min_lr, peak), total,
-                                          min(int(warmup_epochs * steps_per_epoch), total))
-        self.wd_schedule = CosineSchedule(weight_decay, weight_decay_end, total)
-        method.set_total_steps(total, steps_per_epoch)
-        method.check_finite = False  # one check per epoch below, not a host sync per step
-        self.optimizer = build_optimizer(optimizer, param_groups(method.student.named_parameters()))
+        self.epochs, self.log_every_n_steps = epochs, max(1, int(log_every_n_steps))
+        acc = self.settings.accumulate
+        batches = len(train_loader)  # type: ignore[arg-type]
+        steps_per_epoch = max(1, math.ceil(batches / acc))
+        batch = global_batch or (getattr(train_loader, "batch_size", None) or 1) * acc
+        self.optimizer = build_method_optimizer(method, optimizer, no_decay_rule=no_decay_rule,
+                                                layer_decay=layer_decay,
+                                                patch_embed_lr_mult=patch_embed_lr_mult,
+                                                momentum=momentum, betas=betas)
+        self.step_fn = TrainingStep(method, self.optimizer, self.settings, n_global=n_global)
+        self.step_fn.plan(steps_per_epoch * epochs, steps_per_epoch, batch)
         self.epoch = 0
         self.global_step = 0
         self.history: list[EpochStats] = []
 
-    def _set_schedules(self) -> None:
-        set_group_hyperparameters(self.optimizer, self.lr_schedule(self.global_step),
-                                  self.wd_schedule(self.global_step))
-
-    def _forward(self, batch: Any) -> Any:
-        b = unpack_batch(_to_device(batch, self.device), self.n_global)
-        return self.method(**method_inputs(b))
-
     def train_epoch(self) -> EpochStats:
-        """One pass over ``train_loader``: step, clip, freeze, optimise, move the teacher."""
+        """One pass over ``train_loader``, one :class:`~dinokit.train.step.TrainingStep` call per batch."""
         self.method.train()
-        self.method.set_epoch(self.epoch)
         total = torch.zeros((), device=self.device)
-        n = 0
-        for batch in self.train_loader:
-            self._set_schedules()
-            out = self._forward(batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if self.epoch < self.freeze_last_layer_epochs:
-                self.method.cancel_last_layer_gradients()
-            if self.clip_grad > 0:
-                clip_per_parameter_(self.method.student_parameters(), self.clip_grad)
-            bad = nonfinite_flag(out.loss, self.method.student_parameters())
-            skip_step_if_(self.optimizer, bad)  # a NaN/Inf step changes nothing (decided on the device)
-            self.method.update_teacher(apply=~bad)
-            self.global_step += 1
-            total += out.loss.detach()
+        n, acc = 0, self.settings.accumulate
+        batches = len(self.train_loader)  # type: ignore[arg-type]
+        for i, batch in enumerate(self.train_loader):
+            result = self.step_fn(_to_device(batch, self.device), step=self.global_step, epoch=self.epoch,
+                                  micro=i % acc, last=True if i + 1 == batches else None)
+            loss = result.metrics["loss"]
+            total += torch.where(torch.isfinite(loss), loss, 0.0)  # type: ignore[arg-type]
             n += 1
-        loss = float(total) / max(n, 1)  # one host sync per epoch
-        if not math.isfinite(loss):
-            raise ValueError(f"training loss became {loss} in epoch {self.epoch}; lower the lr")
+            if result.stepped:
+                self.global_step += 1
+                if self.global_step % self.log_every_n_steps == 0:
+                    self.step_fn.check_nonfinite(self.global_step, self.epoch)
+        worst = self.step_fn.worst_streak
+        # One host read per epoch: the summed loss (skipped steps count as 0) and the guard.
+        total_, worst_ = torch.stack([total.float(), torch.zeros_like(total.float()) if worst is None
+                                      else worst.to(total.device).float()]).tolist()
+        self.step_fn.check_nonfinite(self.global_step, self.epoch, worst=int(worst_))
+        loss = total_ / max(n, 1)
         stats = EpochStats(self.epoch, loss)
         self.epoch += 1
         return stats
@@ -139,7 +133,7 @@ class DINOTrainer:
         self.method.eval()
         total, n = torch.zeros((), device=self.device), 0
         for batch in self.val_loader:
-            total += self._forward(batch).loss
+            total += self.step_fn.forward(_to_device(batch, self.device)).loss
             n += 1
         self.method.train()
         return float(total) / max(n, 1)
