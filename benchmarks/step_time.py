@@ -69,7 +69,9 @@ def dinokit_step(method: str, variant: str, a: dict):
 
     glob, loc = make_views(a["batch"], a["n_global"], a["n_local"], a["gsize"], a["lsize"], a["device"])
     autocast = torch.autocast(a["device"], dtype=torch.bfloat16, enabled=a["precision"] == "bf16")
-    fwd = torch.compile(model) if compiled else model
+    if compiled:  # what trainer.compile=true does: the step's tensor work, per-step scalars as inputs
+        model.compile()
+    fwd = model
 
     def step():
         with autocast:

@@ -31,8 +31,8 @@ def test_fsdp_two_processes_equal_one_process_and_resume_in_one(tmp_path, monkey
     _compare(one, two)
     teacher = {k: v for k, v in two["state_dict"].items() if k.startswith("method.teacher.")}
     assert teacher and all(type(v) is torch.Tensor for v in teacher.values())  # gathered, not sharded
-    # the FSDP checkpoint (full tensors) resumes without FSDP in 1 process and trains on
-    args = ["train", *TINY, *extra, f"data.batch_size={GLOBAL_BATCH // 2}", "trainer.devices=1",
+    # the FSDP checkpoint (full tensors) resumes without FSDP in 1 process (same global batch)
+    args = ["train", *TINY, *extra, f"data.batch_size={GLOBAL_BATCH}", "trainer.devices=1",
             f"trainer.output_dir={tmp_path}", "trainer.run_name=two", "trainer.resume=last",
             f"trainer.max_steps={STEPS + 1}"]
     assert main(args) == 0

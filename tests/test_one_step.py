@@ -121,8 +121,8 @@ def test_accumulating_two_half_batches_is_one_step_on_the_full_batch():
     one, acc = _run_steps(encoder, full, 1), _run_steps(encoder, halves, 2)
     assert one.step == acc.step == 2
     a, b = _state(one), _state(acc)
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    for k in a:  # float rounding only (sums over 2 vs 4 samples; AdamW rescales small gradients)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
     assert a["terms.0.dino_loss.centering.center"].abs().sum() > 0  # the centre moved
 
 
