@@ -247,8 +247,6 @@ class Config:
         if d.dataset == "shards" and d.augment_on == "device":
             raise ConfigError("data.augment_on: 'device' reads an image folder or a demo set; with "
                               "data.dataset=shards the multi-crop runs in the loader workers")
-        if m.method != "dino" and d.n_global < 1:
-            raise ConfigError("data.n_global: DINOv2/v3 need at least one global crop")
         if d.n_global + d.n_local < 2:
             raise ConfigError(
                 "data.n_local: the DINO loss needs at least two crops per image "
