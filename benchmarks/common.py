@@ -9,11 +9,13 @@ driver (``step_time.py``) can interleave the libraries round-robin in one invoca
 from __future__ import annotations
 
 import json
+import platform
 import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -108,3 +110,14 @@ def serve(build: Callable[[], Callable[[], None]], a: dict) -> None:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (for the machine line of a result)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -41,6 +41,8 @@ from torchvision.transforms import InterpolationMode, v2
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).parent))
+from common import cpu_name  # noqa: E402
 
 from dinokit.data import MultiCropConfig, MultiCropTransform  # noqa: E402
 from dinokit.data.batched import BatchedMultiCrop, DecodeUInt8  # noqa: E402
@@ -111,16 +113,6 @@ def run_batched(paths: list[Path], decode: DecodeUInt8, aug: BatchedMultiCrop, g
     if device == "cuda":
         torch.cuda.synchronize()
     return views
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(fn) -> tuple[float, float]:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BF16_PEAK, median, serve
+from common import BF16_PEAK, cpu_name, median, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_PY = ROOT / ".bench-venv" / "bin" / "python"
@@ -208,16 +208,6 @@ def device_peak_tflops(device: str) -> float | None:
         if key in name:
             return peak / 1e12
     return None
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def versions() -> dict[str, str]:

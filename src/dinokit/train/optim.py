@@ -245,17 +245,17 @@ def skip_step_if_(optimizer: torch.optim.Optimizer, found_inf: Tensor,
         return
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     # FSDP2 (DTensor) parameters and state: each process restores its local shard.
-    old = {id(p): [_local_shard(t).clone() for t in _tensors(optimizer, p)] for p in params}
+    old = {id(p): [local_shard(t).clone() for t in _tensors(optimizer, p)] for p in params}
     run()
     for p in params:
-        now = [_local_shard(t) for t in _tensors(optimizer, p)]
+        now = [local_shard(t) for t in _tensors(optimizer, p)]
         saved = old[id(p)]
         for i, t in enumerate(now):
             prev = saved[i] if i < len(saved) else torch.zeros_like(t)  # state made by this step
             t.copy_(torch.where(flag.to(device=t.device, dtype=torch.bool), prev, t))
 
 
-def _local_shard(t: Tensor) -> Tensor:
+def local_shard(t: Tensor) -> Tensor:
     """The local shard of an FSDP2 ``DTensor`` (a view), or ``t`` itself."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t

@@ -37,11 +37,12 @@ from dinokit.train.optim import (
     build_optimizer,
     clip_per_module_,
     clip_per_parameter_,
+    local_shard,
     param_groups,
     set_group_hyperparameters,
     skip_step_if_,
 )
-from dinokit.train.strategy import _local, clip_per_parameter_sharded_
+from dinokit.train.strategy import clip_per_parameter_sharded_
 
 CLIP_MODES = ("per_param", "per_module", "global", "none")
 FREEZE_MODES = ("cancel_grad", "zero_lr")
@@ -159,8 +160,8 @@ def nonfinite_flag(loss: Tensor | None, params: Sequence[Tensor]) -> Tensor:
     (max) so that every process skips the same steps.
     """
     grads = [p.grad for p in params if p.grad is not None]
-    local = [_local(g) for g in grads]
-    flags = [] if loss is None else [~torch.isfinite(_local(loss.detach())).all()]
+    local = [local_shard(g) for g in grads]
+    flags = [] if loss is None else [~torch.isfinite(local_shard(loss.detach())).all()]
     if local:
         norms = torch._foreach_norm(local)
         flags.append(~torch.isfinite(torch.stack([n.float() for n in norms])).all())

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from dinokit.train.optim import local_shard
+
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -119,9 +121,6 @@ def shard_method(method: nn.Module, mesh: Any = None, **fsdp_kwargs: Any) -> Any
     return mesh
 
 
-def _local(x: Tensor) -> Tensor:
-    to_local = getattr(x, "to_local", None)
-    return to_local() if callable(to_local) else x
 
 
 @torch.no_grad()
@@ -133,7 +132,7 @@ def clip_per_parameter_sharded_(params: Iterable[Tensor], max_norm: float) -> Te
     grads = [p.grad for p in params if p.grad is not None]
     if not grads or max_norm <= 0:
         return None
-    local = [_local(g) for g in grads]
+    local = [local_shard(g) for g in grads]
     sharded = any(g is not loc for g, loc in zip(grads, local))
     sq = torch.stack([loc.float().pow(2).sum() for loc in local])
     if sharded and dist.is_available() and dist.is_initialized():
