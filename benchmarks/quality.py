@@ -160,6 +160,17 @@ def log_diagnostics(run_dir: Path) -> dict[str, float | None]:
     return {"final_loss": sum(tail) / len(tail) if tail else None, **last}
 
 
+def pooled_probe(method: Any, bank: Any, test: Any, a: dict[str, Any]) -> dict[str, Any]:
+    """The linear probe on the CLS token and the mean patch token side by side: the input of the
+    official DINOv2 linear evaluation's ``use_avgpool`` classifiers (``create_linear_input``)."""
+    from dinokit.eval.features import extract_features
+
+    fb, yb = extract_features(method, bank, kind="cls+avgpool", progress=False)
+    ft, yt = extract_features(method, test, kind="cls+avgpool", progress=False)
+    r = score(fb, yb, ft, yt, a["probe_epochs"], a["seed"])
+    return {"linear_cls_avgpool_top1": r["linear_top1"], "linear_cls_avgpool_lr": r["linear_lr"]}
+
+
 # ------------------------------------------------------------------------------- workers
 def worker_train(a: dict[str, Any]) -> dict[str, Any]:
     """One dinokit run: train, then score the teacher."""
@@ -179,6 +190,7 @@ def worker_train(a: dict[str, Any]) -> dict[str, Any]:
     f_bank, y_bank = extract_features(method, bank, progress=False)
     f_test, y_test = extract_features(method, test, progress=False)
     out = score(f_bank, y_bank, f_test, y_test, a["probe_epochs"], a["seed"])
+    out.update(pooled_probe(method, bank, test, a))
     out.update(feature_diagnostics(f_test))
     out.update(log_diagnostics(result.run_dir))
     out.update({"train_wall_s": wall, "train_cpu_s": cpu, "steps": int(result.trainer.global_step),
@@ -202,7 +214,7 @@ def worker_baselines(a: dict[str, Any]) -> dict[str, Any]:
     f_bank, y_bank = extract_features(method, bank, progress=False)
     f_test, y_test = extract_features(method, test, progress=False)
     out = {"random init": {**score(f_bank, y_bank, f_test, y_test, a["probe_epochs"], a["seed"]),
-                           **feature_diagnostics(f_test)}}
+                           **pooled_probe(method, bank, test, a), **feature_diagnostics(f_test)}}
     if a["pixels"]:
         x_bank, y_bank = pixels(bank)
         x_test, y_test = pixels(test)
@@ -314,7 +326,7 @@ def aggregate(values: list[float | None]) -> dict[str, float | None]:
     return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else None, "n": len(v)}
 
 
-METRICS = ("knn_top1", "linear_top1", "final_loss", "teacher_entropy", "teacher_kl_uniform", "feature_std",
+METRICS = ("knn_top1", "linear_top1", "linear_cls_avgpool_top1", "final_loss", "teacher_entropy", "teacher_kl_uniform", "feature_std",
            "effective_rank", "train_wall_s", "train_cpu_s")
 
 
@@ -364,13 +376,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"seeds {report['seeds']}; "
         f"k-NN (k={K}) bank {b['bank']} training images, {b['test']} test images. Mean ± std over seeds.",
         "",
-        "| run | k-NN top-1 | linear top-1 | final loss | teacher entropy | KL(mean ‖ uniform) | "
-        "feature std | eff. rank | train wall s | train CPU s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | k-NN top-1 | linear top-1 | linear, CLS + mean patch | final loss | teacher entropy | "
+        "KL(mean ‖ uniform) | feature std | eff. rank | train wall s | train CPU s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in report["runs"].items():
         if r.get("skipped"):
-            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | | | |")
+            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | | | | |")
             continue
         a = r["aggregate"]
         lines.append(f"| {name} | " + " | ".join(fmt(a.get(m), 3 if m in ("final_loss", "teacher_entropy",
@@ -382,7 +394,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Linear probe: SGD on standardised features, learning rate chosen from {list(PROBE_LRS)} on the "
         "last fifth of the bank, then retrained on the whole bank and scored on the test split"
-        + (f"; the choice sat at the edge of the sweep for: {', '.join(edge)}." if edge else "."),
+        + (f"; the choice sat at the edge of the sweep for: {', '.join(edge)}." if edge else ".")
+        + " Its input is the CLS token (DINO's protocol), or CLS and mean patch token concatenated "
+        "(the official DINOv2 linear evaluation's avgpool classifiers).",
         "Collapse: entropy ≈ ln K and KL ≈ 0 with a feature std near 0 mean a collapsed teacher; "
         "eff. rank is exp(entropy of the singular values) of the normalised test features.",
         "",
@@ -417,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=-1, help="cap every run at this many steps (-1 = epochs)")
     p.add_argument("--epochs", type=int, help="override the budget's epochs")
     p.add_argument("--limit", type=int, help="override the budget's training images")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra config overrides for every dinokit run (recipe trials)")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds start here (to split seeds over jobs)")
     p.add_argument("--runs", nargs="*", default=[*RUNS, PEER], help=f"subset of {[*RUNS, PEER]}")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run")
     p.add_argument("--device", default="cpu")
@@ -437,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     b.update({k: v for k, v in (("epochs", args.epochs), ("limit", args.limit)) if v is not None})
     b["steps"] = args.steps
     b["total_steps"] = total_steps(b)
-    seeds = list(range(args.seeds if args.seeds is not None else b.pop("seeds")))
+    n_seeds = args.seeds if args.seeds is not None else b.pop("seeds")
+    seeds = list(range(args.first_seed, args.first_seed + n_seeds))
     b.pop("seeds", None)
     unknown = sorted(set(args.runs) - set(RUNS) - {PEER})
     if unknown:
@@ -456,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in [n for n in RUNS if n in args.runs]:
         preset, extra = run_overrides(name, b)
+        extra = extra + list(args.set)
         if name == "iBOT" and (why := method_available("ibot")):
             report["runs"][name] = {"skipped": "model.method=ibot is not available yet"}
             notes.append(f"iBOT skipped: model.method=ibot does not load ({why}).")

@@ -43,10 +43,15 @@ CONFIGS = {
                 prototypes=4096, hidden=2048, bottleneck=256, device="cpu", precision="fp32"),
     "gpu": dict(model="vit_small_patch16_224", batch=64, n_global=2, n_local=10, global_size=224,
                 local_size=96, prototypes=65536, hidden=2048, bottleneck=256, device="cuda", precision="bf16"),
+    # CNN backbones (DINO's ResNet recipe): channels-last against the contiguous layout
+    "cnn-cpu": dict(model="resnet18", batch=16, n_global=2, n_local=4, global_size=96, local_size=48,
+                    prototypes=4096, hidden=2048, bottleneck=256, device="cpu", precision="fp32"),
+    "cnn-gpu": dict(model="resnet50", batch=64, n_global=2, n_local=10, global_size=224, local_size=96,
+                    prototypes=65536, hidden=2048, bottleneck=256, device="cuda", precision="bf16"),
 }
-#: dinokit variants: label suffix -> (packed_crops, compile)
-VARIANTS = {"": ("auto", False), "packed": (True, False), "unpacked": (False, False),
-            "compile": ("auto", True)}
+#: dinokit variants: label suffix -> (packed_crops, compile, channels_last)
+VARIANTS = {"": ("auto", False, True), "packed": (True, False, True), "unpacked": (False, False, True),
+            "compile": ("auto", True, True), "contiguous": ("auto", False, False)}
 PEERS = {"dino": ["stable-pretraining", "lightly", "nidl", "lightly-example"],
          "dinov2": ["stable-pretraining", "lightly"], "dinov3": ["stable-pretraining", "lightly"]}
 
@@ -54,16 +59,21 @@ PEERS = {"dino": ["stable-pretraining", "lightly", "nidl", "lightly-example"],
 # ---------------------------------------------------------------------------------------- dinokit
 def dinokit_step(method: str, variant: str, a: dict):
     import dinokit
+    from dinokit.backbones.generic import use_channels_last
     from dinokit.train.optim import build_optimizer
 
-    packed, compiled = VARIANTS[variant]
+    packed, compiled, channels_last = VARIANTS[variant]
+    vit = "vit" in a["model"]
     kw = dict(projector_hidden_dim=a["hidden"], projector_bottleneck_dim=a["bottleneck"],
-              n_prototypes=a["prototypes"], check_finite=False, encoder_kwargs={"img_size": a["gsize"]})
+              n_prototypes=a["prototypes"], check_finite=False,
+              encoder_kwargs={"img_size": a["gsize"]} if vit else {})
     if method != "dino":
         kw["n_patch_prototypes"] = a["prototypes"]
     cls = {"dino": dinokit.DINO, "dinov2": dinokit.DINOv2, "dinov3": dinokit.DINOv3}[method]
     model = cls(a["model"], **kw).to(a["device"])
     model.student_backbone.packed_crops = packed
+    if channels_last:
+        use_channels_last(model)
     opt = build_optimizer("adamw", [{"params": model.student_parameters(), "lr": 1e-4, "weight_decay": 0.04}])
     from common import make_views
 
@@ -264,13 +274,13 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write_md(text: str, device: str) -> None:
-    begin, end = f"<!-- step-time-{device}:begin -->", f"<!-- step-time-{device}:end -->"
+def write_md(text: str, key: str) -> None:
+    begin, end = f"<!-- step-time-{key}:begin -->", f"<!-- step-time-{key}:end -->"
     doc = MD.read_text() if MD.exists() else "# Benchmarks\n"
     if begin in doc and end in doc:
         doc = doc[: doc.index(begin) + len(begin)] + "\n" + text + "\n" + doc[doc.index(end):]
     else:
-        doc = doc.rstrip() + f"\n\n## Training step ({device})\n\n{begin}\n{text}\n{end}\n"
+        doc = doc.rstrip() + f"\n\n## Training step ({key})\n\n{begin}\n{text}\n{end}\n"
     MD.write_text(doc)
 
 
@@ -283,7 +293,8 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--config", choices=sorted(CONFIGS), default="cpu",
                    help="cpu: ViT-Tiny 64 px, batch 8, 2x64+4x32, 4096 prototypes, fp32; "
-                        "gpu: ViT-S/16, batch 64, 2x224+10x96, 65536 prototypes, bf16")
+                        "gpu: ViT-S/16, batch 64, 2x224+10x96, 65536 prototypes, bf16; "
+                        "cnn-cpu: ResNet-18, batch 16, 2x96+4x48, fp32; cnn-gpu: ResNet-50 on the gpu crops")
     for k in ("model", "device"):
         p.add_argument(f"--{k}", help=f"override the config's {k}")
     for k in ("batch", "n-global", "n-local", "global-size", "local-size", "prototypes", "hidden", "bottleneck"):
@@ -293,7 +304,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads per worker (CPU)")
     p.add_argument("--variants", nargs="*", choices=[v for v in VARIANTS if v], default=[],
                    help="dinokit variants beside the default: packed, unpacked (model.packed_crops), "
-                        "compile (torch.compile of the method)")
+                        "compile (torch.compile of the method), contiguous (model.channels_last=false: "
+                        "CNN weights and inputs in the default layout)")
     p.add_argument("--peers", nargs="*", default=["stable-pretraining", "lightly", "nidl"],
                    help="stable-pretraining, lightly, nidl, lightly-example (one backbone call per crop)")
     p.add_argument("--rounds", type=int, default=5)
@@ -317,7 +329,7 @@ def main() -> None:
          "hidden": cfg["hidden"], "bottleneck": cfg["bottleneck"], "device": cfg["device"],
          "precision": cfg["precision"]}
     if a["device"] == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda (the gpu config) needs a CUDA device; use --config cpu")
+        p.error(f"--device cuda (the {args.config} config) needs a CUDA device; use --config cpu")
     args.variants = [""] + [v for v in args.variants if v]
     args.sequential = args.sequential or a["device"] == "cuda"
     if args.peak_tflops is None:
@@ -349,7 +361,7 @@ def main() -> None:
     out.write_text(json.dumps(res, indent=2))
     print(f"written: {out}")
     if args.write_md:
-        write_md(markdown(res), a["device"])
+        write_md(markdown(res), {"cpu": "cpu", "gpu": "gpu"}.get(args.config, args.config))
         print(f"written: {MD}")
 
 

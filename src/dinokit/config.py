@@ -62,6 +62,9 @@ class ModelConfig:
     packed_crops: Literal["auto", "true", "false"] = _f(
         "auto", "all student crops through the ViT blocks in one sequence-packed pass, attention kept "
         "within each crop (auto: where it measured faster, see BENCHMARKS.md)")
+    channels_last: bool = _f(
+        True, "CNN weights and inputs in channels-last memory format (faster convolutions on GPUs and "
+        "on CPUs: BENCHMARKS.md)")
     n_prototypes: int = _f(65536, "prototypes K of the CLS head", min=2, max=1 << 20)
     head_hidden_dim: int = _f(2048, "hidden width of the head MLP", min=1, max=1 << 16)
     head_bottleneck_dim: int = _f(256, "bottleneck width before the prototypes", min=1, max=1 << 14)
@@ -82,6 +85,14 @@ class ModelConfig:
         ge=0, le=1)
     ema_decay_end: float = _f(1.0, "teacher EMA momentum at the last step", ge=0, le=1)
     drop_path_rate: float = _f(0.0, "stochastic depth of the student ViT", ge=0, le=1)
+    drop_path_mode: Literal["auto", "sample", "subset"] = _f(
+        "auto", "stochastic depth form in plain ViT blocks: sample = timm DropPath (every sample through the "
+        "branch, times a 0/1 mask); subset = DINOv2/v3's (the branch on the kept samples only, added back "
+        "scaled by b/k: less compute); auto = official: DINOv3 subset, DINOv2 subset for rates > 0.1, "
+        "DINO/iBOT sample")
+    drop_path_uniform: bool | None = _f(
+        None, "every student block gets drop_path_rate (else linspace(0, rate, depth)); None = official: "
+        "DINOv2/v3 yes, DINO/iBOT no")
     # DINOv2 / DINOv3
     n_patch_prototypes: int = _f(65536, "[dinov2/3] prototypes of the iBOT patch head", min=2, max=1 << 20)
     shared_head: bool = _f(False, "[dinov2/3] share one head for CLS and patch tokens")

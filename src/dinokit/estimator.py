@@ -326,6 +326,8 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         random_state: seed of the weights, crops and data order.
         crop_config: :class:`~dinokit.data.MultiCropConfig` (or dict) for array inputs.
         batch_size: batch size of the loader made from array inputs.
+        channels_last: CNN encoders in channels-last memory format (``model.channels_last``:
+            faster convolutions; ViTs and other modules are unaffected).
         **kwargs: ``lightning.pytorch.Trainer`` arguments (``max_epochs``, ``accelerator``, ...);
             a name that is neither raises at once, naming the closest valid one.
     """
@@ -340,7 +342,7 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
                  weight_decay: float = 5e-4, exclude_bias_and_norm_wd: bool = True,
                  optimizer_kwargs: dict | None = None, lr_scheduler: Any = "warmup_cosine",
                  lr_scheduler_kwargs: dict | None = None, random_state: int | None = None,
-                 crop_config: Any = None, batch_size: int = 32, **kwargs: Any):
+                 crop_config: Any = None, batch_size: int = 32, channels_last: bool = True, **kwargs: Any):
         self.encoder = encoder
         self.encoder_kwargs = encoder_kwargs
         self.proj_input_dim = proj_input_dim
@@ -368,6 +370,7 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         self.random_state = random_state
         self.crop_config = crop_config
         self.batch_size = batch_size
+        self.channels_last = channels_last
         self._check_names(kwargs)
         self._trainer_kwargs = dict(kwargs)
 
@@ -504,6 +507,7 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         gets the DINO loss computed by Lightning's validation loop; ``val_history_`` holds its
         epoch means. Labels ``y`` (scikit-learn's ``fit(X, y)``) are ignored.
         """
+        from dinokit.backbones.generic import use_channels_last
         from dinokit.methods.dino import DINO
 
         if isinstance(y, DataLoader):
@@ -528,6 +532,8 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
             encoder_kwargs=self.encoder_kwargs if isinstance(self.encoder, str) else None,
             norm_last_layer=self.proj_norm_last_layer, projector_batch_norm=self.proj_batch_norm,
         )
+        if self.channels_last:
+            use_channels_last(method)
         width = method.student_backbone.embed_dim
         if self.proj_input_dim is not None and self.proj_input_dim != width:
             raise ValueError(f"proj_input_dim={self.proj_input_dim} but the encoder outputs {width} features")

@@ -8,7 +8,7 @@ from torch import nn
 
 from dinokit.backbones.base import Backbone, BackboneOutput, check_crop_sizes
 from dinokit.backbones.eva import EvaBackbone, is_timm_eva
-from dinokit.backbones.generic import ModuleBackbone
+from dinokit.backbones.generic import ModuleBackbone, use_channels_last
 from dinokit.backbones.vit import ViTBackbone, is_timm_vit
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "check_crop_sizes",
     "is_timm_eva",
     "is_timm_vit",
+    "use_channels_last",
 ]
 
 #: What dinokit can drive, as told to a user whose model is none of these.

@@ -78,6 +78,23 @@ class ModuleBackbone(Backbone):
         self._has_feature_map = has_map
         #: input size at which the width was found (a hint for pictures and defaults).
         self.probe_size = size
+        #: weights and inputs in channels-last (NHWC) memory format (:meth:`use_channels_last`).
+        self.channels_last = False
+
+    @property
+    def has_convolutions(self) -> bool:
+        """Whether the network has 2-D convolutions (channels-last only changes those)."""
+        return self.in_chans is not None
+
+    def use_channels_last(self, enable: bool = True) -> ModuleBackbone:
+        """Keep the weights and feed the inputs in channels-last (NHWC) memory format, the layout
+        cuDNN's and oneDNN's fastest convolution kernels work in (no transposes around each
+        convolution; PyTorch's channels-last tutorial). Same values, other strides; exports and
+        checkpoints are unaffected (they store contiguous tensors)."""
+        fmt = torch.channels_last if enable else torch.contiguous_format
+        self.model.to(memory_format=fmt)
+        self.channels_last = bool(enable)
+        return self
 
     def _features(self, x: Tensor) -> BackboneOutput:
         if self._timm_style:
@@ -128,6 +145,8 @@ class ModuleBackbone(Backbone):
         if masks is not None:
             self.enable_mask_token()  # raises: CNNs cannot mask patches
         self.check_input(x)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         out = self._features(x)
         if out.cls.ndim != 2 or out.cls.shape[-1] != self.embed_dim:
             raise ValueError(
@@ -135,3 +154,13 @@ class ModuleBackbone(Backbone):
                 f"{tuple(out.cls.shape)}, expected [B, {self.embed_dim}]"
             )
         return out
+
+
+def use_channels_last(module: nn.Module, enable: bool = True) -> int:
+    """:meth:`ModuleBackbone.use_channels_last` on every convolutional backbone inside ``module``
+    (a method's student, teacher and any other copy alike, so the EMA pairs keep one layout);
+    returns how many were changed. ViTs are left as they are."""
+    found = [m for m in module.modules() if isinstance(m, ModuleBackbone) and m.has_convolutions]
+    for m in found:
+        m.use_channels_last(enable)
+    return len(found)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinokit.backbones.stochastic_depth import drop_rate, packed_subset_residual, uses_subset
+
 
 def packable_block(block: nn.Module) -> bool:
     """Whether ``block`` is a plain timm pre-norm ``Block`` with a plain ``Attention`` (what
@@ -81,10 +83,11 @@ def _drop_path(module: nn.Module, y: Tensor, layout: PackedLayout) -> Tensor:
     return y * mask.index_select(0, layout.crop_index(y.device)).unsqueeze(-1)
 
 
-def packed_block(block: nn.Module, x: Tensor, layout: PackedLayout) -> Tensor:
-    """One timm ``Block`` on the packed stream ``x [rows, D]``; attention stays within each crop."""
+def _packed_attention(block: nn.Module, x: Tensor, layout: PackedLayout) -> Tensor:
+    """``block.attn`` on the packed stream ``x [rows, D]`` (already normalised), each crop
+    attending to its own tokens only."""
     a = block.attn
-    qkv = a.qkv(block.norm1(x))
+    qkv = a.qkv(x)
     p = a.attn_drop.p if a.training else 0.0
     outs = []
     for part in layout.split(qkv):
@@ -93,6 +96,29 @@ def packed_block(block: nn.Module, x: Tensor, layout: PackedLayout) -> Tensor:
         o = F.scaled_dot_product_attention(a.q_norm(q), a.k_norm(k), v, dropout_p=p)
         outs.append(o.transpose(1, 2).reshape(n * t, -1))
     o = torch.cat(outs) if len(outs) > 1 else outs[0]
-    o = a.proj_drop(a.proj(a.norm(o)))
-    x = x + _drop_path(block.drop_path1, block.ls1(o), layout)
-    return x + _drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), layout)
+    return a.proj_drop(a.proj(a.norm(o)))
+
+
+def packed_block(
+    block: nn.Module, x: Tensor, layout: PackedLayout, subset_above: float | None = None
+) -> Tensor:
+    """One timm ``Block`` on the packed stream ``x [rows, D]``; attention stays within each crop.
+
+    ``subset_above``: in training, branches whose drop rate is above it take DINOv3's subset form
+    (:func:`~dinokit.backbones.stochastic_depth.packed_subset_residual`: the branch on the kept
+    crops only, one subset per resolution run); None = timm's ``DropPath`` (:func:`_drop_path`).
+    """
+    def attn(s: Tensor, lay: PackedLayout) -> Tensor:
+        return block.ls1(_packed_attention(block, block.norm1(s), lay))
+
+    def mlp(s: Tensor, runs: Sequence[tuple[int, int]] = ()) -> Tensor:
+        return block.ls2(block.mlp(block.norm2(s)))
+
+    if uses_subset(block.drop_path1, block.training, subset_above):
+        x = packed_subset_residual(x, layout.shapes, lambda s, runs: attn(s, PackedLayout(runs)),
+                                   drop_rate(block.drop_path1))
+    else:
+        x = x + _drop_path(block.drop_path1, attn(x, layout), layout)
+    if uses_subset(block.drop_path2, block.training, subset_above):
+        return packed_subset_residual(x, layout.shapes, mlp, drop_rate(block.drop_path2))
+    return x + _drop_path(block.drop_path2, mlp(x), layout)

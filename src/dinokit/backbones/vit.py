@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dinokit.backbones.base import Backbone, BackboneOutput, suggest_sizes
 from dinokit.backbones.packed import PackedLayout, packable_block, packed_block
+from dinokit.backbones.stochastic_depth import DROP_PATH_MODES, subset_block
 
 
 def is_timm_vit(model: nn.Module) -> bool:
@@ -55,6 +56,12 @@ class ViTBackbone(Backbone):
     supports_attention = True
     #: the model family this class drives (a predicate over the module).
     accepts = staticmethod(is_timm_vit)
+    #: stochastic depth of plain timm blocks in training: ``"sample"`` (timm's ``DropPath``: every
+    #: sample through the branch, times a 0/1 mask) or ``"subset"`` (DINOv2/v3: the branch on a
+    #: kept subset only, see :mod:`~dinokit.backbones.stochastic_depth`).
+    drop_path_mode: str = "sample"
+    #: with ``"subset"``: only branches whose rate is above this take it (DINOv3 0; DINOv2 0.1).
+    drop_path_subset_above: float = 0.0
 
     def __init__(self, model: nn.Module, extra_registers: int = 0, timm_name: str | None = None):
         super().__init__()
@@ -155,13 +162,26 @@ class ViTBackbone(Backbone):
     def _checkpointing(self) -> bool:
         return bool(getattr(self.model, "grad_checkpointing", False)) and torch.is_grad_enabled()
 
+    def _subset_above(self) -> float | None:
+        """The rate above which a branch takes the subset form now; None = timm's ``DropPath``."""
+        if self.drop_path_mode not in DROP_PATH_MODES:
+            raise ValueError(f"drop_path_mode must be one of {DROP_PATH_MODES}, got {self.drop_path_mode!r}")
+        if not self.training or self.drop_path_mode != "subset":
+            return None
+        return float(self.drop_path_subset_above)
+
     def forward(self, x: Tensor, masks: Tensor | None = None) -> BackboneOutput:
         t = self.tokens(x, masks)
-        if self._checkpointing():
-            for blk in self.model.blocks:
-                t = checkpoint(blk, t, use_reentrant=False)
-        else:
+        ckpt, above = self._checkpointing(), self._subset_above()
+        if above is None and not ckpt:
             t = self.model.blocks(t)
+        else:
+            for blk in self.model.blocks:
+                if above is not None and packable_block(blk):  # branches on the kept samples only
+                    fn, args = subset_block, (blk, t, above)
+                else:
+                    fn, args = blk, (t,)
+                t = checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args)
         t = self.model.norm(t)
         return self._split(t)
 
@@ -180,10 +200,10 @@ class ViTBackbone(Backbone):
         toks = [self.tokens(x, m) for x, m in inputs]
         layout = PackedLayout([(t.shape[0], t.shape[1]) for t in toks])
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in toks])
-        ckpt = self._checkpointing()
+        ckpt, above = self._checkpointing(), self._subset_above()
         for blk in self.model.blocks:
-            x = checkpoint(packed_block, blk, x, layout, use_reentrant=False) if ckpt else packed_block(
-                blk, x, layout)
+            args = (blk, x, layout, above)
+            x = checkpoint(packed_block, *args, use_reentrant=False) if ckpt else packed_block(*args)
         return [self._split(t) for t in layout.split(self.model.norm(x))]
 
     def last_self_attention(self, x: Tensor) -> Tensor:

@@ -27,6 +27,11 @@ class MethodSpec:
         training: the official training choices the ``"auto"`` optimiser settings resolve to:
             ``no_decay_rule``, ``clip_mode``, ``freeze_last_layer_mode``.
         summary: one line for ``--help`` and errors.
+        drop_path_uniform: the official per-block drop-path rates: all equal to the rate (DINOv2's
+            ``drop_path_uniform: true``, DINOv3) or ``linspace(0, rate, depth)`` (DINO, iBOT).
+        drop_path_subset_above: the official stochastic depth form: the subset form
+            (:mod:`~dinokit.backbones.stochastic_depth`) for blocks whose rate is above this (DINOv3 0,
+            DINOv2 0.1), timm's per-sample ``DropPath`` below; None = always ``DropPath`` (DINO, iBOT).
     """
 
     name: str
@@ -35,6 +40,8 @@ class MethodSpec:
     needs_masks: bool = False
     training: Mapping[str, str] = field(default_factory=dict)
     summary: str = ""
+    drop_path_uniform: bool = False
+    drop_path_subset_above: float | None = None
 
     @property
     def config_keys(self) -> frozenset[str]:
@@ -108,11 +115,13 @@ def _register_builtins() -> None:
         "dinov2", DINOv2, v2, needs_masks=True,
         training={"no_decay_rule": "dinov2", "clip_mode": "per_module", "freeze_last_layer_mode": "zero_lr"},
         summary="DINOv2 (Oquab et al. 2024): CLS + iBOT with Sinkhorn-Knopp, KoLeo",
+        drop_path_uniform=True, drop_path_subset_above=0.1,
     ))
     register_method(MethodSpec(
         "dinov3", DINOv3, v3, needs_masks=True,
         training={"no_decay_rule": "dinov3", "clip_mode": "per_module", "freeze_last_layer_mode": "zero_lr"},
         summary="DINOv3 (Siméoni et al. 2025): DINOv2 + registers + Gram anchoring",
+        drop_path_uniform=True, drop_path_subset_above=0.0,
     ))
 
 

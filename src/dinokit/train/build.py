@@ -56,6 +56,11 @@ def build_method(cfg: Config) -> SelfDistillationMethod:
     values = {k: v for k, v in dataclasses.asdict(m).items() if v is not None}
     method = build_method_from(spec, values, encoder_kwargs=encoder_kwargs)
     method.student_backbone.packed_crops = {"true": True, "false": False}.get(m.packed_crops, "auto")
+    configure_stochastic_depth(method.student_backbone, cfg, encoder_kwargs.get("drop_path_rate", 0.0))
+    if m.channels_last:
+        from dinokit.backbones.generic import use_channels_last
+
+        use_channels_last(method)
     if getattr(m, "gram_teacher_path", None):
         if not hasattr(method, "load_gram_teacher"):
             raise ConfigError(f"model.gram_teacher_path: method {m.method!r} has no Gram teacher")
@@ -68,6 +73,32 @@ def build_method(cfg: Config) -> SelfDistillationMethod:
                                                           "data.local_size": mc.local_size})
     apply_init_weights(method, cfg)  # init_weights -> student, teacher, Gram teacher; freeze_patch_embed
     return method
+
+
+def configure_stochastic_depth(backbone: Any, cfg: Config, rate: float) -> None:
+    """``model.drop_path_uniform`` and ``model.drop_path_mode`` (``auto``/None: the method's
+    official choice, from its registry entry) applied to the student ``backbone`` built with
+    drop-path ``rate``."""
+    from dinokit.backbones.stochastic_depth import set_uniform_drop_path
+    from dinokit.methods.registry import method_spec
+
+    m = cfg.model
+    spec = method_spec(m.method)
+    uniform = spec.drop_path_uniform if m.drop_path_uniform is None else m.drop_path_uniform
+    blocks = getattr(getattr(backbone, "model", None), "blocks", None)
+    if uniform and rate:
+        if blocks is not None:
+            set_uniform_drop_path(blocks, rate)
+        elif m.drop_path_uniform:
+            raise ConfigError("model.drop_path_uniform: the backbone has no ViT blocks to give one rate")
+    supported = hasattr(backbone, "drop_path_mode")
+    if m.drop_path_mode == "subset" and not supported:
+        raise ConfigError("model.drop_path_mode: 'subset' needs a timm ViT backbone, not "
+                          f"{type(backbone).__name__} (use auto or sample)")
+    above = {"auto": spec.drop_path_subset_above, "subset": 0.0, "sample": None}[m.drop_path_mode]
+    if supported:
+        backbone.drop_path_mode = "sample" if above is None else "subset"
+        backbone.drop_path_subset_above = float(above or 0.0)
 
 
 def build_multicrop_config(cfg: Config) -> Any:
@@ -243,8 +274,12 @@ def resolved_precision(cfg: Config) -> str:
     p = cfg.trainer.precision
     if p != "auto":
         return p
-    gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if uses_cuda(cfg) and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def uses_cuda(cfg: Config) -> bool:
+    """Whether the run trains on CUDA GPUs (``trainer.accelerator`` auto/gpu/cuda and one is there)."""
+    return cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
 def build_module(cfg: Config, method: SelfDistillationMethod) -> Any:

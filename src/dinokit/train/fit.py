@@ -186,7 +186,8 @@ class FinalStepCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         if _cut_short(trainer):
-            trainer.save_checkpoint(str(self.last_path))
+            # Lightning's weights_only here means "no optimiser state": we save a resumable one.
+            trainer.save_checkpoint(str(self.last_path), weights_only=False)
 
 
 def _callbacks(cfg: Config, run_dir: Path) -> list[pl.Callback]:

@@ -133,7 +133,7 @@ class PreemptionCallback(pl.Callback):
             return
         saved: Path | None = self.last_path
         try:
-            trainer.save_checkpoint(str(self.last_path))
+            trainer.save_checkpoint(str(self.last_path), weights_only=False)
         except OSError as e:
             warnings.warn(str(e), stacklevel=2)
             saved = None
