@@ -434,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra config overrides for every dinokit run (recipe trials)")
     p.add_argument("--first-seed", type=int, default=0, help="seeds start here (to split seeds over jobs)")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip the random-init and raw-pixel rows (a job whose seeds another job covers)")
     p.add_argument("--runs", nargs="*", default=[*RUNS, PEER], help=f"subset of {[*RUNS, PEER]}")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run")
     p.add_argument("--device", default="cpu")
@@ -527,9 +529,10 @@ def main(argv: list[str] | None = None) -> int:
                 per_seed[str(seed)] = res
             report["runs"][PEER] = {"seeds": per_seed}
 
-    say("baselines: random init and raw pixels")
     base: dict[str, dict[str, Any]] = {"random init": {}, "raw pixels": {}}
-    for seed in seeds:
+    if not args.no_baselines:
+        say("baselines: random init and raw pixels")
+    for seed in [] if args.no_baselines else seeds:
         ov = budget_overrides(b, seed, out_dir, f"baseline-s{seed}", args.device)
         res, log, _ = dinokit_child("baselines", {**common, "preset": dino_preset, "overrides": ov, "seed": seed,
                                                   "pixels": seed == seeds[0]}, args.threads)
@@ -539,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in res.items():
             base[k][str(seed)] = v
     for k, v in base.items():
-        report["runs"][f"{k} (DINO backbone)" if k == "random init" else k] = {"seeds": v}
+        if v:
+            report["runs"][f"{k} (DINO backbone)" if k == "random init" else k] = {"seeds": v}
 
     for r in report["runs"].values():
         if "seeds" in r:
