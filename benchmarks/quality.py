@@ -401,7 +401,8 @@ def markdown(report: dict[str, Any]) -> str:
         "eff. rank is exp(entropy of the singular values) of the normalised test features.",
         "",
         f"Machine: {report['machine']}; {report['threads']} threads per run; date {report['date']}; "
-        f"whole benchmark {report['total_wall_s']:.0f} s wall, {report['total_cpu_s']:.0f} s CPU. Train wall/CPU "
+        f"whole benchmark {report['total_wall_s']:.0f} s wall, {report['total_cpu_s']:.0f} s CPU"
+        f"{' (summed over ' + str(report['jobs']) + ' jobs, two at a time)' if report.get('jobs') else ''}. Train wall/CPU "
         "time: dinokit's `fit` (Lightning set-up and checkpoints included); lightly's training loop.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
         f"Command: `{report['command']}`",
@@ -424,6 +425,33 @@ def write_markdown(path: Path, mode: str, body: str) -> None:
     path.write_text(text)
 
 
+def merge_reports(paths: list[Path]) -> dict[str, Any]:
+    """One report from jobs that split the seeds or runs of one budget (``--first-seed``,
+    ``--runs``): their per-seed results side by side, aggregates recomputed, times summed."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    first = reports[0]
+    for r in reports[1:]:
+        if r["budget"] != first["budget"] or r["mode"] != first["mode"]:
+            raise SystemExit(f"cannot merge: {paths[0]} and another report have different budgets")
+    runs: dict[str, Any] = {}
+    for r in reports:
+        for name, run in r["runs"].items():
+            into = runs.setdefault(name, {k: v for k, v in run.items() if k not in ("seeds", "aggregate")})
+            into.setdefault("seeds", {}).update(run.get("seeds", {}))
+    order = [*RUNS, PEER, "random init (DINO backbone)", "raw pixels"]
+    runs = dict(sorted(runs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    for run in runs.values():
+        if "seeds" in run:
+            run["seeds"] = dict(sorted(run["seeds"].items(), key=lambda kv: int(kv[0])))
+            run["aggregate"] = {m: aggregate([(v or {}).get(m) for v in run["seeds"].values()]) for m in METRICS}
+    seeds = sorted({int(s) for run in runs.values() for s in run.get("seeds", {})})
+    return {**first, "runs": runs, "seeds": seeds, "date": max(r["date"] for r in reports),
+            "command": "` + `".join(r["command"] for r in reports),
+            "total_wall_s": sum(r["total_wall_s"] for r in reports), "jobs": len(reports),
+            "total_cpu_s": sum(r["total_cpu_s"] for r in reports),
+            "notes": [n for r in reports for n in r.get("notes", [])]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny budget, 1 seed (a few minutes on 2 cores)")
@@ -443,12 +471,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="JSON result (default benchmarks/results/quality_<mode>.json)")
     p.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file to update")
     p.add_argument("--keep-runs", type=Path, help="keep run directories here (default: a temporary folder)")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                   help="merge the reports of jobs run in parallel (split seeds/runs) into --out and --md")
     p.add_argument("--worker", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
         kind, payload = args.worker
         print("RESULT " + json.dumps(WORKERS[kind](json.loads(payload))), flush=True)
+        return 0
+
+    if args.merge:
+        report = merge_reports(args.merge)
+        out = args.out or RESULTS / f"quality_{report['mode']}.json"
+        out.write_text(json.dumps(report, indent=2))
+        write_markdown(args.md, report["mode"], markdown(report))
+        print(f"wrote {out} and the quality-{report['mode']} table of {args.md}")
         return 0
 
     mode = "quick" if args.quick else "full"
