@@ -245,7 +245,7 @@ def markdown(res: dict) -> str:
         f"{m['date']}; {m['cpu'] if a['device'] == 'cpu' else m['gpu']} ({m['cores']} cores visible); "
         f"torch {v['torch']}, timm {v['timm']}, dinokit {v['dinokit']}; {peers}. Command: `{res['command']}`. "
         f"{a['model']}, batch {a['batch']}, {a['n_global']} x {a['gsize']} + {a['n_local']} x {a['lsize']} crops, "
-        f"{a['prototypes']} prototypes (CLS and patch heads), head {a['hidden']}/{a['bottleneck']}, "
+        f"{a['prototypes']} prototypes per head (CLS, and patch for DINOv2/v3), head {a['hidden']}/{a['bottleneck']}, "
         f"{a['precision']}; {res['rounds']} {res.get('mode', 'interleaved')} rounds of {res['steps']} steps after "
         f"{res['warmup']} warm-up steps. Ratio = peer time / dinokit time (median of per-round ratios; "
         "> 1: dinokit is faster).",
