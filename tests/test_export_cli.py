@@ -107,6 +107,8 @@ def test_cnn_attention_and_unlabelled_knn_are_explained(tmp_path, capsys):
     from dinokit.cli._common import load
 
     trained = load(str(tmp_path / "cnn")).backbone
+    assert trained.channels_last  # the training layout (model.channels_last) ...
+    trained.use_channels_last(False)  # ... and timm's default one, for a bit-exact comparison
     x = torch.randn(2, 1, 32, 32)
     model = timm.create_model(f"local-dir:{tmp_path / 'exp'}", pretrained=True).eval()
     with torch.no_grad():
