@@ -49,9 +49,10 @@ CONFIGS = {
     "cnn-gpu": dict(model="resnet50", batch=64, n_global=2, n_local=10, global_size=224, local_size=96,
                     prototypes=65536, hidden=2048, bottleneck=256, device="cuda", precision="bf16"),
 }
-#: dinokit variants: label suffix -> (packed_crops, compile, channels_last)
-VARIANTS = {"": ("auto", False, True), "packed": (True, False, True), "unpacked": (False, False, True),
-            "compile": ("auto", True, True), "contiguous": ("auto", False, False)}
+#: dinokit variants: label suffix -> (packed_crops, compile, channels_last, prune_cls_only)
+VARIANTS = {"": ("auto", False, True, True), "packed": (True, False, True, True),
+            "unpacked": (False, False, True, True), "compile": ("auto", True, True, True),
+            "contiguous": ("auto", False, False, True), "full_tokens": ("auto", False, True, False)}
 PEERS = {"dino": ["stable-pretraining", "lightly", "nidl", "lightly-example"],
          "dinov2": ["stable-pretraining", "lightly"], "dinov3": ["stable-pretraining", "lightly"]}
 
@@ -62,7 +63,7 @@ def dinokit_step(method: str, variant: str, a: dict):
     from dinokit.backbones.generic import use_channels_last
     from dinokit.train.optim import build_optimizer
 
-    packed, compiled, channels_last = VARIANTS[variant]
+    packed, compiled, channels_last, prune = VARIANTS[variant]
     vit = "vit" in a["model"]
     kw = dict(projector_hidden_dim=a["hidden"], projector_bottleneck_dim=a["bottleneck"],
               n_prototypes=a["prototypes"], check_finite=False,
@@ -72,6 +73,9 @@ def dinokit_step(method: str, variant: str, a: dict):
     cls = {"dino": dinokit.DINO, "dinov2": dinokit.DINOv2, "dinov3": dinokit.DINOv3}[method]
     model = cls(a["model"], **kw).to(a["device"])
     model.student_backbone.packed_crops = packed
+    for bb in (model.student_backbone, model.teacher_backbone):  # ViTs: CLS-only last block (DINO)
+        if hasattr(bb, "prune_cls_only"):
+            bb.prune_cls_only = prune
     if channels_last:
         use_channels_last(model)
     opt = build_optimizer("adamw", [{"params": model.student_parameters(), "lr": 1e-4, "weight_decay": 0.04}])
@@ -305,7 +309,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="*", choices=[v for v in VARIANTS if v], default=[],
                    help="dinokit variants beside the default: packed, unpacked (model.packed_crops), "
                         "compile (torch.compile of the method), contiguous (model.channels_last=false: "
-                        "CNN weights and inputs in the default layout)")
+                        "CNN weights and inputs in the default layout), full_tokens (prune_cls_only=False: "
+                        "DINO's ViT last block on every token, not the CLS rows only)")
     p.add_argument("--peers", nargs="*", default=["stable-pretraining", "lightly", "nidl"],
                    help="stable-pretraining, lightly, nidl, lightly-example (one backbone call per crop)")
     p.add_argument("--rounds", type=int, default=5)

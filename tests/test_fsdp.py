@@ -44,7 +44,12 @@ def _method():
     common = dict(projector_hidden_dim=32, projector_bottleneck_dim=16, n_prototypes=16, ema_decay_start=0.8,
                   ema_decay_end=1.0, total_steps=STEPS, warmup_epochs_temperature_teacher=0)
     if METHOD == "dino":
-        return DINO(build_backbone("vit_tiny_patch16_224", encoder_kwargs=vit), **common)
+        method = DINO(build_backbone("vit_tiny_patch16_224", encoder_kwargs=vit), **common)
+        # FSDP2's hooked blocks run the full last block, so the 1-process reference does too: the
+        # key bias has an analytically zero gradient, and AdamW turns its rounding noise into
+        # lr-sized steps, so both sides must round alike (the CLS-only block is tested elsewhere)
+        method.student_backbone.prune_cls_only = method.teacher_backbone.prune_cls_only = False
+        return method
     return DINOv2("vit_tiny_patch16_224", encoder_kwargs=vit, n_patch_prototypes=16, koleo_all_processes=True,
                   **common)
 

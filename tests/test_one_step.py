@@ -170,3 +170,20 @@ def test_cli_gradient_accumulation_equals_the_larger_batch(tmp_path):
     for k, v in a["state_dict"].items():
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-4, atol=2e-5, msg=k)
+
+
+def test_the_step_turns_on_tf32_for_fp32_matmuls_on_cuda(monkeypatch):
+    """Every front door builds a TrainingStep, so TF32 is on for all of them on a GPU (a CPU-only
+    machine leaves the precision alone)."""
+    method = _method(tiny_vit())
+    opt = build_method_optimizer(method, "adamw")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        TrainingStep(method, opt, StepSettings(**SETTINGS))
+        assert torch.get_float32_matmul_precision() == ("high" if torch.cuda.is_available() else "highest")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        TrainingStep(method, opt, StepSettings(**SETTINGS))
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -112,6 +112,14 @@ class Backbone(nn.Module):
         return height // self.patch_size, width // self.patch_size
 
 
+def cls_embedding(backbone: nn.Module, x: Tensor) -> Tensor:
+    """``backbone(x).cls``, asking for the CLS token only where the backbone can skip work for it
+    (``supports_cls_only``: a ViT runs its last block for the CLS rows only, which is exact)."""
+    if getattr(backbone, "supports_cls_only", False):
+        return backbone(x, cls_only=True).cls
+    return backbone(x).cls
+
+
 def suggest_sizes(size: int, patch: int) -> list[int]:
     """The multiples of ``patch`` nearest to ``size`` (one below, one above)."""
     below = max(patch, size // patch * patch)

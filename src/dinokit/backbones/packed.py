@@ -6,6 +6,12 @@ the per-token layers of a pre-norm block (LayerNorms, the qkv and output project
 layer scale) run once over all of it, and only scaled dot-product attention is split, one call per
 resolution run, so that each crop attends to its own tokens only (no padding, no masked-out
 score matrix). The result equals the per-resolution forward up to float rounding.
+
+:func:`cls_only_block` runs a last block whose patch and register outputs nobody reads (DINO uses
+the CLS token only): every token still goes through ``norm1`` and the key/value projection (the
+CLS query attends to them), but only the CLS row of each crop gets its query, the attention, the
+output projection, the residuals, ``norm2`` and the MLP: about 10 of the block's 12 ``D^2``
+multiply-adds per token are skipped for every non-CLS token, forward and backward.
 """
 
 from __future__ import annotations
@@ -16,7 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinokit.backbones.stochastic_depth import drop_rate, packed_subset_residual, uses_subset
+from dinokit.backbones.stochastic_depth import (
+    drop_rate,
+    packed_subset_cls_residual,
+    packed_subset_residual,
+    uses_subset,
+)
 
 
 def packable_block(block: nn.Module) -> bool:
@@ -122,3 +133,67 @@ def packed_block(
     if uses_subset(block.drop_path2, block.training, subset_above):
         return packed_subset_residual(x, layout.shapes, mlp, drop_rate(block.drop_path2))
     return x + _drop_path(block.drop_path2, mlp(x), layout)
+
+
+def cls_rows(x: Tensor, layout: PackedLayout) -> Tensor:
+    """Token 0 (the CLS token) of every crop of the packed stream ``x [rows, D]``: ``[crops, D]``."""
+    parts = [p[:, 0] for p in layout.split(x)]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _cls_attention(block: nn.Module, x: Tensor, layout: PackedLayout) -> Tensor:
+    """``block.attn`` on the packed stream ``x [rows, D]`` (already normalised) for the CLS query
+    of each crop only, against the keys and values of all of the crop's tokens: ``[crops, D]``."""
+    a = block.attn
+    dim = a.num_heads * a.head_dim
+    qkv = a.qkv
+    h_cls = cls_rows(x, layout)
+    if type(qkv) is nn.Linear:  # the query projection of the CLS rows, keys and values of all rows
+        w, b = qkv.weight, qkv.bias
+        q = F.linear(h_cls, w[:dim], None if b is None else b[:dim])
+        kv = F.linear(x, w[dim:], None if b is None else b[dim:])
+    else:  # a wrapped projection (e.g. LoRA): run it whole
+        q, kv = qkv(h_cls)[:, :dim], qkv(x)[:, dim:]
+    p = a.attn_drop.p if a.training else 0.0
+    outs = []
+    for q_run, part in zip(q.split([n for n, _ in layout.shapes]), layout.split(kv)):
+        n, t = part.shape[:2]
+        k, v = part.view(n, t, 2, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q_run = q_run.view(n, 1, a.num_heads, a.head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(a.q_norm(q_run), a.k_norm(k), v, dropout_p=p)
+        outs.append(o.reshape(n, dim))  # [n, heads, 1, head_dim] -> [n, heads * head_dim]
+    o = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return a.proj_drop(a.proj(a.norm(o)))
+
+
+def cls_only_block(
+    block: nn.Module, x: Tensor, layout: PackedLayout, subset_above: float | None = None
+) -> Tensor:
+    """The CLS rows of ``block(x)`` (a plain timm ``Block``, :func:`packable_block`) on the packed
+    stream ``x [rows, D]``: ``[crops, D]``, equal to ``cls_rows(packed_block(block, x, layout))``
+    up to float rounding, without the dead rows (see the module docstring).
+
+    Stochastic depth keeps the crop as its unit and draws as the full block does, in the same
+    order: timm's ``DropPath`` one keep draw per crop for each branch; the subset form
+    (``subset_above``) one ``randperm(crops)`` per run for each branch
+    (:func:`~dinokit.backbones.stochastic_depth.packed_subset_cls_residual` for the attention,
+    which reads every token of the kept crops). With the same random state it keeps the same
+    crops as the full block. Dropout inside the branches (``attn_drop``, ``proj_drop``) draws for
+    fewer elements, so its masks differ from the full block's (same distribution).
+    """
+    def attn(s: Tensor, lay: PackedLayout) -> Tensor:
+        return block.ls1(_cls_attention(block, block.norm1(s), lay))
+
+    def mlp(s: Tensor, runs: Sequence[tuple[int, int]] = ()) -> Tensor:
+        return block.ls2(block.mlp(block.norm2(s)))
+
+    cls = cls_rows(x, layout)
+    cls_layout = PackedLayout([(n, 1) for n, _ in layout.shapes])  # one row per crop
+    if uses_subset(block.drop_path1, block.training, subset_above):
+        cls = packed_subset_cls_residual(x, cls, layout.shapes, lambda s, runs: attn(s, PackedLayout(runs)),
+                                         drop_rate(block.drop_path1))
+    else:
+        cls = cls + _drop_path(block.drop_path1, attn(x, layout), cls_layout)
+    if uses_subset(block.drop_path2, block.training, subset_above):
+        return packed_subset_residual(cls, cls_layout.shapes, mlp, drop_rate(block.drop_path2))
+    return cls + _drop_path(block.drop_path2, mlp(cls), cls_layout)

@@ -13,7 +13,10 @@ the MLP branch of a block each get their own draw.
 DINOv3 uses it whenever training with ``rate > 0``; DINOv2 only for ``rate > 0.1`` ("the overhead
 is compensated only for a drop path rate larger than 0.1"), plain ``DropPath`` below. On a
 sequence-packed stream (several resolution runs of crops, see :mod:`dinokit.backbones.packed`)
-the unit dropped is a crop, with one subset per run, as in DINOv3's ``_forward_list``.
+the unit dropped is a crop, with one subset per run, as in DINOv3's ``_forward_list``. A
+CLS-only last block (:func:`~dinokit.backbones.packed.cls_only_block`) keeps the crop as the unit
+and draws exactly as the full block (:func:`packed_subset_cls_residual`): same keep decisions
+under the same random state, so training with it is the same, not only in law.
 
 All draws stay on the device (``torch.randperm(..., device=x.device)``): no host sync, no Python
 loop over samples.
@@ -50,16 +53,22 @@ def drop_rate(module: nn.Module | None) -> float:
 
 
 def subset_residual(
-    x: Tensor, branch: Callable[[Tensor], Tensor], rate: float, generator: torch.Generator | None = None
+    x: Tensor, branch: Callable[[Tensor], Tensor], rate: float, generator: torch.Generator | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """``x + branch(x)`` with stochastic depth: the branch runs on a random subset of the samples
     of ``x [B, ...]`` only and is added back scaled by ``B / k``; ``rate <= 0`` gives the plain
-    residual. ``branch`` must act on each sample independently."""
+    residual. ``branch`` must act on each sample independently.
+
+    ``residual`` (``[B, ...]``, default ``x``): the stream the branch is added to, when it is not
+    ``x`` itself (the CLS-only last block: the branch reads every token of the kept samples and
+    returns their CLS rows only). The draw is the same ``randperm(B)`` either way."""
+    res = x if residual is None else residual
     if rate <= 0.0:
-        return x + branch(x)
+        return res + branch(x)
     b = x.shape[0]
     idx = draw_subset(b, rate, x.device, generator)
-    return torch.index_add(x, 0, idx, branch(x[idx]).to(x.dtype), alpha=b / subset_size(b, rate))
+    return torch.index_add(res, 0, idx, branch(x[idx]).to(res.dtype), alpha=b / subset_size(b, rate))
 
 
 def packed_subset_residual(
@@ -78,18 +87,60 @@ def packed_subset_residual(
     """
     if rate <= 0.0:
         return x + branch(x, list(runs))
+    idxs = _draw_runs(runs, rate, x.device, generator)
     rows, sub_runs, start = [], [], 0
-    for n, t in runs:
-        idx = draw_subset(n, rate, x.device, generator)
+    for (n, t), idx in zip(runs, idxs):
         tok = torch.arange(t, device=x.device)
         rows.append((start + idx[:, None] * t + tok).reshape(-1))
         sub_runs.append((subset_size(n, rate), t))
         start += n * t
     y = branch(x.index_select(0, torch.cat(rows) if len(rows) > 1 else rows[0]), sub_runs).to(x.dtype)
-    parts = y.split([k * t for k, t in sub_runs])
-    out = x
+    return _add_runs(x, runs, sub_runs, rows, y.split([k * t for k, t in sub_runs]))
+
+
+def packed_subset_cls_residual(
+    x: Tensor,
+    cls: Tensor,
+    runs: Sequence[tuple[int, int]],
+    branch: Callable[[Tensor, list[tuple[int, int]]], Tensor],
+    rate: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """:func:`packed_subset_residual` of a branch that reads every token of a crop but whose
+    output is needed for its CLS row only (the CLS-only last block's attention): ``cls [crops, D]``
+    (one row per crop, stream order) gets ``branch(rows, sub_runs)``, which reads the kept crops'
+    rows of ``x [rows, D]`` and returns one row per kept crop.
+
+    The draws are those of :func:`packed_subset_residual` on ``x`` (one ``randperm(crops)`` per
+    run, in run order), so a CLS-only forward keeps the same crops as the full block would with
+    the same random state.
+    """
+    if rate <= 0.0:
+        return cls + branch(x, list(runs))
+    idxs = _draw_runs(runs, rate, x.device, generator)
+    rows, cls_rows, sub_runs, start, crop0 = [], [], [], 0, 0
+    for (n, t), idx in zip(runs, idxs):
+        tok = torch.arange(t, device=x.device)
+        rows.append((start + idx[:, None] * t + tok).reshape(-1))
+        cls_rows.append(crop0 + idx)
+        sub_runs.append((subset_size(n, rate), t))
+        start, crop0 = start + n * t, crop0 + n
+    y = branch(x.index_select(0, torch.cat(rows) if len(rows) > 1 else rows[0]), sub_runs).to(cls.dtype)
+    return _add_runs(cls, runs, sub_runs, cls_rows, y.split([k for k, _ in sub_runs]))
+
+
+def _draw_runs(
+    runs: Sequence[tuple[int, int]], rate: float, device: torch.device, generator: torch.Generator | None
+) -> list[Tensor]:
+    """One kept subset of crops per run, drawn in run order."""
+    return [draw_subset(n, rate, device, generator) for n, _ in runs]
+
+
+def _add_runs(out: Tensor, runs: Sequence[tuple[int, int]], sub_runs: Sequence[tuple[int, int]],
+              rows: Sequence[Tensor], parts: Sequence[Tensor]) -> Tensor:
+    """Add each run's branch rows ``parts`` at ``rows`` of ``out``, scaled by ``crops / kept``."""
     for i, ((n, _), (k, _), r, p) in enumerate(zip(runs, sub_runs, rows, parts)):
-        # the first index_add copies x; the others add in place into that copy
+        # the first index_add copies out; the others add in place into that copy
         out = torch.index_add(out, 0, r, p, alpha=n / k) if i == 0 else out.index_add_(0, r, p, alpha=n / k)
     return out
 

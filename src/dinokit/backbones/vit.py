@@ -4,6 +4,12 @@ Adds what DINO-family methods need on top of timm's ``VisionTransformer``: a lea
 applied before the position embedding (iBOT), register tokens kept apart from the patches
 (Darcet et al., ICLR 2024), the last block's self-attention (DINO's attention maps) and the CLS
 tokens of the last ``n`` blocks (DINO's linear evaluation input).
+
+``cls_only=True`` (:meth:`ViTBackbone.forward`, :meth:`~ViTBackbone.forward_packed`) is for callers
+that read ``out.cls`` only (DINO's loss): the last block then runs for the CLS rows only
+(:func:`~dinokit.backbones.packed.cls_only_block`), which is exact, and ``patches`` and
+``registers`` come back None. Where it cannot (no class token, a non-plain last block, hooks that
+must see every token), the call runs the full forward and returns the full output.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dinokit.backbones.base import Backbone, BackboneOutput, suggest_sizes
-from dinokit.backbones.packed import PackedLayout, packable_block, packed_block
+from dinokit.backbones.packed import PackedLayout, cls_only_block, has_hooks, packable_block, packed_block
 from dinokit.backbones.stochastic_depth import DROP_PATH_MODES, subset_block
 
 
@@ -62,6 +68,9 @@ class ViTBackbone(Backbone):
     drop_path_mode: str = "sample"
     #: with ``"subset"``: only branches whose rate is above this take it (DINOv3 0; DINOv2 0.1).
     drop_path_subset_above: float = 0.0
+    #: whether a ``cls_only`` call runs the last block for the CLS rows only (exact; False: the
+    #: full forward, e.g. to measure what it saves).
+    prune_cls_only: bool = True
 
     def __init__(self, model: nn.Module, extra_registers: int = 0, timm_name: str | None = None):
         super().__init__()
@@ -170,41 +179,86 @@ class ViTBackbone(Backbone):
             return None
         return float(self.drop_path_subset_above)
 
-    def forward(self, x: Tensor, masks: Tensor | None = None) -> BackboneOutput:
+    @property
+    def supports_cls_only(self) -> bool:
+        """Whether :meth:`forward` and :meth:`forward_packed` take ``cls_only`` (a subclass that
+        overrides ``forward`` without it does not)."""
+        return type(self).forward is ViTBackbone.forward
+
+    def _cls_only_block(self) -> nn.Module | None:
+        """The last block, when a ``cls_only`` call may run it for the CLS rows only: with
+        :attr:`prune_cls_only`, a class token (the CLS output is token 0), a plain timm block
+        (:func:`~dinokit.backbones.packed.packable_block`) and no hooks on this backbone, the
+        blocks, the last block or the final norm (hooks see the full forward, as always)."""
+        blocks = self.model.blocks
+        if not (self.prune_cls_only and self.has_cls_token and len(blocks)):
+            return None
+        last, norm = blocks[-1], self.model.norm
+        if has_hooks(self) or has_hooks(blocks) or any(has_hooks(m) for m in norm.modules()):
+            return None
+        if any(m._backward_hooks or m._backward_pre_hooks for m in last.modules()):
+            return None
+        return last if packable_block(last) else None
+
+    def _run_block(self, blk: nn.Module, t: Tensor, ckpt: bool, above: float | None) -> Tensor:
+        if above is not None and packable_block(blk):  # branches on the kept samples only
+            fn, args = subset_block, (blk, t, above)
+        else:
+            fn, args = blk, (t,)
+        return checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args)
+
+    def forward(self, x: Tensor, masks: Tensor | None = None, *, cls_only: bool = False) -> BackboneOutput:
+        """Features of ``x [B, C, H, W]`` (``masks [B, N]``: iBOT mask tokens).
+
+        ``cls_only``: the caller reads ``out.cls`` only; where it can (:meth:`_cls_only_block`) the
+        last block then runs for the CLS rows only (exact) and ``patches``/``registers`` are None;
+        otherwise the full forward and output.
+        """
         t = self.tokens(x, masks)
         ckpt, above = self._checkpointing(), self._subset_above()
-        if above is None and not ckpt:
+        last = self._cls_only_block() if cls_only else None
+        if last is None and above is None and not ckpt:
             t = self.model.blocks(t)
         else:
-            for blk in self.model.blocks:
-                if above is not None and packable_block(blk):  # branches on the kept samples only
-                    fn, args = subset_block, (blk, t, above)
-                else:
-                    fn, args = blk, (t,)
-                t = checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args)
-        t = self.model.norm(t)
-        return self._split(t)
+            body = list(self.model.blocks)
+            for blk in body if last is None else body[:-1]:
+                t = self._run_block(blk, t, ckpt, above)
+        if last is None:
+            return self._split(self.model.norm(t))
+        args = (last, t.reshape(-1, t.shape[-1]), PackedLayout([tuple(t.shape[:2])]), above)
+        c = checkpoint(cls_only_block, *args, use_reentrant=False) if ckpt else cls_only_block(*args)
+        return BackboneOutput(cls=self.model.norm(c))
 
     @property
     def can_pack(self) -> bool:
         """Whether :meth:`forward_packed` really packs (every block a plain timm pre-norm block)."""
         return all(packable_block(b) for b in self.model.blocks)
 
-    def forward_packed(self, inputs: Sequence[tuple[Tensor, Tensor | None]]) -> list[BackboneOutput]:
+    def forward_packed(
+        self, inputs: Sequence[tuple[Tensor, Tensor | None]], *, cls_only: bool = False
+    ) -> list[BackboneOutput]:
         """Several batches of crops (one per resolution, each ``(images, masks or None)``) through
         the blocks in one sequence-packed pass, attention kept within each crop; one output per
         batch, equal to ``self(images, masks)`` up to float rounding. Each crop gets its own
-        position-embedding interpolation, registers and mask tokens (:meth:`tokens`)."""
+        position-embedding interpolation, registers and mask tokens (:meth:`tokens`).
+        ``cls_only`` as in :meth:`forward`."""
         if len(inputs) == 1 or not self.can_pack:
-            return [self(x, masks=m) for x, m in inputs]
+            kw = {"cls_only": True} if cls_only and self.supports_cls_only else {}
+            return [self(x, masks=m, **kw) for x, m in inputs]
         toks = [self.tokens(x, m) for x, m in inputs]
         layout = PackedLayout([(t.shape[0], t.shape[1]) for t in toks])
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in toks])
         ckpt, above = self._checkpointing(), self._subset_above()
-        for blk in self.model.blocks:
+        last = self._cls_only_block() if cls_only else None
+        blocks = list(self.model.blocks)
+        for blk in blocks if last is None else blocks[:-1]:
             args = (blk, x, layout, above)
             x = checkpoint(packed_block, *args, use_reentrant=False) if ckpt else packed_block(*args)
-        return [self._split(t) for t in layout.split(self.model.norm(x))]
+        if last is None:
+            return [self._split(t) for t in layout.split(self.model.norm(x))]
+        args = (last, x, layout, above)
+        c = checkpoint(cls_only_block, *args, use_reentrant=False) if ckpt else cls_only_block(*args)
+        return [BackboneOutput(cls=o) for o in self.model.norm(c).split([n for n, _ in layout.shapes])]
 
     def last_self_attention(self, x: Tensor) -> Tensor:
         """Softmax attention of the last block, ``[B, heads, T, T]``, computed explicitly."""

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dinokit.backbones.base import cls_embedding
+
 KINDS = ("cls", "avgpool", "cls+avgpool", "last_blocks", "last_blocks+avgpool")
 
 
@@ -27,9 +29,9 @@ def _features(backbone: Any, x: Tensor, kind: str, n_last_blocks: int) -> Tensor
             return f
         out = backbone(x)
         return torch.cat([f, _avgpool(out, backbone)], dim=-1)
-    out = backbone(x)
     if kind == "cls":
-        return out.cls
+        return cls_embedding(backbone, x)
+    out = backbone(x)
     if kind == "avgpool":
         return _avgpool(out, backbone)
     return torch.cat([out.cls, _avgpool(out, backbone)], dim=-1)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from dinokit.backbones import Backbone, BackboneOutput
+from dinokit.backbones.base import cls_embedding
 from dinokit.ema import EMAUpdater, make_teacher
 from dinokit.schedules import CosineSchedule, TeacherTemperature
 
@@ -140,7 +141,7 @@ def packs_crops(backbone: Backbone, views: Sequence[Tensor], n_groups: int) -> b
 
 def forward_views(
     backbone: Backbone, views: Sequence[Tensor], masks: Tensor | None = None,
-    breaks: Sequence[int] = (),
+    breaks: Sequence[int] = (), cls_only: bool = False,
 ) -> list[BackboneOutput]:
     """One batched backbone pass per run of same-size views (as DINO's ``MultiCropWrapper``), or
     one sequence-packed pass over all runs (``backbone.packed_crops``, see :func:`packs_crops`).
@@ -149,6 +150,10 @@ def forward_views(
     the same runs; the views after them go unmasked. Runs also end before each index in
     ``breaks``. Returns one output per run, each holding ``(end - start) * B`` rows in
     view-major order.
+
+    ``cls_only``: the caller reads ``.cls`` only; passed on to backbones that take it
+    (``backbone.supports_cls_only``, e.g. a ViT skipping the dead rows of its last block), whose
+    outputs may then lack ``patches`` and ``registers``; other backbones run as usual.
     """
     b = views[0].shape[0]
     n_masked = 0 if masks is None else masks.shape[0] // b
@@ -159,11 +164,12 @@ def forward_views(
         x = torch.cat(list(views[start:end]), dim=0) if end - start > 1 else views[start]
         m = None if masks is None or start >= n_masked else masks[start * b : end * b]
         inputs.append((x, m))
+    kw = {"cls_only": True} if cls_only and getattr(backbone, "supports_cls_only", False) else {}
     if packs_crops(backbone, views, len(inputs)):
-        return backbone.forward_packed(inputs)
+        return backbone.forward_packed(inputs, **kw)
     outs = []
     for x, m in inputs:
-        outs.append(backbone(x, masks=m) if m is not None else backbone(x))
+        outs.append(backbone(x, masks=m, **kw) if m is not None else backbone(x, **kw))
     return outs
 
 
@@ -350,7 +356,7 @@ class SelfDistillationMethod(nn.Module):
     def embed(self, images: Tensor) -> Tensor:
         """Teacher CLS embedding ``[B, D]`` without gradient (what k-NN and export use)."""
         self.teacher_backbone.check_input(images, "images")
-        return self.teacher_backbone(images).cls
+        return cls_embedding(self.teacher_backbone, images)
 
     def _check_finite(self, name: str, x: Tensor) -> None:
         if self.check_finite and not bool(torch.isfinite(x).all()):

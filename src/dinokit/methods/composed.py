@@ -224,8 +224,10 @@ class ComposedMethod(SelfDistillationMethod):
         n_g, b = len(g), g[0].shape[0]
         # Plain loops (not comprehensions): torch.compile traces these without a graph break.
         needs: set[str] = set()
+        cls_only = True  # every active term reads the backbone's CLS outputs only (DINO, KoLeo)
         for t, _w in active:
             needs.update(t.consumes)
+            cls_only = cls_only and t.cls_only
 
         m = idx = wts = None
         if MASKED_PATCHES in needs:
@@ -239,15 +241,15 @@ class ComposedMethod(SelfDistillationMethod):
         t_out = None
         if TEACHER_GLOBAL in needs:
             with torch.no_grad():
-                t_out = _merge(forward_views(self.teacher_backbone, g))
+                t_out = _merge(forward_views(self.teacher_backbone, g, cls_only=cls_only))
         s_local = None
         if LOCAL_CLS in needs and lv:  # one call: the backbone may pack every crop into one pass
-            outs = forward_views(self.student_backbone, g + lv, m, breaks=(n_g,))
+            outs = forward_views(self.student_backbone, g + lv, m, breaks=(n_g,), cls_only=cls_only)
             n_runs = len(resolution_groups(g))
             s_global = _merge(outs[:n_runs])
             s_local = torch.cat([o.cls for o in outs[n_runs:]])
         else:
-            s_global = _merge(forward_views(self.student_backbone, g, m))
+            s_global = _merge(forward_views(self.student_backbone, g, m, cls_only=cls_only))
         features = StepFeatures(
             n_global=n_g, batch_size=b, teacher_temp=temp, step=step, training=self.training,
             global_images=torch.cat(g) if STUDENT_PATCHES in needs else None, student_global=s_global,

@@ -347,8 +347,6 @@ def fit(cfg: Config) -> FitResult:
     kept = _keep_previous_metrics(run_dir) if ckpt is not None else None
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    if torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")
 
     build_cfg = cfg
     if ckpt is not None:  # resuming: weights come from the checkpoint, start-up files are not re-read

@@ -264,6 +264,9 @@ class TrainingStep:
                  *, n_global: int = 2):
         self.method, self.optimizer, self.settings = method, optimizer, settings
         align_kernel_flags(optimizer)  # a resumed state dict may carry another run's kernel choice
+        if torch.cuda.is_available() and torch.get_float32_matmul_precision() == "highest":
+            # TF32 tensor cores for the fp32 matmuls left outside autocast (every front door alike)
+            torch.set_float32_matmul_precision("high")
         self.n_global = n_global
         method.check_finite = False  # read at logging steps instead (no per-step host sync)
         self.autocast_dtype = STEP_PRECISIONS[settings.precision]

@@ -71,6 +71,10 @@ class LossTerm(nn.Module):
 
     name: ClassVar[str] = "term"
     consumes: ClassVar[frozenset[str]] = frozenset()
+    #: the term reads only the ``cls`` of the backbone outputs it gets (no patches, no registers);
+    #: when every active term does, the method asks the backbones for the CLS token only (a ViT then
+    #: skips the dead rows of its last block). False (the safe default) for a term that may read more.
+    cls_only: ClassVar[bool] = False
 
     def __init__(self, weight: float = 1.0, weight_schedule: Callable[[int], float] | None = None):
         super().__init__()

@@ -39,6 +39,7 @@ class DINOClsTerm(LossTerm):
 
     name = "cls"
     consumes = frozenset({GLOBAL_CLS, LOCAL_CLS, TEACHER_GLOBAL})
+    cls_only = True
 
     def __init__(self, n_prototypes: int, head_kwargs: dict[str, Any] | None = None, *,
                  student_temp: float = 0.1, centering: str = "ema", center_momentum: float = 0.9,

@@ -24,6 +24,7 @@ class KoLeoTerm(LossTerm):
 
     name = "koleo"
     consumes = frozenset({GLOBAL_CLS})
+    cls_only = True
 
     def __init__(self, weight: float = 0.1, *, all_processes: bool = False, reduction: str = "sum"):
         super().__init__(weight)
