@@ -122,14 +122,19 @@ def packed_block(
     def attn(s: Tensor, lay: PackedLayout) -> Tensor:
         return block.ls1(_packed_attention(block, block.norm1(s), lay))
 
-    def mlp(s: Tensor, runs: Sequence[tuple[int, int]] = ()) -> Tensor:
-        return block.ls2(block.mlp(block.norm2(s)))
-
     if uses_subset(block.drop_path1, block.training, subset_above):
         x = packed_subset_residual(x, layout.shapes, lambda s, runs: attn(s, PackedLayout(runs)),
                                    drop_rate(block.drop_path1))
     else:
         x = x + _drop_path(block.drop_path1, attn(x, layout), layout)
+    return _mlp_residual(block, x, layout, subset_above)
+
+
+def _mlp_residual(block: nn.Module, x: Tensor, layout: PackedLayout, subset_above: float | None) -> Tensor:
+    """``x + ls2(mlp(norm2(x)))`` with the block's stochastic depth (per crop of ``layout``)."""
+    def mlp(s: Tensor, runs: Sequence[tuple[int, int]] = ()) -> Tensor:
+        return block.ls2(block.mlp(block.norm2(s)))
+
     if uses_subset(block.drop_path2, block.training, subset_above):
         return packed_subset_residual(x, layout.shapes, mlp, drop_rate(block.drop_path2))
     return x + _drop_path(block.drop_path2, mlp(x), layout)
@@ -184,9 +189,6 @@ def cls_only_block(
     def attn(s: Tensor, lay: PackedLayout) -> Tensor:
         return block.ls1(_cls_attention(block, block.norm1(s), lay))
 
-    def mlp(s: Tensor, runs: Sequence[tuple[int, int]] = ()) -> Tensor:
-        return block.ls2(block.mlp(block.norm2(s)))
-
     cls = cls_rows(x, layout)
     cls_layout = PackedLayout([(n, 1) for n, _ in layout.shapes])  # one row per crop
     if uses_subset(block.drop_path1, block.training, subset_above):
@@ -194,6 +196,4 @@ def cls_only_block(
                                          drop_rate(block.drop_path1))
     else:
         cls = cls + _drop_path(block.drop_path1, attn(x, layout), cls_layout)
-    if uses_subset(block.drop_path2, block.training, subset_above):
-        return packed_subset_residual(cls, cls_layout.shapes, mlp, drop_rate(block.drop_path2))
-    return cls + _drop_path(block.drop_path2, mlp(cls), cls_layout)
+    return _mlp_residual(block, cls, cls_layout, subset_above)
