@@ -15,12 +15,15 @@ from test_no_sync import _batches, _method
 METHODS = [(DINO, False), (DINOv2, True), (DINOv3, True)]
 
 
-@pytest.mark.parametrize("cls,masks", METHODS, ids=["dino", "dinov2", "dinov3"])
-def test_method_forward_has_no_graph_breaks_and_compiles_to_the_eager_loss(cls, masks):
+@pytest.mark.parametrize("cls,masks,packed", [(c, m, None) for c, m in METHODS] + [(DINOv2, True, True)],
+                         ids=["dino", "dinov2", "dinov3", "dinov2-packed"])
+def test_method_forward_has_no_graph_breaks_and_compiles_to_the_eager_loss(cls, masks, packed):
     torch._dynamo.reset()
     torch.manual_seed(0)
     method = _method(cls)
     method.check_finite = False  # the training step guards on the device instead
+    if packed is not None:  # sequence-packed multi-crop (model.packed_crops=true)
+        method.student_backbone.packed_crops = packed
     inputs = method_inputs(unpack_batch(_batches(1, masks)[0]))
     explained = torch._dynamo.explain(copy.deepcopy(method))(**inputs)
     assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]

@@ -201,22 +201,3 @@ def test_config_key_model_packed_crops(value, expected):
     assert build_method(cfg).student_backbone.packed_crops == expected
     with pytest.raises(ConfigError, match="model.packed_crops"):
         from_dict({"data": data, "model": {**model, "packed_crops": "yes"}})
-
-
-def test_packed_method_forward_has_no_graph_breaks_and_compiles_to_the_eager_loss():
-    import copy
-
-    from dinokit.train.module import method_inputs, unpack_batch
-    from test_no_sync import _batches, _method
-
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    method = _method(dinokit.DINOv2)
-    method.check_finite = False
-    method.student_backbone.packed_crops = True
-    inputs = method_inputs(unpack_batch(_batches(1, True)[0]))
-    explained = torch._dynamo.explain(copy.deepcopy(method))(**inputs)
-    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
-    eager = copy.deepcopy(method).eval()
-    compiled = torch.compile(copy.deepcopy(method).eval(), backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(**inputs).loss, eager(**inputs).loss, rtol=1e-5, atol=1e-6)
