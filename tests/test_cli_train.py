@@ -4,7 +4,9 @@ change of the training loop shows up here in seconds), plus run-level bad inputs
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,24 @@ def test_batched_device_augmentation_trains_through_the_cli(tmp_path):
     assert _train(tmp_path, "dev", "trainer.epochs=1", "data.augment_on=device") == 0
     losses = _losses(tmp_path / "dev")
     assert len(losses) == 6 and all(v == v for v in losses)
+
+
+def test_a_run_shows_no_lightning_noise(tmp_path):
+    """Lightning's product tips and warnings about dinokit's own set-up (here DINOv3's frozen Gram
+    teacher in eval mode) stay out of the output; its informative lines (the accelerator) stay in."""
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("lightning.pytorch").addHandler(handler)
+    args = ["train", "--config", "dinov3_tiny_cpu", "data.dataset=digits", "data.limit=64", "data.batch_size=32",
+            "data.num_workers=0", "trainer.progress=false", f"trainer.output_dir={tmp_path}", "trainer.run_name=r"]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(args) == 0
+    finally:
+        logging.getLogger("lightning.pytorch").removeHandler(handler)
+    assert any("GPU available" in m for m in seen)
+    assert not [m for m in seen if "Tip" in m]
+    noise = ("LeafSpec", "validation_step", "many workers", "eval mode")
+    assert not [str(w.message) for w in caught if any(n in str(w.message) for n in noise)]

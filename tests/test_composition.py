@@ -108,6 +108,15 @@ def test_gram_teacher_is_taken_from_the_ema_teacher_when_the_gram_stage_starts()
         torch.testing.assert_close(a, b)
 
 
+def test_the_gram_teacher_stays_frozen_in_eval_mode_when_the_method_trains():
+    v3 = DINOv3(tiny_vit(num_registers=4, drop_path_rate=0.5), n_prototypes=24, n_patch_prototypes=12,
+                projector_hidden_dim=32, projector_bottleneck_dim=16, gram_weight=1.0)
+    v3.train()  # Lightning and users put the whole method in train mode
+    assert v3.student_backbone.training
+    assert not any(m.training for m in v3.gram_teacher.modules())  # no stochastic depth in the anchor
+    assert not any(p.requires_grad for p in v3.gram_teacher.parameters())
+
+
 def test_registry_drives_config_validation_and_the_builder():
     assert {"dino", "ibot", "dinov2", "dinov3"} <= set(METHODS)
     with pytest.raises(ConfigError, match="model.method"):

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from dinokit.schedules import CosineSchedule
 from dinokit.train.module import DINOModule, unpack_batch
+from dinokit.train.quiet import LIGHTNING_NOISE, NO_VAL_LOADER, quiet_lightning
 from dinokit.train.step import STEP_PRECISIONS
 
 OPTIMIZERS = {"sgd": "sgd", "adam": "adam", "adamW": "adamw", "adamw": "adamw"}
@@ -556,8 +557,9 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         tkw["callbacks"] = [*(tkw.get("callbacks") or []), scheduler_cb]
         if not isinstance(X, DataLoader):
             tkw.setdefault("use_distributed_sampler", False)
-        trainer = pl.Trainer(**tkw)
-        trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader)
+        with quiet_lightning((*LIGHTNING_NOISE, NO_VAL_LOADER)):
+            trainer = pl.Trainer(**tkw)
+            trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader)
         self.method_, self.trainer_, self.module_ = method, trainer, module
         self.history_ = list(module.epoch_losses)
         self.val_history_ = list(module.val_losses)

@@ -41,6 +41,7 @@ from dinokit.train.checkpoint_io import (
 )
 from dinokit.train.guards import CollapseGuard
 from dinokit.train.preemption import Preempted, PreemptionCallback
+from dinokit.train.quiet import FIT_NOISE, LIGHTNING_NOISE, quiet_lightning
 from dinokit.train.strategy import prepare_for_strategy, with_launcher_env
 
 #: Config keys that may change when resuming; any other change breaks exact continuation.
@@ -357,12 +358,9 @@ def fit(cfg: Config) -> FitResult:
     module = build_module(cfg, method)
     if cfg.trainer.compile:
         method.compile()  # the whole forward: student, teacher, heads and every loss term
-    trainer = build_trainer(cfg, run_dir)
-    prepare_for_strategy(method, trainer, cfg.trainer.sync_batchnorm)  # SyncBN (issue 12)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
-        warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+    with quiet_lightning((*LIGHTNING_NOISE, *FIT_NOISE)):
+        trainer = build_trainer(cfg, run_dir)
+        prepare_for_strategy(method, trainer, cfg.trainer.sync_batchnorm)  # SyncBN (issue 12)
         try:
             trainer.fit(module, train_dataloaders=loader, ckpt_path=str(ckpt) if ckpt else None,
                         weights_only=True)

@@ -89,6 +89,13 @@ class GramTerm(LossTerm):
         self.gram_teacher.requires_grad_(False)
         self.gram_teacher.eval()
 
+    def train(self, mode: bool = True) -> GramTerm:
+        """The Gram teacher is a frozen snapshot: it stays in eval mode whatever the method's mode."""
+        super().train(mode)
+        if self.gram_teacher is not None:
+            self.gram_teacher.eval()
+        return self
+
     @torch.no_grad()
     def load_from(self, backbone: nn.Module | dict[str, Tensor]) -> None:
         """Load the Gram teacher from a backbone (the EMA teacher) or a state dict."""
@@ -126,7 +133,6 @@ class GramTerm(LossTerm):
             student_grid = method_teacher_backbone.grid_size(*images.shape[-2:])
             images = F.interpolate(images, size=(self.teacher_size, self.teacher_size), mode="bicubic",
                                    align_corners=False)
-        self.gram_teacher.eval()
         patches = self.gram_teacher(images).patches
         if student_grid is not None:
             grid = self.gram_teacher.grid_size(*images.shape[-2:])
