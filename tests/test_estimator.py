@@ -324,3 +324,14 @@ def test_misspelled_parameter_fails_at_once_naming_the_closest():
     assert est.learning_rate == 1e-2 and est.get_params()["max_epochs"] == 2  # nothing half-applied
     est.set_params(max_epochs=3, check_val_every_n_epoch=2)  # Trainer names stay valid
     assert clone(est).get_params()["check_val_every_n_epoch"] == 2
+
+
+def test_fit_without_validation_data_shows_no_lightning_noise():
+    """The estimator's optional validation step, fitted without validation data, is not a user
+    mistake: Lightning's notice about it stays out of the output (other warnings still show)."""
+    x, _ = _images(n=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _est(max_epochs=1).fit(x)
+    shown = [str(w.message) for w in caught]
+    assert not [m for m in shown if "validation_step" in m or "LeafSpec" in m], shown
