@@ -45,9 +45,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 RUNS: dict[str, tuple[str, list[str]]] = {
     "DINO": ("demo", []),
     "DINOv2": ("dinov2_tiny_cpu", []),
-    "DINOv3": ("dinov3_tiny_cpu", ["model.gram_weight=0"]),
-    "DINOv3 + Gram": ("dinov3_tiny_cpu", ["model.gram_weight=1.0", "model.gram_start_step={gram_start}",
-                                          "model.gram_refresh_every={gram_refresh}"]),
+    "DINOv3": ("dinov3_tiny_cpu", ["gram.weight=0"]),
+    "DINOv3 + Gram": ("dinov3_tiny_cpu", ["gram.weight=1.0", "gram.start_step={gram_start}",
+                                          "gram.refresh_every={gram_refresh}"]),
     "iBOT": ("dinov2_tiny_cpu", ["model.method=ibot"]),
     # The README's main job: DINO on timm's resnet10t (its own milder crops), same budget otherwise.
     "DINO resnet10t (demo_cnn)": ("demo_cnn", []),
@@ -70,7 +70,7 @@ def budget_overrides(b: dict[str, Any], seed: int, out_dir: str, run_name: str, 
     """The keys every run shares: data, crops, batch, epochs, steps, seed."""
     return [
         "data.dataset=demo", f"data.limit={b['limit']}", f"data.val_limit={b['test']}",
-        f"data.batch_size={b['batch']}", f"data.n_local={b['n_local']}", "data.num_workers=0",
+        f"data.batch_size={b['batch']}", f"crops.n_local={b['n_local']}", "data.num_workers=0",
         f"trainer.epochs={b['epochs']}", f"trainer.max_steps={b['steps']}", f"trainer.seed={seed}",
         f"trainer.output_dir={out_dir}", f"trainer.run_name={run_name}", "trainer.progress=false",
         f"trainer.accelerator={device}", "trainer.devices=1", "trainer.knn_every_n_epochs=0",

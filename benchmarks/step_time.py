@@ -307,8 +307,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", choices=("dino", "dinov2", "dinov3"), default=["dino", "dinov2", "dinov3"])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads per worker (CPU)")
     p.add_argument("--variants", nargs="*", choices=[v for v in VARIANTS if v], default=[],
-                   help="dinokit variants beside the default: packed, unpacked (model.packed_crops), "
-                        "compile (torch.compile of the method), contiguous (model.channels_last=false: "
+                   help="dinokit variants beside the default: packed, unpacked (backbone.packed_crops), "
+                        "compile (torch.compile of the method), contiguous (backbone.channels_last=false: "
                         "CNN weights and inputs in the default layout), full_tokens (prune_cls_only=False: "
                         "DINO's ViT last block on every token, not the CLS rows only)")
     p.add_argument("--peers", nargs="*", default=["stable-pretraining", "lightly", "nidl"],

@@ -1,4 +1,4 @@
-"""Channels-last CNNs (``model.channels_last``): the same numbers in the NHWC layout that cuDNN's and
+"""Channels-last CNNs (``backbone.channels_last``): the same numbers in the NHWC layout that cuDNN's and
 oneDNN's fastest convolutions use, for student and teacher alike, and exports unchanged."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def test_build_method_puts_student_and_teacher_cnns_in_channels_last_by_default_
     for backbone in (cnn.student_backbone, cnn.teacher_backbone):
         assert backbone.channels_last
         assert all(w.is_contiguous(memory_format=NHWC) for w in _conv_weights(backbone))
-    off = build_method(load_config("demo_cnn", ["model.channels_last=false"]))
+    off = build_method(load_config("demo_cnn", ["backbone.channels_last=false"]))
     assert not off.student_backbone.channels_last and not off.teacher_backbone.channels_last
     assert use_channels_last(build_method(load_config("demo", []))) == 0  # a ViT: nothing to change
 
@@ -57,7 +57,7 @@ def test_training_step_and_ema_agree_between_layouts():
     runs = []
     for flag in ("true", "false"):
         torch.manual_seed(0)
-        method = build_method(load_config("demo_cnn", [f"model.channels_last={flag}", "data.n_local=2"]))
+        method = build_method(load_config("demo_cnn", [f"backbone.channels_last={flag}", "crops.n_local=2"]))
         g = torch.Generator().manual_seed(1)
         glob = [torch.randn(4, 1, 28, 28, generator=g) for _ in range(2)]
         loc = [torch.randn(4, 1, 16, 16, generator=g) for _ in range(2)]

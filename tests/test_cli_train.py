@@ -19,8 +19,8 @@ GOLDEN = Path(__file__).parent / "golden" / "demo_digits_losses.json"
 TINY = [
     "data.dataset=digits", "data.limit=192", "data.batch_size=32", "data.num_workers=0",
     "trainer.epochs=2", "trainer.progress=false", "trainer.log_every_n_steps=1",
-    "model.backbone_kwargs={img_size: 28, patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2, in_chans: 1}",
-    "model.n_prototypes=64", "model.head_hidden_dim=32", "model.head_bottleneck_dim=16",
+    "backbone.kwargs={img_size: 28, patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2, in_chans: 1}",
+    "dino.n_prototypes=64", "heads.hidden_dim=32", "heads.bottleneck_dim=16",
 ]
 
 
@@ -45,7 +45,7 @@ def test_golden_losses(tmp_path):
     for f in ("config.yaml", "checkpoints/last.ckpt", "pictures/curves.png", "tb"):
         assert (run / f).exists(), f
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["dinokit"]["config"]["model"]["n_prototypes"] == 64
+    assert ckpt["dinokit"]["config"]["dino"]["n_prototypes"] == 64
 
 
 def test_resume_continues_and_refuses_incompatible_changes(tmp_path, capsys):
@@ -58,8 +58,8 @@ def test_resume_continues_and_refuses_incompatible_changes(tmp_path, capsys):
     assert resumed == pytest.approx(golden, rel=2e-3)  # and the run continues exactly
     with pytest.warns(UserWarning, match="schedules"):
         assert _train(tmp_path, "r", "trainer.epochs=3", "trainer.resume=last") == 0
-    assert _train(tmp_path, "r", "trainer.resume=last", "model.n_prototypes=32") == 2
-    assert "model.n_prototypes" in capsys.readouterr().err
+    assert _train(tmp_path, "r", "trainer.resume=last", "dino.n_prototypes=32") == 2
+    assert "dino.n_prototypes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -76,7 +76,7 @@ def test_bad_runs_fail_before_training(tmp_path, capsys, extra, message):
 def test_init_weights_from_another_architecture_names_the_keys(tmp_path, capsys):
     assert _train(tmp_path, "src", "trainer.epochs=1") == 0
     ckpt = tmp_path / "src" / "checkpoints" / "last.ckpt"
-    other = ["model.backbone_kwargs={img_size: 28, patch_size: 4, depth: 2, embed_dim: 32, num_heads: 2, "
+    other = ["backbone.kwargs={img_size: 28, patch_size: 4, depth: 2, embed_dim: 32, num_heads: 2, "
              "in_chans: 1}", f"model.init_weights={ckpt}"]
     assert _train(tmp_path, "dst", *other) == 2
     assert "missing keys" in capsys.readouterr().err

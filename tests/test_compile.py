@@ -22,7 +22,7 @@ def test_method_forward_has_no_graph_breaks_and_compiles_to_the_eager_loss(cls, 
     torch.manual_seed(0)
     method = _method(cls)
     method.check_finite = False  # the training step guards on the device instead
-    if packed is not None:  # sequence-packed multi-crop (model.packed_crops=true)
+    if packed is not None:  # sequence-packed multi-crop (backbone.packed_crops=true)
         method.student_backbone.packed_crops = packed
     inputs = method_inputs(unpack_batch(_batches(1, masks)[0]))
     explained = torch._dynamo.explain(copy.deepcopy(method))(**inputs)

@@ -46,8 +46,8 @@ def test_dinov3_preset_inherits_dinov2_and_adds_registers_and_gram():
 
 def test_overrides_are_typed():
     cfg = apply_overrides(Config(data=Config().data.__class__(path="x")),
-                          ["optim.lr=0.002", "data.n_local=0", "model.norm_last_layer=false",
-                           "data.local_scale=[0.1, 0.3]"])
+                          ["optim.lr=0.002", "crops.n_local=0", "heads.norm_last_layer=false",
+                           "crops.local_scale=[0.1, 0.3]"])
     assert cfg.optim.lr == 0.002 and cfg.data.n_local == 0
     assert cfg.model.norm_last_layer is False and cfg.data.local_scale == (0.1, 0.3)
 
@@ -57,12 +57,12 @@ def test_overrides_are_typed():
     [
         ("optim.lrr=1", "did you mean 'optim.lr'"),
         ("modle.method=dino", "did you mean 'model.method'"),
-        ("model.temperature_teacher=0", "model.temperature_teacher: must be > 0"),
-        ("model.temperature_student=-1", "model.temperature_student: must be > 0"),
-        ("model.ema_decay_start=1.5", "model.ema_decay_start: must be <= 1"),
-        ("model.center_momentum=-0.1", "model.center_momentum: must be >= 0"),
-        ("data.global_scale=[0.4, 1.5]", "data.global_scale: must be two ordered numbers in (0, 1]"),
-        ("data.local_scale=[0, 0.4]", "data.local_scale"),
+        ("teacher.temperature=0", "teacher.temperature: must be > 0"),
+        ("dino.student_temperature=-1", "dino.student_temperature: must be > 0"),
+        ("teacher.momentum=1.5", "teacher.momentum: must be <= 1"),
+        ("teacher.center_momentum=-0.1", "teacher.center_momentum: must be >= 0"),
+        ("crops.global_scale=[0.4, 1.5]", "crops.global_scale: must be two ordered numbers in (0, 1]"),
+        ("crops.local_scale=[0, 0.4]", "crops.local_scale"),
         ("data.batch_size=abc", "data.batch_size: expected int"),
         ("data.batch_size=2.5", "data.batch_size: expected int"),
         ("model.method=byol", "model.method: must be one of"),
@@ -79,7 +79,7 @@ def test_bad_overrides_name_the_key(override, message):
 def test_bad_yaml_files_name_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  n_prototype: 10\n")
-    with pytest.raises(ConfigError, match="did you mean 'model.n_prototypes'"):
+    with pytest.raises(ConfigError, match="did you mean 'dino.n_prototypes'"):
         load_config(bad)
     bad.write_text("trainr:\n  epochs: 1\n")
     with pytest.raises(ConfigError, match="did you mean 'trainer'"):
@@ -92,8 +92,8 @@ def test_cross_field_rules():
     with pytest.raises(ConfigError, match="data.path"):
         load_config(None, [])  # dataset=folder without a path
     with pytest.raises(ConfigError, match="at least two crops"):
-        load_config("demo", ["data.n_global=1", "data.n_local=0"])
-    assert load_config("demo", ["data.n_global=1", "data.n_local=1"]).data.n_local == 1
+        load_config("demo", ["crops.n_global=1", "crops.n_local=0"])
+    assert load_config("demo", ["crops.n_global=1", "crops.n_local=1"]).data.n_local == 1
 
 
 def test_yaml_round_trip(tmp_path):
@@ -105,8 +105,8 @@ def test_yaml_round_trip(tmp_path):
 
 def test_help_lists_every_option_with_default():
     text = help_text()
-    for key in ("model.n_prototypes=65536", "optim.lr=0.0005", "data.n_local=8",
-                "trainer.precision='auto'", "model.gram_weight=0.0"):
+    for key in ("dino.n_prototypes=65536", "optim.lr=0.0005", "crops.n_local=8",
+                "trainer.precision='auto'", "gram.weight=0.0"):
         assert key in text
 
 
@@ -118,19 +118,19 @@ def test_cli_print_config_and_errors(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])
     assert e.value.code == 0
-    assert "model.n_prototypes" in capsys.readouterr().out
+    assert "dino.n_prototypes" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("override", "message"), [
     ("optim.lr=.inf", "optim.lr: must be a finite number"),
     ("optim.weight_decay=.nan", "optim.weight_decay: must be a finite number"),
     ("optim.clip_grad=.nan", "optim.clip_grad: must be a finite number"),
-    ("data.global_scale=[0.4, .nan]", "data.global_scale: must hold finite numbers"),
+    ("crops.global_scale=[0.4, .nan]", "crops.global_scale: must hold finite numbers"),
     ("optim.betas=[0.9, 1.5]", "optim.betas: must be two numbers in"),
-    ("model.n_prototypes=1000000000000", "model.n_prototypes: must be <="),
+    ("dino.n_prototypes=1000000000000", "dino.n_prototypes: must be <="),
     ("data.num_workers=100000", "data.num_workers: must be <="),
     ("trainer.log_every_n_steps=10000000000000", "trainer.log_every_n_steps: .* out of range"),
-    ("model.backbone=[vit]", "model.backbone: expected str"),
+    ("backbone.name=[vit]", "backbone.name: expected str"),
     ("trainer.accelerator=quantum", "trainer.accelerator: must be one of"),
     ("trainer.strategy=warp", "trainer.strategy: 'warp' is not a Lightning strategy"),
     ("trainer.precision=8", "trainer.precision: must be one of"),

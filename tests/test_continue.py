@@ -72,11 +72,11 @@ def test_meta_dinov3_file_gives_the_same_features_as_the_timm_model(name, tmp_pa
     f = tmp_path / "dinov3.pth"
     torch.save(meta_dinov3(src.state_dict(), mask), f)
     assert layout_of(read_file(f)) == "meta_dinov3"
-    cfg = _config(["model.method=dinov3", f"model.backbone={name}", "model.n_registers=4",
-                             f"model.backbone_kwargs={TINY_V3}", "model.n_prototypes=16",
-                             "model.n_patch_prototypes=16", "model.head_hidden_dim=16",
-                             "model.head_bottleneck_dim=8", "model.gram_weight=1.0", "data.dataset=digits",
-                             "data.global_size=32", "data.local_size=16", f"model.init_weights={f}"])
+    cfg = _config(["model.method=dinov3", f"backbone.name={name}", "backbone.n_registers=4",
+                             f"backbone.kwargs={TINY_V3}", "dino.n_prototypes=16",
+                             "ibot.n_prototypes=16", "heads.hidden_dim=16",
+                             "heads.bottleneck_dim=8", "gram.weight=1.0", "data.dataset=digits",
+                             "crops.global_size=32", "crops.local_size=16", f"model.init_weights={f}"])
     torch.manual_seed(0)
     method = build_method(cfg)
     x = torch.randn(2, 3, 32, 48)
@@ -105,11 +105,11 @@ def test_meta_dinov2_and_timm_files_load_alike(tmp_path):
     with torch.no_grad():
         ref = src.forward_features(x)
     for f in ("meta.pth", "training.pth", "timm.safetensors"):
-        cfg = _config(["model.method=dinov2", "model.backbone=vit_small_patch14_reg4_dinov2",
-                                 "model.n_registers=4", f"model.backbone_kwargs={V2_KW}", "model.n_prototypes=16",
-                                 "model.n_patch_prototypes=16", "model.head_hidden_dim=16",
-                                 "model.head_bottleneck_dim=8", "data.dataset=digits", "data.global_size=28",
-                                 "data.local_size=14", f"model.init_weights={tmp_path / f}"])
+        cfg = _config(["model.method=dinov2", "backbone.name=vit_small_patch14_reg4_dinov2",
+                                 "backbone.n_registers=4", f"backbone.kwargs={V2_KW}", "dino.n_prototypes=16",
+                                 "ibot.n_prototypes=16", "heads.hidden_dim=16",
+                                 "heads.bottleneck_dim=8", "data.dataset=digits", "crops.global_size=28",
+                                 "crops.local_size=14", f"model.init_weights={tmp_path / f}"])
         torch.manual_seed(0)
         method = build_method(cfg)
         with torch.no_grad():
@@ -188,10 +188,10 @@ def test_official_teacher_checkpoint_gives_its_backbone(tmp_path):
 
 
 def test_crop_sizes_the_patch_does_not_divide_are_named(tmp_path):
-    cfg = _config(["model.backbone=vit_small_patch16_dinov3", f"model.backbone_kwargs={TINY_V3}",
-                             "model.n_prototypes=16", "model.head_hidden_dim=16", "model.head_bottleneck_dim=8",
-                             "data.dataset=digits", "data.global_size=40", "data.local_size=16"])
-    with pytest.raises(ValueError, match="data.global_size=40 is not a multiple of the patch size 16.*32 or 48"):
+    cfg = _config(["backbone.name=vit_small_patch16_dinov3", f"backbone.kwargs={TINY_V3}",
+                             "dino.n_prototypes=16", "heads.hidden_dim=16", "heads.bottleneck_dim=8",
+                             "data.dataset=digits", "crops.global_size=40", "crops.local_size=16"])
+    with pytest.raises(ValueError, match="crops.global_size=40 is not a multiple of the patch size 16.*32 or 48"):
         build_method(cfg)
 
 
@@ -205,11 +205,11 @@ def test_continue_dinov3_preset_trains_exports_and_loads_in_timm(tmp_path):
     for i in range(8):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f"{i}.png")
     out = tmp_path / "runs"
-    assert main(["train", "--config", "continue_dinov3", "model.backbone=vit_small_patch16_dinov3",
+    assert main(["train", "--config", "continue_dinov3", "backbone.name=vit_small_patch16_dinov3",
                  f"model.init_weights={weights}", f"data.path={images}",
-                 f"model.backbone_kwargs={TINY_V3}", "model.n_prototypes=16", "model.n_patch_prototypes=16",
-                 "model.head_hidden_dim=16", "model.head_bottleneck_dim=8", "data.global_size=32",
-                 "data.local_size=16", "data.n_local=2", "data.batch_size=4", "data.num_workers=0",
+                 f"backbone.kwargs={TINY_V3}", "dino.n_prototypes=16", "ibot.n_prototypes=16",
+                 "heads.hidden_dim=16", "heads.bottleneck_dim=8", "crops.global_size=32",
+                 "crops.local_size=16", "crops.n_local=2", "data.batch_size=4", "data.num_workers=0",
                  "trainer.max_steps=2", "trainer.epochs=1", "trainer.precision=32", "trainer.accelerator=cpu",
                  "trainer.devices=1", "trainer.progress=false", f"trainer.output_dir={out}",
                  "trainer.run_name=cont"]) == 0

@@ -31,8 +31,8 @@ def test_table_prints_linear_beside_knn_and_a_dash_where_missing(tmp_path):
 def test_demo_runs_end_to_end_on_digits(tmp_path):
     overrides = ["data.dataset=digits", "data.limit=128", "data.val_limit=100", "data.batch_size=32",
                  "data.num_workers=0", "trainer.epochs=1", "trainer.progress=false",
-                 "trainer.log_every_n_steps=1", "model.n_prototypes=32", "model.head_hidden_dim=32",
-                 "model.head_bottleneck_dim=16", "model.backbone_kwargs={in_chans: 1, channels: [8, 16, 32, 64]}",
+                 "trainer.log_every_n_steps=1", "dino.n_prototypes=32", "heads.hidden_dim=32",
+                 "heads.bottleneck_dim=16", "backbone.kwargs={in_chans: 1, channels: [8, 16, 32, 64]}",
                  f"trainer.output_dir={tmp_path}", "trainer.run_name=d"]
     report = run_demo(overrides, probe_epochs=2)
     names = ["DINO teacher (trained)", "same backbone, random init", "raw pixels"]

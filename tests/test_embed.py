@@ -77,9 +77,9 @@ def test_command_writes_the_same_as_the_python_call(exported, images, tmp_path, 
 def test_embed_from_a_run_and_bad_arguments(tmp_path, images):
     assert main(["train", "--config", "demo", "data.dataset=digits", "data.limit=64", "data.batch_size=32",
                  "data.num_workers=0", "trainer.epochs=1", "trainer.max_steps=1", "trainer.progress=false",
-                 "model.backbone_kwargs={img_size: 28, patch_size: 4, depth: 1, embed_dim: 16, num_heads: 2, "
-                 "in_chans: 1}", "model.n_prototypes=16", "model.head_hidden_dim=16",
-                 "model.head_bottleneck_dim=8", f"trainer.output_dir={tmp_path}", "trainer.run_name=r"]) == 0
+                 "backbone.kwargs={img_size: 28, patch_size: 4, depth: 1, embed_dim: 16, num_heads: 2, "
+                 "in_chans: 1}", "dino.n_prototypes=16", "heads.hidden_dim=16",
+                 "heads.bottleneck_dim=8", f"trainer.output_dir={tmp_path}", "trainer.run_name=r"]) == 0
     emb = embed(tmp_path / "r", "digits", split="test", limit=10, progress=False)
     assert emb.features.shape == (10, 16) and emb.names[0] == "digits/test/0" and emb.labels[0] >= 0
     with pytest.raises(ValueError, match="pool must be 'cls' or 'mean'"):

@@ -15,8 +15,8 @@ from dinokit.cli import main
 
 TINY = ["data.dataset=digits", "data.limit=128", "data.batch_size=32", "data.num_workers=0",
         "trainer.epochs=1", "trainer.progress=false", "trainer.log_every_n_steps=1"]
-VIT = ["model.backbone_kwargs={img_size: 28, patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2, in_chans: 1}",
-       "model.n_prototypes=32", "model.head_hidden_dim=32", "model.head_bottleneck_dim=16"]
+VIT = ["backbone.kwargs={img_size: 28, patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2, in_chans: 1}",
+       "dino.n_prototypes=32", "heads.hidden_dim=32", "heads.bottleneck_dim=16"]
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +87,9 @@ def test_viz_commands_write_pictures(run_dir, tmp_path, capsys):
 
 
 def test_cnn_attention_and_unlabelled_knn_are_explained(tmp_path, capsys):
-    assert main(["train", "--config", "demo", *TINY, "model.backbone=resnet18",
-                 "model.backbone_kwargs={in_chans: 1}", "model.n_prototypes=16", "model.head_hidden_dim=16",
-                 "model.head_bottleneck_dim=8", f"trainer.output_dir={tmp_path}", "trainer.run_name=cnn"]) == 0
+    assert main(["train", "--config", "demo", *TINY, "backbone.name=resnet18",
+                 "backbone.kwargs={in_chans: 1}", "dino.n_prototypes=16", "heads.hidden_dim=16",
+                 "heads.bottleneck_dim=8", f"trainer.output_dir={tmp_path}", "trainer.run_name=cnn"]) == 0
     capsys.readouterr()
     assert main(["viz", "attention", "--checkpoint", str(tmp_path / "cnn"), "--images", "digits",
                  "--output", str(tmp_path / "a")]) == 2
@@ -107,7 +107,7 @@ def test_cnn_attention_and_unlabelled_knn_are_explained(tmp_path, capsys):
     from dinokit.cli._common import load
 
     trained = load(str(tmp_path / "cnn")).backbone
-    assert trained.channels_last  # the training layout (model.channels_last) ...
+    assert trained.channels_last  # the training layout (backbone.channels_last) ...
     trained.use_channels_last(False)  # ... and timm's default one, for a bit-exact comparison
     x = torch.randn(2, 1, 32, 32)
     model = timm.create_model(f"local-dir:{tmp_path / 'exp'}", pretrained=True).eval()

@@ -33,8 +33,8 @@ from dinokit.train.checkpoint_io import SafeCheckpointIO, atomic_save, remove_st
 TINY = [
     "data.dataset=digits", "data.limit=192", "data.batch_size=32", "data.num_workers=0",
     "trainer.epochs=2", "trainer.progress=false", "trainer.log_every_n_steps=1",
-    "model.backbone_kwargs={img_size: 28, patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2, in_chans: 1}",
-    "model.n_prototypes=64", "model.head_hidden_dim=32", "model.head_bottleneck_dim=16",
+    "backbone.kwargs={img_size: 28, patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2, in_chans: 1}",
+    "dino.n_prototypes=64", "heads.hidden_dim=32", "heads.bottleneck_dim=16",
 ]
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,7 +118,7 @@ def test_training_killed_at_random_during_saves_resumes_from_a_good_checkpoint(t
     """SIGKILL a real run that checkpoints every step (writes dominate its time): every file left
     loads, ``resume=auto`` finishes the run and no temporary file survives."""
     args = _args(tmp_path, "k", "trainer.checkpoint_every_n_steps=1",
-                 "model.head_hidden_dim=512", "model.n_prototypes=4096")  # ~10 MB checkpoints
+                 "heads.hidden_dim=512", "dino.n_prototypes=4096")  # ~10 MB checkpoints
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from dinokit.cli import main; "
                              "sys.exit(main(sys.argv[1:]))", *args], cwd=REPO, env=env,
@@ -233,7 +233,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_sigterm_mid_epoch_checkpoints_exits_75_and_resume_matches_uninterrupted(tmp_path):
-    extra = ("model.drop_path_rate=0.1",)
+    extra = ("backbone.drop_path_rate=0.1",)
     done = _subprocess(SIGTERM_SCRIPT, *_args(tmp_path, "pre", *extra))
     assert done.returncode == 75, done.stderr[-2000:]
     assert "SIGTERM" in done.stderr and "resume=auto" in done.stderr
@@ -258,8 +258,8 @@ def test_resume_auto_starts_fresh_then_skips_a_damaged_newest_checkpoint(tmp_pat
 
 
 # --------------------------------------------------------------------------- collapse
-COLLAPSE = ["model.temperature_teacher=50", "model.temperature_teacher_warmup=50",
-            "model.temperature_student=50", "trainer.collapse_window=3", "trainer.epochs=1"]
+COLLAPSE = ["teacher.temperature=50", "teacher.warmup_temperature=50",
+            "dino.student_temperature=50", "trainer.collapse_window=3", "trainer.epochs=1"]
 
 
 def test_forced_uniform_collapse_is_reported_and_can_stop_the_run(tmp_path, capsys):
@@ -430,7 +430,7 @@ def test_malicious_pickle_is_refused_at_every_entry_point(tmp_path, capsys):
     evil_pt = _evil_file(tmp_path / "evil.pt", marker)
     v3 = ["train", "--config", "dinov3_tiny_cpu", "data.dataset=digits", "data.limit=64",
           "data.batch_size=32", "data.num_workers=0", "trainer.progress=false",
-          f"trainer.output_dir={tmp_path}", "trainer.run_name=g", f"model.gram_teacher_path={evil_pt}"]
+          f"trainer.output_dir={tmp_path}", "trainer.run_name=g", f"gram.teacher_path={evil_pt}"]
     entry_points = {
         "resume": _args(tmp_path, "r", f"trainer.resume={evil}"),
         "init weights": _args(tmp_path, "i", f"model.init_weights={evil_pt}"),

@@ -199,5 +199,5 @@ def test_config_key_model_packed_crops(value, expected):
     data = {"dataset": "demo", "global_size": 32, "local_size": 16}
     cfg = from_dict({"data": data, "model": {**model, "packed_crops": value}})
     assert build_method(cfg).student_backbone.packed_crops == expected
-    with pytest.raises(ConfigError, match="model.packed_crops"):
+    with pytest.raises(ConfigError, match="backbone.packed_crops"):
         from_dict({"data": data, "model": {**model, "packed_crops": "yes"}})

@@ -15,7 +15,7 @@ from dinokit.data import EvalTransform, MultiCropConfig, MultiCropTransform
 from dinokit.data.preprocessing import Preprocessing
 from dinokit.train.build import build_method, build_multicrop_config, build_preprocessing
 
-TINY_VIT = ("model.backbone_kwargs={img_size: 28, patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2, "
+TINY_VIT = ("backbone.kwargs={img_size: 28, patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2, "
             "in_chans: 1}")
 #: Fashion-MNIST's train-split pixel mean and std, the small preset's statistics.
 FMNIST = (0.2860, 0.3530)
@@ -71,8 +71,8 @@ def test_preprocessing_round_trips_and_names_bad_fields():
 @pytest.fixture
 def run_dir(tmp_path):
     """A run directory with a (untrained) checkpoint of the demo preset: enough for every path."""
-    cfg = load_config("demo", ["data.dataset=digits", TINY_VIT, "model.n_prototypes=16",
-                               "model.head_hidden_dim=16", "model.head_bottleneck_dim=8"])
+    cfg = load_config("demo", ["data.dataset=digits", TINY_VIT, "dino.n_prototypes=16",
+                               "heads.hidden_dim=16", "heads.bottleneck_dim=8"])
     torch.manual_seed(0)
     method = build_method(cfg)
     state = {f"method.{k}": v for k, v in method.state_dict().items()}

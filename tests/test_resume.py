@@ -109,11 +109,11 @@ def test_resume_differs_without_data_position(tmp_path):
 TINY_CLI = [
     "data.dataset=digits", "data.limit=192", "data.batch_size=32", "data.num_workers=0",
     "trainer.epochs=2", "trainer.progress=false", "trainer.log_every_n_steps=1",
-    "model.backbone_kwargs={img_size: 28, patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2, in_chans: 1}",
-    "model.n_prototypes=64", "model.head_hidden_dim=32", "model.head_bottleneck_dim=16",
+    "backbone.kwargs={img_size: 28, patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2, in_chans: 1}",
+    "dino.n_prototypes=64", "heads.hidden_dim=32", "heads.bottleneck_dim=16",
     # schedules that do not depend on the run length, so a longer resumed run can be compared
     "optim.warmup_epochs=0", "optim.min_lr=0.0005", "optim.lr=0.0005", "optim.weight_decay_end=0.04",
-    "model.ema_decay_start=0.996", "model.ema_decay_end=0.996",
+    "teacher.momentum=0.996", "teacher.final_momentum=0.996",
 ]
 
 

@@ -1,6 +1,6 @@
 """Options that make DINOv2/v3 world-size invariant (the defaults stay the official rules):
-``data.mask_sampling=sample`` (each image's masks from its own seed) and
-``model.koleo_all_processes=true`` (KoLeo over the all-gathered global batch, DINOv3's
+``ibot.mask_sampling=sample`` (each image's masks from its own seed) and
+``koleo.all_processes=true`` (KoLeo over the all-gathered global batch, DINOv3's
 ``KoLeoLossDistributed``)."""
 
 from __future__ import annotations

@@ -277,9 +277,9 @@ def test_config_keys_drop_path_uniform_and_mode(method, uniform, mode, rates, ex
 def test_config_rejects_bad_drop_path_values():
     from dinokit.config import ConfigError
 
-    with pytest.raises(ConfigError, match="model.drop_path_mode"):
+    with pytest.raises(ConfigError, match="backbone.drop_path_mode"):
         _cfg("dinov3", drop_path_mode="efficient")
-    with pytest.raises(ConfigError, match="model.drop_path_uniform"):
+    with pytest.raises(ConfigError, match="backbone.drop_path_uniform"):
         _cfg("dinov3", drop_path_uniform="sometimes")
 
 

@@ -23,13 +23,13 @@ from dinokit.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH, STEPS = 8, 3
 TINY = [
-    "--config", "demo", "data.dataset=digits", "data.limit=64", "data.num_workers=0", "data.n_local=2",
+    "--config", "demo", "data.dataset=digits", "data.limit=64", "data.num_workers=0", "crops.n_local=2",
     "trainer.epochs=1", f"trainer.max_steps={STEPS}", "trainer.progress=false", "trainer.log_every_n_steps=1",
-    "model.backbone_kwargs={img_size: 28, patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2, in_chans: 1}",
-    "model.n_prototypes=32", "model.head_hidden_dim=32", "model.head_bottleneck_dim=16",
+    "backbone.kwargs={img_size: 28, patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2, in_chans: 1}",
+    "dino.n_prototypes=32", "heads.hidden_dim=32", "heads.bottleneck_dim=16",
     "optim.clip_grad=0.5",  # the clipping acts, on the all-reduced gradients
 ]
-V2 = ["model.n_patch_prototypes=32", "model.koleo_weight=0.1", "data.mask_probability=0.5"]
+V2 = ["ibot.n_prototypes=32", "koleo.weight=0.1", "ibot.mask_probability=0.5"]
 
 
 def _one_process(tmp_path: Path, extra: list[str], name: str = "one") -> dict:
@@ -71,7 +71,7 @@ def _compare(one: dict, two: dict, steps: int = STEPS) -> None:
 
 
 #: DINOv2/v3 with masks and KoLeo off: Sinkhorn-Knopp centring and the rest of the step are invariant.
-NO_MASKS_NO_KOLEO = ["data.mask_probability=0.0", "model.koleo_weight=0.0"]
+NO_MASKS_NO_KOLEO = ["ibot.mask_probability=0.0", "koleo.weight=0.0"]
 #: With masks and KoLeo on, the official defaults are not invariant, for two measured reasons:
 #: (1) KoLeo is computed on each process's batch (the student differs by 6e-4 after 3 steps with
 #: masks off, 1e-6 with KoLeo off too); (2) masks are drawn per batch as in DINOv2's collate
@@ -79,7 +79,7 @@ NO_MASKS_NO_KOLEO = ["data.mask_probability=0.0", "model.koleo_weight=0.0"]
 #: the masks of a batch of 8 (tests/test_scale_options.py pins both defaults). These two named
 #: options make them invariant: each image's masks from (seed, epoch, index), KoLeo over the
 #: all-gathered global batch (DINOv3's koleo_loss_distributed).
-INVARIANT = ["data.mask_sampling=sample", "model.koleo_all_processes=true"]
+INVARIANT = ["ibot.mask_sampling=sample", "koleo.all_processes=true"]
 
 
 @pytest.mark.slow
@@ -103,7 +103,7 @@ def test_two_processes_equal_one_process(tmp_path, method, extra):
 #: Schedules that do not depend on the run length, so a run cut short and resumed with a larger
 #: trainer.max_steps can be compared with an uninterrupted one (as in tests/test_resume.py).
 LENGTH_FREE = ["optim.warmup_epochs=0", "optim.min_lr=0.0005", "optim.lr=0.0005", "optim.weight_decay_end=0.04",
-               "model.ema_decay_start=0.996", "model.ema_decay_end=0.996"]
+               "teacher.momentum=0.996", "teacher.final_momentum=0.996"]
 
 
 @pytest.mark.slow

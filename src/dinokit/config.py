@@ -20,228 +20,46 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from dinokit.settings import (
+    STRATEGY_FAMILIES,
+    TERM_SECTIONS,
+    BackboneSettings,
+    CropSettings,
+    DataSettings,
+    DinoSettings,
+    GramSettings,
+    HeadSettings,
+    IBOTSettings,
+    KoLeoSettings,
+    ModelSettings,
+    OptimSettings,
+    StageSettings,
+    TeacherSettings,
+    TrainerSettings,
+)
+
 
 class ConfigError(ValueError):
     """A bad config key or value; the message names the dotted key."""
 
 
-#: Lightning accelerator names accepted by ``trainer.accelerator``.
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
-#: Lightning precision names accepted by ``trainer.precision``.
-PRECISIONS = ("auto", "64", "64-true", "32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed",
-              "bf16-true")
-#: Families of Lightning strategy names accepted by ``trainer.strategy`` (``ddp``,
-#: ``ddp_find_unused_parameters_true``, ``fsdp_cpu_offload``, ``deepspeed_stage_2``, ...).
-STRATEGY_FAMILIES = ("auto", "ddp", "fsdp", "deepspeed", "single_device", "xla", "single_xla", "dp")
-
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    if isinstance(default, (list, dict, tuple)) and not isinstance(default, tuple):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
-
-
-@dataclass
-class ModelConfig:
-    """The method and its network."""
-
-    method: str = _f("dino", "DINO-family method: dino, ibot, dinov2, dinov3 (the method registry)",
-                     method=True)
-    backbone: str = _f(
-        "vit_small_patch16_224",
-        "timm model name, or torchvision/<name>; ViTs get dynamic_img_size=True",
-    )
-    backbone_kwargs: dict = _f({}, "extra timm.create_model arguments (img_size, patch_size, ...)")
-    pretrained: bool = _f(False, "start from the published weights of the named backbone")
-    init_weights: str | None = _f(
-        None, "weights to start from (.safetensors/.pth: timm, Meta DINOv2/DINOv3, dinokit export or run "
-        "checkpoint); loaded into student, teacher and Gram teacher"
-    )
-    freeze_patch_embed: bool = _f(False, "keep the patch embedding fixed (continued pretraining)")
-    grad_checkpointing: bool = _f(False, "recompute student block activations in backward (less memory)")
-    packed_crops: Literal["auto", "true", "false"] = _f(
-        "auto", "all student crops through the ViT blocks in one sequence-packed pass, attention kept "
-        "within each crop (auto: where it measured faster, see BENCHMARKS.md)")
-    channels_last: bool = _f(
-        True, "CNN weights and inputs in channels-last memory format (faster convolutions on GPUs and "
-        "on CPUs: BENCHMARKS.md)")
-    n_prototypes: int = _f(65536, "prototypes K of the CLS head", min=2, max=1 << 20)
-    head_hidden_dim: int = _f(2048, "hidden width of the head MLP", min=1, max=1 << 16)
-    head_bottleneck_dim: int = _f(256, "bottleneck width before the prototypes", min=1, max=1 << 14)
-    head_layers: int = _f(3, "layers of the head MLP", min=1, max=16)
-    head_batch_norm: bool = _f(False, "BatchNorm in the head MLP (for CNN backbones)")
-    norm_last_layer: bool | None = _f(
-        None, "fix the prototype weight-norm gain at 1 (None = the method's official default: DINO/iBOT yes, "
-        "DINOv2 no)")
-    head_weight_norm: bool | None = _f(
-        None, "[dinov2/3] weight-normalised prototypes (None = official: DINOv2 yes, DINOv3 no)")
-    temperature_student: float = _f(0.1, "student temperature tau_s", gt=0)
-    temperature_teacher_warmup: float = _f(0.04, "teacher temperature at epoch 0", gt=0)
-    temperature_teacher: float = _f(0.07, "teacher temperature after warm-up", gt=0)
-    warmup_epochs_temperature_teacher: int = _f(30, "epochs of teacher temperature warm-up", min=0)
-    center_momentum: float = _f(0.9, "EMA momentum of the teacher centre", ge=0, le=1)
-    ema_decay_start: float | None = _f(
-        None, "teacher EMA momentum at step 0 (None = official: DINO/iBOT 0.996, DINOv2/v3 0.992)",
-        ge=0, le=1)
-    ema_decay_end: float = _f(1.0, "teacher EMA momentum at the last step", ge=0, le=1)
-    drop_path_rate: float = _f(0.0, "stochastic depth of the student ViT", ge=0, le=1)
-    drop_path_mode: Literal["auto", "sample", "subset"] = _f(
-        "auto", "stochastic depth form in plain ViT blocks: sample = timm DropPath (every sample through the "
-        "branch, times a 0/1 mask); subset = DINOv2/v3's (the branch on the kept samples only, added back "
-        "scaled by b/k: less compute); auto = official: DINOv3 subset, DINOv2 subset for rates > 0.1, "
-        "DINO/iBOT sample")
-    drop_path_uniform: bool | None = _f(
-        None, "every student block gets drop_path_rate (else linspace(0, rate, depth)); None = official: "
-        "DINOv2/v3 yes, DINO/iBOT no")
-    # DINOv2 / DINOv3
-    n_patch_prototypes: int = _f(65536, "[dinov2/3] prototypes of the iBOT patch head", min=2, max=1 << 20)
-    shared_head: bool = _f(False, "[dinov2/3] share one head for CLS and patch tokens")
-    centering: Literal["sinkhorn", "ema"] = _f("sinkhorn", "[dinov2/3] teacher centring")
-    sinkhorn_iterations: int = _f(3, "[dinov2/3] Sinkhorn-Knopp iterations", min=1, max=1000)
-    patch_loss_weight: float = _f(1.0, "[dinov2/3] weight of the iBOT patch loss", ge=0)
-    koleo_weight: float = _f(0.1, "[dinov2/3] weight of the KoLeo regulariser", ge=0)
-    n_registers: int | None = _f(None, "[dinov2/3] register tokens (None = official: DINOv2 0, DINOv3 4)",
-                                 min=0, max=64)
-    koleo_all_processes: bool = _f(False, "[dinov2/3] KoLeo neighbours over the global batch, gradient "
-                                   "through the gather (DINOv3's koleo_loss_distributed); off = official "
-                                   "default: per process")
-    temperature_warmup_unit: Literal["epoch", "step"] | None = _f(
-        None, "teacher temperature warm-up per epoch or per step (None = official: DINO epoch, "
-        "DINOv2/v3 step)")
-    gram_weight: float = _f(0.0, "[dinov3] weight of Gram anchoring (0 = off)", ge=0)
-    gram_start_step: int = _f(0, "[dinov3] step at which Gram anchoring starts", min=0)
-    gram_ramp_steps: int = _f(0, "[dinov3] steps over which its weight ramps up", min=0)
-    gram_refresh_every: int | None = _f(None, "[dinov3] refresh the Gram teacher every N steps", min=1)
-    gram_teacher_path: str | None = _f(None, "[dinov3] Gram teacher backbone weights file")
-    gram_first_refresh_step: int = _f(0, "[dinov3] no Gram teacher refresh before this step", min=0)
-    gram_max_refreshes: int | None = _f(None, "[dinov3] at most this many refreshes", min=0)
-    gram_ema_teacher: bool = _f(False, "[dinov3] use the EMA teacher itself as Gram teacher")
-    gram_img_level: bool = _f(False, "[dinov3] Gram matrices per image (else over the local batch)")
-    gram_remove_neg: bool = _f(False, "[dinov3] clamp negative similarities before the loss")
-    gram_remove_only_teacher_neg: bool = _f(False, "[dinov3] clamp only the teacher's negatives")
-    gram_teacher_size: int | None = _f(None, "[dinov3] Gram teacher input size (crops resized)", min=4)
-
-
-@dataclass
-class DataConfig:
-    """Where the images come from and how they are cropped."""
-
-    dataset: Literal["folder", "shards", "fashion-mnist", "digits", "demo"] = _f(
-        "folder", "folder = your images under data.path; shards = WebDataset tar shards under "
-        "data.path (dinokit data shard); demo = Fashion-MNIST, else digits"
-    )
-    path: str | None = _f(None, "image folder (recursive; class sub-folders give labels), or for "
-                          "shards: their folder, index.json or brace pattern")
-    iterations_per_epoch: int | None = _f(None, "shards: batches per process per epoch (default: "
-                                          "one pass over index.json's samples)", min=1)
-    shuffle_buffer: int = _f(1000, "shards: sample shuffle buffer size (0 = read order)", min=0,
-                             max=1 << 24)
-    val_path: str | None = _f(None, "labelled folder for validation loss and k-NN monitor")
-    limit: int | None = _f(None, "use only the first N training images", min=1)
-    val_limit: int | None = _f(None, "use only the first N validation images", min=1)
-    batch_size: int = _f(64, "images per process per step", min=1, max=1 << 16)
-    num_workers: int = _f(4, "DataLoader worker processes", min=0, max=256)
-    strict_images: bool = _f(False, "fail on the first unreadable image instead of skipping it")
-    crop_preset: Literal["imagenet", "small"] = _f("imagenet", "augmentation defaults")
-    source_size: int = _f(28, "for crop_preset=small: size of the source images", min=4, max=1 << 14)
-    global_size: int | None = _f(None, "global crop size (preset default if unset)", min=4, max=1 << 13)
-    local_size: int | None = _f(None, "local crop size (preset default if unset)", min=4, max=1 << 13)
-    n_global: int = _f(2, "global crops per image", min=1, max=16)
-    n_local: int = _f(8, "local crops per image", min=0, max=64)
-    global_scale: tuple = _f((0.4, 1.0), "RandomResizedCrop scale of global crops", scale=True)
-    local_scale: tuple = _f((0.05, 0.4), "RandomResizedCrop scale of local crops", scale=True)
-    channels: int = _f(3, "channels fed to the network (1 or 3)", min=1, max=3)
-    mean: tuple | None = _f(None, "per-channel normalisation mean (1 or `channels` values; preset if unset)")
-    std: tuple | None = _f(None, "per-channel normalisation std (1 or `channels` values; preset if unset)")
-    augment_on: Literal["workers", "device"] = _f(
-        "workers", "workers = per-sample crops in the loader; device = batched crops of uint8 images on "
-        "the training device (GPU when there is one)"
-    )
-    mask_probability: float = _f(0.5, "[dinov2/3] fraction of global crops masked", ge=0, le=1)
-    mask_ratio_range: tuple = _f((0.1, 0.5), "[dinov2/3] masked patch ratio range", ratio=True)
-    mask_mode: Literal["block", "random"] = _f("block", "[dinov2/3] block (iBOT) or random masks")
-    mask_sampling: Literal["batch", "sample"] = _f(
-        "batch", "[dinov2/3] batch = official (masked crops and ratios spread over each batch); sample = "
-        "each image's masks from (seed, epoch, index), the same at any batch size or world size")
-
-
-@dataclass
-class OptimConfig:
-    """Optimiser and schedules (per iteration, with the linear scaling rule)."""
-
-    optimizer: Literal["adamw", "sgd", "lars"] = _f("adamw", "optimiser")
-    lr: float = _f(0.0005, "base learning rate for a global batch of lr_reference_batch", gt=0)
-    lr_scaling: Literal["linear", "sqrt", "none"] = _f("linear", "lr scaling rule with batch size")
-    lr_reference_batch: int = _f(256, "reference batch of the scaling rule", min=1, max=1 << 24)
-    min_lr: float = _f(1e-6, "learning rate at the end of the cosine", ge=0)
-    warmup_epochs: float = _f(10, "epochs of linear lr warm-up", ge=0)
-    weight_decay: float = _f(0.04, "weight decay at step 0", ge=0)
-    weight_decay_end: float = _f(0.4, "weight decay at the last step (cosine)", ge=0)
-    momentum: float = _f(0.9, "SGD/LARS momentum", ge=0, le=1)
-    betas: tuple = _f((0.9, 0.999), "AdamW betas", betas=True)
-    clip_grad: float = _f(3.0, "gradient clipping norm (0 = off)", ge=0)
-    clip_mode: Literal["auto", "per_param", "per_module", "global", "none"] = _f(
-        "auto", "auto = the method's official rule (DINO/iBOT: per_param, DINOv2/v3: per_module); "
-        "per_param = DINO's per-tensor norm; per_module = backbone and each head by their own norm"
-    )
-    no_decay_rule: Literal["auto", "dino", "dinov2", "dinov3", "dinokit"] = _f(
-        "auto", "which parameters get no weight decay (auto = the method's official rule; dinokit = "
-        "also tokens and positional embeddings)"
-    )
-    freeze_last_layer_mode: Literal["auto", "cancel_grad", "zero_lr"] = _f(
-        "auto", "how prototypes are frozen (auto: DINO/iBOT cancel gradients, DINOv2/v3 LR 0)"
-    )
-    freeze_last_layer_epochs: int = _f(1, "epochs during which the prototypes stay frozen", min=0)
-    layer_decay: float = _f(1.0, "layer-wise lr decay for ViTs (DINOv2: 0.9; 1 = off)", gt=0, le=1)
-    patch_embed_lr_mult: float = _f(1.0, "lr multiplier of the patch embedding (DINOv2: 0.2)", gt=0)
-
-
-@dataclass
-class TrainerConfig:
-    """The Lightning Trainer and the run directory."""
-
-    epochs: int = _f(100, "training epochs", min=1, max=1_000_000)
-    max_steps: int = _f(-1, "stop after this many optimiser steps (-1 = epochs decide)", min=-1,
-                        max=1 << 40)
-    accelerator: str = _f("auto", "auto, cpu, gpu, cuda, mps or tpu", choices=ACCELERATORS)
-    devices: str = _f("auto", "auto, a device count, -1 (all) or a list of indices", devices=True)
-    num_nodes: int = _f(1, "nodes (torchrun / SLURM)", min=1, max=100_000)
-    strategy: str = _f("auto", "auto, ddp, ddp_spawn, fsdp, deepspeed, ... (Lightning names)",
-                       strategy=True)
-    precision: str = _f("auto", "auto (bf16-mixed on a GPU with bf16, else 32), 32, bf16-mixed or "
-                        "16-mixed (loss scaling), ...", choices=PRECISIONS)
-    accumulate_grad_batches: int = _f(1, "gradient accumulation steps", min=1, max=1 << 14)
-    seed: int = _f(0, "random seed (data order, augmentations, init)", min=0, max=2**32 - 1)
-    output_dir: str = _f("runs", "parent folder of run directories")
-    run_name: str | None = _f(None, "run directory name (default: timestamp + method)")
-    resume: str | None = _f(
-        None, "auto (newest good checkpoint of trainer.run_name, else start fresh), last, or a "
-        "checkpoint path: continue that run exactly"
-    )
-    log_every_n_steps: int = _f(10, "logging interval in steps", min=1)
-    checkpoint_every_n_steps: int | None = _f(None, "also checkpoint every N steps", min=1)
-    knn_every_n_epochs: int = _f(0, "k-NN monitor interval on data.val_path (0 = off)", min=0)
-    progress: bool = _f(True, "show a progress bar")
-    compile: bool = _f(False, "torch.compile the method forward (student, teacher, heads, loss terms)")
-    sync_batchnorm: bool = _f(
-        True, "SyncBatchNorm in student and teacher with several GPU processes (BatchNorm models)"
-    )
-    stop_on_collapse: bool = _f(False, "exit non-zero when the collapse guard fires (else warn)")
-    max_nonfinite_steps: int = _f(
-        3, "stop after this many consecutive non-finite steps (each one is skipped on the device)", min=1)
-    collapse_window: int = _f(500, "steps a teacher collapse must last before it is reported",
-                              min=1, max=1 << 40)
-    slurm_requeue: bool = _f(False, "on SIGUSR1/SIGTERM under SLURM: checkpoint, then scontrol requeue")
-
-
 @dataclass
 class Config:
-    """A dinokit run."""
+    """A dinokit run: one settings object per concern (see :mod:`dinokit.settings`)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    backbone: BackboneSettings = field(default_factory=BackboneSettings)
+    heads: HeadSettings = field(default_factory=HeadSettings)
+    teacher: TeacherSettings = field(default_factory=TeacherSettings)
+    dino: DinoSettings = field(default_factory=DinoSettings)
+    ibot: IBOTSettings = field(default_factory=IBOTSettings)
+    koleo: KoLeoSettings = field(default_factory=KoLeoSettings)
+    gram: GramSettings = field(default_factory=GramSettings)
+    crops: CropSettings = field(default_factory=CropSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    stages: list[StageSettings] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML-safe: tuples become lists)."""
@@ -252,37 +70,114 @@ class Config:
 
     def validate(self) -> Config:
         """Check cross-field rules; returns self."""
-        d, m = self.data, self.model
+        d, c = self.data, self.crops
         if d.dataset in ("folder", "shards") and not d.path:
             raise ConfigError(f"data.path: required when data.dataset is '{d.dataset}'")
         if d.dataset == "shards" and d.augment_on == "device":
             raise ConfigError("data.augment_on: 'device' reads an image folder or a demo set; with "
                               "data.dataset=shards the multi-crop runs in the loader workers")
-        if d.n_global + d.n_local < 2:
+        if c.n_global + c.n_local < 2:
             raise ConfigError(
-                "data.n_local: the DINO loss needs at least two crops per image "
-                f"(n_global={d.n_global}, n_local={d.n_local})"
+                "crops.n_local: the DINO loss needs at least two crops per image "
+                f"(n_global={c.n_global}, n_local={c.n_local})"
             )
         if self.trainer.max_steps == 0:
             raise ConfigError("trainer.max_steps: must be -1 (epochs decide) or >= 1, got 0")
-        from dinokit.methods.registry import METHODS
-
-        if m.method not in METHODS:
-            raise ConfigError(f"model.method: must be one of {sorted(METHODS)}, got {m.method!r}"
-                              f"{_suggest(str(m.method), sorted(METHODS))}")
-        if m.ema_decay_start is not None and m.ema_decay_end < m.ema_decay_start:
-            raise ConfigError(
-                f"model.ema_decay_end ({m.ema_decay_end}) must be >= model.ema_decay_start "
-                f"({m.ema_decay_start})"
-            )
+        spec = _method_spec(self.model.method)
+        t = self.teacher
+        if t.momentum is not None and t.final_momentum < t.momentum:
+            raise ConfigError(f"teacher.final_momentum ({t.final_momentum}) must be >= teacher.momentum "
+                              f"({t.momentum})")
+        if self.gram.weight > 0 and "gram" not in spec.sections:
+            raise ConfigError(f"gram.weight: method {self.model.method!r} has no Gram anchoring term (its "
+                              f"terms: {', '.join(spec.sections)}; dinov3 has one)")
+        _check_stages(self.stages, spec.sections)
         return self
 
 
+def _method_spec(name: str) -> Any:
+    from dinokit.methods.registry import METHODS  # the registry imports the methods, which read settings
+
+    if name not in METHODS:
+        raise ConfigError(f"model.method: must be one of {sorted(METHODS)}, got {name!r}"
+                          f"{_suggest(str(name), sorted(METHODS))}")
+    return METHODS[name]
+
+
+def _check_stages(stages: list[StageSettings], sections: tuple[str, ...]) -> None:
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"stages: stage names must be unique, got {names}")
+    for i, s in enumerate(stages):
+        key = f"stages[{i}]"
+        if s.steps is not None and s.epochs is not None:
+            raise ConfigError(f"{key}: give steps or epochs, not both")
+        if s.steps is None and s.epochs is None and i != len(stages) - 1:
+            raise ConfigError(f"{key}: only the last stage may leave out its length (steps or epochs)")
+        for part in s.frozen:
+            if not isinstance(part, str) or not part:
+                raise ConfigError(f"{key}.frozen: expected part names, got {part!r}")
+        for term, w in s.weights.items():
+            if term not in TERM_SECTIONS:
+                raise ConfigError(f"{key}.weights: unknown loss term {term!r}; terms are "
+                                  f"{list(TERM_SECTIONS)}"
+                                  f"{_suggest(str(term), list(TERM_SECTIONS))}")
+            if term not in sections:
+                raise ConfigError(f"{key}.weights.{term}: the method has no {term} term (its terms: "
+                                  f"{', '.join(sections)})")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ConfigError(f"{key}.weights.{term}: expected a number >= 0, got {w!r}")
+
+
 SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
-    "data": DataConfig,
-    "optim": OptimConfig,
-    "trainer": TrainerConfig,
+    "model": ModelSettings,
+    "backbone": BackboneSettings,
+    "heads": HeadSettings,
+    "teacher": TeacherSettings,
+    "dino": DinoSettings,
+    "ibot": IBOTSettings,
+    "koleo": KoLeoSettings,
+    "gram": GramSettings,
+    "crops": CropSettings,
+    "data": DataSettings,
+    "optim": OptimSettings,
+    "trainer": TrainerSettings,
+}
+
+#: Keys of the flat ``model`` section (and the crop and mask keys of ``data``) before the config
+#: was grouped by concern: a config that still names one is refused with its new key.
+MOVED_KEYS: dict[str, str] = {
+    "model.backbone": "backbone.name", "model.backbone_kwargs": "backbone.kwargs",
+    "model.pretrained": "backbone.pretrained", "model.n_registers": "backbone.n_registers",
+    "model.drop_path_rate": "backbone.drop_path_rate", "model.drop_path_mode": "backbone.drop_path_mode",
+    "model.drop_path_uniform": "backbone.drop_path_uniform",
+    "model.freeze_patch_embed": "backbone.freeze_patch_embed",
+    "model.grad_checkpointing": "backbone.grad_checkpointing",
+    "model.packed_crops": "backbone.packed_crops", "model.channels_last": "backbone.channels_last",
+    "model.head_hidden_dim": "heads.hidden_dim", "model.head_bottleneck_dim": "heads.bottleneck_dim",
+    "model.head_layers": "heads.layers", "model.head_batch_norm": "heads.batch_norm",
+    "model.norm_last_layer": "heads.norm_last_layer", "model.head_weight_norm": "heads.weight_norm",
+    "model.temperature_teacher": "teacher.temperature",
+    "model.temperature_teacher_warmup": "teacher.warmup_temperature",
+    "model.warmup_epochs_temperature_teacher": "teacher.warmup_epochs",
+    "model.temperature_warmup_unit": "teacher.warmup_unit", "model.ema_decay_start": "teacher.momentum",
+    "model.ema_decay_end": "teacher.final_momentum", "model.centering": "teacher.centering",
+    "model.center_momentum": "teacher.center_momentum",
+    "model.sinkhorn_iterations": "teacher.sinkhorn_iterations",
+    "model.n_prototypes": "dino.n_prototypes",
+    "model.temperature_student": "dino.student_temperature (and ibot.student_temperature)",
+    "model.patch_loss_weight": "ibot.weight", "model.n_patch_prototypes": "ibot.n_prototypes",
+    "model.shared_head": "ibot.shared_head", "data.mask_probability": "ibot.mask_probability",
+    "data.mask_ratio_range": "ibot.mask_ratio_range", "data.mask_mode": "ibot.mask_mode",
+    "data.mask_sampling": "ibot.mask_sampling", "model.koleo_weight": "koleo.weight",
+    "model.koleo_all_processes": "koleo.all_processes",
+    **{f"model.gram_{k}": f"gram.{k}" for k in (
+        "weight", "start_step", "ramp_steps", "refresh_every", "first_refresh_step", "max_refreshes",
+        "ema_teacher", "img_level", "remove_neg", "remove_only_teacher_neg", "teacher_size",
+        "teacher_path")},
+    "data.crop_preset": "crops.preset", "data.source_size": "crops.source_size",
+    **{f"data.{k}": f"crops.{k}" for k in ("global_size", "local_size", "n_global", "n_local",
+                                           "global_scale", "local_scale")},
 }
 
 
@@ -304,6 +199,8 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def _coerce(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
     """Convert ``value`` to the field type ``tp`` and check its range; errors name ``key``."""
     tp, optional = _unwrap_optional(tp)
+    if isinstance(value, str) and get_origin(tp) is Literal and value in get_args(tp):
+        return value  # a choice spelled like YAML's null ("none") is the choice, not an empty value
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
@@ -419,15 +316,20 @@ def _field_map(cls: type) -> dict[str, dataclasses.Field]:
 
 def from_dict(data: dict[str, Any] | None, base: Config | None = None) -> Config:
     """Build a validated :class:`Config` from a nested dict, on top of ``base`` (or defaults)."""
-    cfg = dataclasses.replace(base) if base is not None else Config()
-    cfg = Config(**{s: dataclasses.replace(getattr(cfg, s)) for s in SECTIONS})
+    cfg = base if base is not None else Config()
+    cfg = Config(**{s: dataclasses.replace(getattr(cfg, s)) for s in SECTIONS},
+                 stages=[dataclasses.replace(st) for st in cfg.stages])
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping of sections, got a {type(data).__name__}")
     for section, values in (data or {}).items():
         if not isinstance(section, str):
             raise ConfigError(f"config: section names must be text, got {section!r}")
+        if section == "stages":
+            set_value(cfg, "stages", values)
+            continue
         if section not in SECTIONS:
-            raise ConfigError(f"unknown config section {section!r}{_suggest(section, list(SECTIONS))}")
+            raise ConfigError(f"unknown config section {section!r}"
+                              f"{_suggest(section, [*SECTIONS, 'stages'])}")
         if values is None:
             continue
         if not isinstance(values, dict):
@@ -437,16 +339,80 @@ def from_dict(data: dict[str, Any] | None, base: Config | None = None) -> Config
     return cfg.validate()
 
 
+def _unknown_key(key: str) -> ConfigError:
+    if key in MOVED_KEYS:
+        return ConfigError(f"config key {key!r} is now {MOVED_KEYS[key]} (the config is grouped by "
+                           "concern: model, backbone, heads, teacher, dino, ibot, koleo, gram, crops, data, "
+                           "optim, trainer, stages)")
+    return ConfigError(f"unknown config key {key!r}{_suggest(key, all_keys())}")
+
+
+def upgrade_saved(data: dict[str, Any]) -> dict[str, Any]:
+    """A config saved by a run (its ``config.yaml`` or checkpoint) in the flat layout, moved to
+    the sections by concern (:data:`MOVED_KEYS`); a config already in them is returned as is.
+    Configs that people write are not upgraded: their old keys are refused with the new names."""
+    if not isinstance(data, dict) or not any(f"{s}.{k}" in MOVED_KEYS for s in ("model", "data")
+                                             for k in (data.get(s) or {})):
+        return data
+    out: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for section in ("model", "data"):
+        for key in [k for k in out.get(section, {}) if f"{section}.{k}" in MOVED_KEYS]:
+            value = out[section].pop(key)
+            new_section, new_key = MOVED_KEYS[f"{section}.{key}"].split(" ")[0].split(".")
+            out.setdefault(new_section, {})[new_key] = value
+            if key == "temperature_student":
+                out.setdefault("ibot", {})["student_temperature"] = value
+    return out
+
+
+def parse_stages(value: Any) -> list[StageSettings]:
+    """``stages``: a list of mappings (see :class:`~dinokit.settings.StageSettings`); errors name
+    ``stages[i].key``."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"stages: expected a list of stages, got {value!r}")
+    fmap = _field_map(StageSettings)
+    hints = typing.get_type_hints(StageSettings)
+    stages = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ConfigError(f"stages[{i}]: expected a mapping (name, steps or epochs, frozen, lr_mult, "
+                              f"warmup_epochs, weights), got {item!r}")
+        stage = StageSettings(name=f"stage{i}")
+        for k, v in item.items():
+            if k not in fmap:
+                raise ConfigError(f"stages[{i}]: unknown key {k!r}{_suggest(str(k), list(fmap))}")
+            tp = hints[k]
+            if k == "frozen":
+                if isinstance(v, str):
+                    v = [v]
+                if not isinstance(v, list):
+                    raise ConfigError(f"stages[{i}].frozen: expected a list of part names, got {v!r}")
+                setattr(stage, k, [str(x) for x in v])
+            elif k == "weights":
+                if not isinstance(v, dict):
+                    raise ConfigError(f"stages[{i}].weights: expected a mapping term -> weight, got {v!r}")
+                setattr(stage, k, dict(v))
+            else:
+                setattr(stage, k, _coerce(f"stages[{i}].{k}", v, tp, dict(fmap[k].metadata)))
+        stages.append(stage)
+    return stages
+
+
 def set_value(cfg: Config, key: str, value: Any) -> None:
-    """Set a dotted key with type coercion and range checks."""
+    """Set a dotted key with type coercion and range checks (``stages`` takes the whole list)."""
+    if key == "stages":
+        cfg.stages = parse_stages(value)
+        return
     if "." not in key:
         raise ConfigError(f"config key {key!r} must be section.name{_suggest(key, all_keys())}")
     section, name = key.split(".", 1)
     if section not in SECTIONS:
-        raise ConfigError(f"unknown config key {key!r}{_suggest(key, all_keys())}")
+        raise _unknown_key(key)
     fmap = _field_map(SECTIONS[section])
     if name not in fmap:
-        raise ConfigError(f"unknown config key {key!r}{_suggest(key, all_keys())}")
+        raise _unknown_key(key)
     f = fmap[name]
     hints = typing.get_type_hints(SECTIONS[section])
     setattr(getattr(cfg, section), name, _coerce(key, value, hints[name], dict(f.metadata)))
@@ -545,7 +511,7 @@ def read_yaml(source: str | Path) -> dict[str, Any]:
     if data is None:
         raise ConfigError(f"{name}: the config file holds no settings")
     if not isinstance(data, dict):
-        raise ConfigError(f"{name}: top level must be a mapping of sections (model:, data:, optim:, "
+        raise ConfigError(f"{name}: top level must be a mapping of sections (model:, backbone:, data:, "
                           f"trainer:), got a {type(data).__name__}")
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
@@ -566,4 +532,9 @@ def help_text() -> str:
                 "|".join(map(str, get_args(tp))) if get_origin(tp) is Literal else tp.__name__
             )
             lines.append(f"  {section}.{f.name}={default!r}  ({tname})  {f.metadata['help']}")
+    lines.append(f"stages:  {StageSettings.__doc__.splitlines()[0]} A list; each stage takes:")
+    hints = typing.get_type_hints(StageSettings)
+    for f in dataclasses.fields(StageSettings):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {f.name}={default!r}  {f.metadata['help']}")
     return "\n".join(lines)

@@ -181,7 +181,7 @@ def run_demo(overrides: list[str] | None = None, config: str | None = None, *,
     knn, linear = evaluate(cfg, method, probe_epochs=probe_epochs)
     pictures = draw_pictures(cfg, method, result.run_dir)
     report = DemoReport(result.run_dir, knn, 20, _final_loss(result.run_dir),
-                        cfg.model.n_prototypes, pictures, linear)
+                        cfg.dino.n_prototypes, pictures, linear)
     eval_dir = result.run_dir / "eval"
     eval_dir.mkdir(exist_ok=True)
     (eval_dir / "demo_knn.json").write_text(json.dumps({"k": 20, "top1": knn, "linear_top1": linear,

@@ -59,15 +59,23 @@ class EMAUpdater:
         self.teacher, self.student = teacher, student
         self._names = _check_pairing(teacher, student)
         self.copy_buffers = bool(copy_buffers)
+        self._excluded: tuple[str, ...] = ()
+
+    def exclude(self, prefixes: tuple[str, ...]) -> None:
+        """Leave the teacher parameters whose names start with one of ``prefixes`` as they are
+        (parts a training stage keeps frozen); ``()`` updates every parameter again."""
+        self._excluded = tuple(prefixes)
 
     def _pairs(self) -> tuple[list[Tensor], list[Tensor]]:
         _reshard(self.teacher)
         _reshard(self.student)
-        if self._names is None:
+        if self._names is None and not self._excluded:
             return list(self.teacher.parameters()), list(self.student.parameters())
         t = dict(self.teacher.named_parameters())
         s = dict(self.student.named_parameters())
-        return [t[n] for n in self._names], [s[n] for n in self._names]
+        names = self._names if self._names is not None else list(t)
+        names = [n for n in names if not n.startswith(self._excluded)] if self._excluded else names
+        return [t[n] for n in names], [s[n] for n in names]
 
     @torch.no_grad()
     def __call__(self, momentum: float, apply: Tensor | None = None) -> None:

@@ -5,15 +5,17 @@ The surface and defaults follow nidl's DINO estimator (seed 003); underneath it 
 algorithm or of the training step. Extra keyword arguments go to ``lightning.pytorch.Trainer`` and
 survive ``get_params`` / ``set_params`` / ``sklearn.base.clone``.
 
-The learning rate is owned here, not by the module: every choice (``"none"``, ``"warmup_cosine"``,
-a scheduler class or factory, a scheduler instance) becomes a torch scheduler built on the run's
-optimiser by :class:`_SchedulerCallback` and stepped per ``interval`` (``"step"`` or ``"epoch"``).
+The learning rate: ``"warmup_cosine"`` is the run's clock (:class:`~dinokit.clock.Clock`, the same
+schedule as every front door, per step or per epoch); ``"none"`` keeps it constant; a torch
+scheduler class, factory or instance is the user's own choice, built on the run's optimiser by
+:class:`_SchedulerCallback` and stepped per ``interval`` (``"step"`` or ``"epoch"``).
 Everything a fitted estimator holds is a module-level object, so it pickles and ``torch.save``s.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import inspect
 import math
@@ -25,13 +27,23 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.exceptions import NotFittedError
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
-from dinokit.schedules import CosineSchedule
+from dinokit.data import (
+    EvalTransform,
+    MultiCropCollate,
+    MultiCropConfig,
+    MultiCropTransform,
+    TensorImageDataset,
+)
+from dinokit.eval.features import extract_features
+from dinokit.methods.dino import DINO
+from dinokit.settings import MethodSettings, OptimSettings
+from dinokit.train.loader import ResumableDataLoader, SeededViews
 from dinokit.train.module import DINOModule, unpack_batch
 from dinokit.train.quiet import LIGHTNING_NOISE, NO_VAL_LOADER, quiet_lightning
-from dinokit.train.step import STEP_PRECISIONS
+from dinokit.train.step import STEP_PRECISIONS, StepSettings
 
 OPTIMIZERS = {"sgd": "sgd", "adam": "adam", "adamW": "adamw", "adamw": "adamw"}
 SCHEDULERS = ("none", "warmup_cosine")
@@ -53,31 +65,6 @@ class _OptimizerFactory:
 
     def __call__(self, groups: list[dict], **kwargs: Any) -> torch.optim.Optimizer:
         return self.cls(groups, **{**self.defaults, **kwargs})
-
-
-class _ScheduleFactor:
-    """``LambdaLR`` factor ``schedule(t) / peak`` of a :class:`~dinokit.schedules.CosineSchedule`."""
-
-    def __init__(self, schedule: CosineSchedule, peak: float):
-        self.schedule, self.peak = schedule, peak
-
-    def __call__(self, t: int) -> float:
-        return self.schedule(t) / self.peak if self.peak else 0.0
-
-
-class _WarmupCosine:
-    """Seed 003's ``warmup_cosine``: linear warm-up from ``warmup_start_lr`` over ``warmup_epochs``,
-    then a cosine to ``min_lr``, counted in steps or epochs (``interval``)."""
-
-    def __init__(self, warmup_epochs: float, warmup_start_lr: float, min_lr: float):
-        self.warmup_epochs, self.warmup_start_lr, self.min_lr = warmup_epochs, warmup_start_lr, min_lr
-
-    def __call__(self, optimizer: torch.optim.Optimizer, *, peak: float, total: int,
-                 units_per_epoch: int) -> LRScheduler:
-        total = max(1, total)
-        warmup = min(round(self.warmup_epochs * units_per_epoch), total)
-        sched = CosineSchedule(peak, min(self.min_lr, peak), total, warmup, self.warmup_start_lr)
-        return LambdaLR(optimizer, _ScheduleFactor(sched, peak))
 
 
 class _UserScheduler:
@@ -226,8 +213,8 @@ class _EstimatorModule(DINOModule):
     :class:`~dinokit.train.step.TrainingStep`, with ``lr_schedule="none"``: the estimator's torch
     scheduler owns the learning rate)."""
 
-    def __init__(self, method: nn.Module, *, n_views: int, **kwargs: Any):
-        super().__init__(method, **kwargs)
+    def __init__(self, method: nn.Module, settings: StepSettings, *, n_views: int, **kwargs: Any):
+        super().__init__(method, settings, **kwargs)
         self.n_views = n_views
         self.epoch_losses: list[float] = []
         self.val_losses: list[float] = []
@@ -327,8 +314,10 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         random_state: seed of the weights, crops and data order.
         crop_config: :class:`~dinokit.data.MultiCropConfig` (or dict) for array inputs.
         batch_size: batch size of the loader made from array inputs.
-        channels_last: CNN encoders in channels-last memory format (``model.channels_last``:
+        channels_last: CNN encoders in channels-last memory format (``backbone.channels_last``:
             faster convolutions; ViTs and other modules are unaffected).
+        settings: :class:`~dinokit.settings.MethodSettings` for the knobs seed 003 does not name
+            (head layers, centring, ...); the estimator's own parameters set the rest.
         **kwargs: ``lightning.pytorch.Trainer`` arguments (``max_epochs``, ``accelerator``, ...);
             a name that is neither raises at once, naming the closest valid one.
     """
@@ -343,7 +332,8 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
                  weight_decay: float = 5e-4, exclude_bias_and_norm_wd: bool = True,
                  optimizer_kwargs: dict | None = None, lr_scheduler: Any = "warmup_cosine",
                  lr_scheduler_kwargs: dict | None = None, random_state: int | None = None,
-                 crop_config: Any = None, batch_size: int = 32, channels_last: bool = True, **kwargs: Any):
+                 crop_config: Any = None, batch_size: int = 32, channels_last: bool = True,
+                 settings: MethodSettings | None = None, **kwargs: Any):
         self.encoder = encoder
         self.encoder_kwargs = encoder_kwargs
         self.proj_input_dim = proj_input_dim
@@ -372,6 +362,7 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         self.crop_config = crop_config
         self.batch_size = batch_size
         self.channels_last = channels_last
+        self.settings = settings
         self._check_names(kwargs)
         self._trainer_kwargs = dict(kwargs)
 
@@ -443,7 +434,7 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
                          f"got {opt!r}")
 
     def _scheduler_spec(self, has_val: bool) -> tuple[Any, str, str]:
-        """(scheduler builder or None, interval, monitor) for the ``_SchedulerCallback``."""
+        """(scheduler builder, the clock's warm-up cosine settings, or None; interval; monitor)."""
         sch, given = self.lr_scheduler, dict(self.lr_scheduler_kwargs or {})
         interval = given.get("interval", "step")
         if interval not in INTERVALS:
@@ -458,7 +449,9 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
             if unknown:
                 raise ValueError(f"lr_scheduler_kwargs {unknown} are not settings of 'warmup_cosine' "
                                  f"(it takes {sorted(DEFAULT_SCHEDULER_KWARGS)})")
-            return _WarmupCosine(kw["warmup_epochs"], kw["warmup_start_lr"], kw["min_lr"]), interval, monitor
+            return (OptimSettings(lr_schedule="warmup_cosine", warmup_epochs=kw["warmup_epochs"],
+                                  warmup_start_lr=kw["warmup_start_lr"], min_lr=kw["min_lr"]),
+                    interval, monitor)
         if isinstance(sch, str):
             raise ValueError(f"lr_scheduler must be one of {list(SCHEDULERS)} or a scheduler; got {sch!r}")
         if isinstance(sch, (LRScheduler, ReduceLROnPlateau)):
@@ -467,12 +460,31 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
             return _UserScheduler(sch, extra), interval, monitor
         raise ValueError(f"{_SCHEDULER_FORMS}; got {sch!r}")
 
+    def _method_settings(self) -> MethodSettings:
+        """The DINO settings that seed 003's names stand for (``proj_output_dim`` is
+        ``dino.n_prototypes``, ``base_lambda`` ``teacher.momentum``, ...), on top of ``settings``."""
+        s = self.settings if self.settings is not None else MethodSettings()
+        if not isinstance(s, MethodSettings):
+            raise TypeError(f"settings must be a dinokit.settings.MethodSettings, got {type(s).__name__}")
+        kwargs = dict(self.encoder_kwargs or {}) if isinstance(self.encoder, str) else dict(s.backbone.kwargs)
+        return dataclasses.replace(
+            s,
+            backbone=dataclasses.replace(s.backbone, kwargs=kwargs, channels_last=self.channels_last),
+            heads=dataclasses.replace(s.heads, hidden_dim=self.proj_hidden_dim,
+                                      bottleneck_dim=self.proj_bottleneck_dim,
+                                      batch_norm=self.proj_batch_norm,
+                                      norm_last_layer=self.proj_norm_last_layer),
+            dino=dataclasses.replace(s.dino, n_prototypes=self.proj_output_dim,
+                                     student_temperature=self.student_temperature),
+            teacher=dataclasses.replace(s.teacher, temperature=self.teacher_temperature,
+                                        warmup_temperature=self.warmup_teacher_temp,
+                                        warmup_epochs=self.warmup_teacher_temp_epochs,
+                                        momentum=self.base_lambda,
+                                        final_momentum=self.final_lambda))
+
     def _views_loader(self, X: Any, shuffle_seed: int) -> DataLoader:
         if isinstance(X, DataLoader):
             return X
-        from dinokit.data import MultiCropCollate, MultiCropTransform, TensorImageDataset
-        from dinokit.train.loader import ResumableDataLoader, SeededViews
-
         ds = TensorImageDataset(X)
         if getattr(self, "crop_config_", None) is None:
             self.crop_config_ = self._crop_config(ds.images)
@@ -483,8 +495,6 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
                                    collate_fn=MultiCropCollate())
 
     def _crop_config(self, images: Tensor) -> Any:
-        from dinokit.data import MultiCropConfig
-
         if isinstance(self.crop_config, MultiCropConfig):
             return self.crop_config
         if isinstance(self.crop_config, dict):
@@ -508,9 +518,6 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         gets the DINO loss computed by Lightning's validation loop; ``val_history_`` holds its
         epoch means. Labels ``y`` (scikit-learn's ``fit(X, y)``) are ignored.
         """
-        from dinokit.backbones.generic import use_channels_last
-        from dinokit.methods.dino import DINO
-
         if isinstance(y, DataLoader):
             if val_dataloader is not None:
                 raise ValueError("fit got a validation DataLoader both as y and as val_dataloader")
@@ -523,18 +530,7 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         seed = self.random_state or 0
         loader = self._views_loader(X, seed)
         val_loader = None if val_dataloader is None else self._views_loader(val_dataloader, seed + 1)
-        method = DINO(
-            self._build_encoder(), projector_hidden_dim=self.proj_hidden_dim,
-            projector_bottleneck_dim=self.proj_bottleneck_dim, n_prototypes=self.proj_output_dim,
-            temperature_student=self.student_temperature, temperature_teacher_warmup=self.warmup_teacher_temp,
-            temperature_teacher=self.teacher_temperature,
-            warmup_epochs_temperature_teacher=self.warmup_teacher_temp_epochs,
-            ema_decay_start=self.base_lambda, ema_decay_end=self.final_lambda,
-            encoder_kwargs=self.encoder_kwargs if isinstance(self.encoder, str) else None,
-            norm_last_layer=self.proj_norm_last_layer, projector_batch_norm=self.proj_batch_norm,
-        )
-        if self.channels_last:
-            use_channels_last(method)
+        method = DINO(self._build_encoder(), settings=self._method_settings())
         width = method.student_backbone.embed_dim
         if self.proj_input_dim is not None and self.proj_input_dim != width:
             raise ValueError(f"proj_input_dim={self.proj_input_dim} but the encoder outputs {width} features")
@@ -545,15 +541,21 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         precision = str(tkw.get("precision", "32-true"))
         if precision in STEP_PRECISIONS:
             tkw["precision"] = "32-true"
+        # The clock owns the warm-up cosine; "none" and user schedulers leave the optimiser's lr alone.
+        clock_lr = build_sched if isinstance(build_sched, OptimSettings) else None
+        optim = dataclasses.replace(
+            clock_lr or OptimSettings(lr_schedule="none"), lr=lr, lr_scaling="none",
+            weight_decay=self.weight_decay, weight_decay_end=self.weight_decay, clip_grad=self.clip_grad,
+            clip_mode="global", freeze_last_layer_epochs=self.freeze_last_layer)
+        settings = StepSettings(optim=optim,
+                                precision=precision if precision in STEP_PRECISIONS else "32-true",
+                                accumulate=accumulate)
         module = _EstimatorModule(
-            method, n_views=2 + self.num_local_crops, accumulate=accumulate,
-            precision=precision if precision in STEP_PRECISIONS else "32-true",
-            optimizer=opt_spec, lr=lr, lr_scaling="none",
-            lr_schedule="none", weight_decay=self.weight_decay, weight_decay_end=self.weight_decay,
-            clip_grad=self.clip_grad, clip_mode="global", freeze_last_layer_epochs=self.freeze_last_layer,
-            exclude_bias_and_norm_wd=self.exclude_bias_and_norm_wd, optimizer_kwargs=opt_kwargs,
+            method, settings, n_views=2 + self.num_local_crops, optimizer=opt_spec,
+            optimizer_kwargs=opt_kwargs,
+            exclude_bias_and_norm_wd=self.exclude_bias_and_norm_wd, lr_interval=interval,
         )
-        scheduler_cb = _SchedulerCallback(build_sched, lr, interval, monitor)
+        scheduler_cb = _SchedulerCallback(None if clock_lr else build_sched, lr, interval, monitor)
         tkw["callbacks"] = [*(tkw.get("callbacks") or []), scheduler_cb]
         if not isinstance(X, DataLoader):
             tkw.setdefault("use_distributed_sampler", False)
@@ -593,12 +595,8 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         """Teacher backbone features ``[N, D]``: a numpy array for array input, a tensor for a loader."""
         if not self.__sklearn_is_fitted__():
             raise NotFittedError("This DINOEstimator instance is not fitted yet; call fit first")
-        from dinokit.eval.features import extract_features
-
         if isinstance(X, DataLoader):
             return extract_features(self.method_, X, progress=False)[0]
-        from dinokit.data import EvalTransform, TensorImageDataset
-
         cfg = getattr(self, "crop_config_", None)
         if cfg is None:
             raise ValueError("transform(array) needs a model fitted on arrays (or pass a DataLoader)")

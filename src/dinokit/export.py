@@ -26,6 +26,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from dinokit.backbones import Backbone, build_backbone
+from dinokit.config import upgrade_saved
+from dinokit.methods.registry import method_spec
 from dinokit.weights import WeightsError, backbone_state_dict, load_backbone_weights, read_file
 
 FORMAT = 1
@@ -65,11 +67,12 @@ def run_preprocessing(config: dict[str, Any]) -> dict[str, Any]:
 
 def _run_backbone(config: dict[str, Any]) -> tuple[Backbone, dict[str, Any]]:
     """The backbone a run's config describes, built exactly as its method built it."""
-    m = config["model"]
-    kwargs = dict(m.get("backbone_kwargs") or {})
-    n_reg = int(m.get("n_registers") or 0) if m.get("method", "dino") != "dino" else 0
-    backbone = build_backbone(m["backbone"], num_registers=n_reg, encoder_kwargs=kwargs)
-    if m.get("method") in ("dinov2", "dinov3"):
+    b, spec = config["backbone"], method_spec(config["model"].get("method", "dino"))
+    kwargs = dict(b.get("kwargs") or {})
+    n_reg = b.get("n_registers")
+    n_reg = int(spec.official.get("backbone.n_registers", 0) if n_reg is None else n_reg)
+    backbone = build_backbone(b["name"], num_registers=n_reg, encoder_kwargs=kwargs)
+    if spec.needs_masks:
         backbone.enable_mask_token()
     return backbone, kwargs
 
@@ -84,7 +87,7 @@ def _resolve(source: Any, which: str, *, timm_name: str | None, timm_kwargs: dic
         src = Path(source)
         ckpt = src / "checkpoints" / "last.ckpt" if src.is_dir() else src
         obj = read_training_checkpoint(ckpt)
-        config = obj["dinokit"]["config"]
+        config = upgrade_saved(obj["dinokit"]["config"])
         state = backbone_state_dict(obj, which)
         backbone, _ = _run_backbone(config)
         try:
@@ -94,7 +97,7 @@ def _resolve(source: Any, which: str, *, timm_name: str | None, timm_kwargs: dic
             from dinokit.train.build import build_method
 
             cfg = from_dict(config)
-            cfg.model.init_weights = cfg.model.gram_teacher_path = None  # the checkpoint has the weights
+            cfg.model.init_weights = cfg.gram.teacher_path = None  # the checkpoint has the weights
             backbone = getattr(build_method(cfg), f"{which}_backbone")
             load_backbone_weights(backbone, state, source=str(ckpt))
         steps = obj.get("global_step")

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinokit.settings import HeadSettings
+
 
 class WeightNormLinear(nn.Module):
     """Bias-free ``Linear`` with weight normalisation ``W = g * V / ||V||`` per output row.
@@ -59,8 +61,8 @@ class DINOHead(nn.Module):
         out_dim: number of prototypes ``K`` (DINO: 65536).
         hidden_dim: MLP hidden width (2048).
         bottleneck_dim: width before the prototypes (256).
-        n_layers: MLP layers (3); 1 means a single Linear to the bottleneck.
-        use_bn: BatchNorm after each hidden Linear (useful for CNNs; off for ViTs).
+        layers: MLP layers (3); 1 means a single Linear to the bottleneck.
+        batch_norm: BatchNorm after each hidden Linear (useful for CNNs; off for ViTs).
         norm_last_layer: fix the prototype gain at 1 (True, DINO) or let it train (False,
             DINOv2); only for ``weight_norm=True``.
         weight_norm: weight-normalised prototypes (True, DINO/DINOv2) or a plain bias-free
@@ -73,26 +75,26 @@ class DINOHead(nn.Module):
         out_dim: int = 65536,
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
-        n_layers: int = 3,
-        use_bn: bool = False,
+        layers: int = 3,
+        batch_norm: bool = False,
         norm_last_layer: bool = True,
         weight_norm: bool = True,
     ):
         super().__init__()
         for name, v in (("in_dim", in_dim), ("out_dim", out_dim), ("hidden_dim", hidden_dim),
-                        ("bottleneck_dim", bottleneck_dim), ("n_layers", n_layers)):
+                        ("bottleneck_dim", bottleneck_dim), ("layers", layers)):
             if int(v) < 1:
                 raise ValueError(f"DINOHead {name} must be >= 1, got {v}")
-        layers: list[nn.Module] = []
+        mlp: list[nn.Module] = []
         dim = in_dim
-        for _ in range(n_layers - 1):
-            layers.append(nn.Linear(dim, hidden_dim))
-            if use_bn:
-                layers.append(nn.BatchNorm1d(hidden_dim))
-            layers.append(nn.GELU())
+        for _ in range(layers - 1):
+            mlp.append(nn.Linear(dim, hidden_dim))
+            if batch_norm:
+                mlp.append(nn.BatchNorm1d(hidden_dim))
+            mlp.append(nn.GELU())
             dim = hidden_dim
-        layers.append(nn.Linear(dim, bottleneck_dim))
-        self.mlp = nn.Sequential(*layers)
+        mlp.append(nn.Linear(dim, bottleneck_dim))
+        self.mlp = nn.Sequential(*mlp)
         self.mlp.apply(self._init)
         self.weight_norm = bool(weight_norm)
         self.last_layer: nn.Module
@@ -102,6 +104,15 @@ class DINOHead(nn.Module):
             self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
             self._init(self.last_layer)
         self.out_dim = out_dim
+
+    @classmethod
+    def from_settings(cls, in_dim: int, out_dim: int, heads: HeadSettings) -> DINOHead:
+        """A head of ``out_dim`` prototypes with the architecture of ``heads`` (resolved: its
+        ``norm_last_layer`` and ``weight_norm`` set)."""
+        return cls(in_dim, out_dim, hidden_dim=heads.hidden_dim, bottleneck_dim=heads.bottleneck_dim,
+                   layers=heads.layers, batch_norm=heads.batch_norm,
+                   norm_last_layer=True if heads.norm_last_layer is None else heads.norm_last_layer,
+                   weight_norm=True if heads.weight_norm is None else heads.weight_norm)
 
     @staticmethod
     def _init(m: nn.Module) -> None:

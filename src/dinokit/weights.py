@@ -257,19 +257,18 @@ def load_backbone_file(backbone: nn.Module, path: str | Path, which: str = "teac
 
 
 def apply_init_weights(method: nn.Module, cfg: Any) -> None:
-    """Start a method from ``cfg.model.init_weights``; apply ``cfg.model.freeze_patch_embed`` and
-    ``cfg.model.grad_checkpointing`` (activation checkpointing of the student backbone).
+    """Start a method from ``cfg.model.init_weights``; apply ``cfg.backbone.freeze_patch_embed`` and
+    ``cfg.backbone.grad_checkpointing`` (activation checkpointing of the student backbone).
 
     A backbone file (timm, Meta DINOv2/DINOv3, dinokit export, or the teacher of an official
     training checkpoint) goes into the student, the teacher and, for DINOv3 with Gram anchoring,
-    the Gram teacher (unless ``model.gram_teacher_path`` names its own); the heads start fresh. A
+    the Gram teacher (unless ``gram.teacher_path`` names its own); the heads start fresh. A
     dinokit training checkpoint also gives its heads. Everything is checked before anything is
     copied.
     """
-    m = cfg.model
-    path = getattr(m, "init_weights", None)
+    path = cfg.model.init_weights
     gram = getattr(method, "gram_teacher", None)
-    if getattr(m, "gram_teacher_path", None):
+    if cfg.gram.teacher_path:
         gram = None
     if path:
         obj = read_file(path)
@@ -282,9 +281,9 @@ def apply_init_weights(method: nn.Module, cfg: Any) -> None:
             targets += [gram] if gram is not None else []
             for bb in targets:
                 bb.load_state_dict(mapped, strict=False)
-    if getattr(m, "freeze_patch_embed", False):
+    if cfg.backbone.freeze_patch_embed:
         freeze_patch_embed(method.student_backbone)
-    if getattr(m, "grad_checkpointing", False):
+    if cfg.backbone.grad_checkpointing:
         method.student_backbone.set_grad_checkpointing(True)
 
 
@@ -312,7 +311,7 @@ def freeze_patch_embed(backbone: nn.Module) -> None:
     pe = getattr(model, "patch_embed", None)
     if pe is None:
         raise WeightsError(
-            f"model.freeze_patch_embed: {type(model).__name__} has no patch embedding (ViTs only)"
+            f"backbone.freeze_patch_embed: {type(model).__name__} has no patch embedding (ViTs only)"
         )
     for p in pe.parameters():
         p.requires_grad_(False)

@@ -155,7 +155,7 @@ def build_backbone(
         if num_registers and backbone.num_registers != num_registers:
             raise ValueError(
                 f"num_registers={num_registers} but {encoder!r} has {backbone.num_registers} register "
-                "(storage) tokens; set model.n_registers to match the published model"
+                "(storage) tokens; set backbone.n_registers to match the published model"
             )
         return backbone
     if not isinstance(encoder, nn.Module):

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dinokit.backbones import Backbone
-from dinokit.config import ConfigError, from_dict
+from dinokit.config import ConfigError, from_dict, upgrade_saved
 from dinokit.data import EvalTransform, ImageFolderDataset, load_demo_dataset
 from dinokit.data.preprocessing import Preprocessing
 from dinokit.weights import WeightsError
@@ -52,14 +52,14 @@ def load(checkpoint: str, which: str = "teacher") -> Loaded:
 
     ckpt = src / "checkpoints" / "last.ckpt" if src.is_dir() else src
     obj = read_file(ckpt)
-    config = (obj.get("dinokit") or {}).get("config")
+    config = upgrade_saved((obj.get("dinokit") or {}).get("config"))
     if not config:
         raise WeightsError(f"{ckpt} is not a dinokit training checkpoint (no run config inside)")
     cfg = from_dict(config)
     torch.manual_seed(0)
     # The weights come from the checkpoint: never re-read the run's start-up files (they may be gone).
     build_cfg = copy.deepcopy(cfg)
-    build_cfg.model.init_weights = build_cfg.model.gram_teacher_path = None
+    build_cfg.model.init_weights = build_cfg.gram.teacher_path = None
     method = build_method(build_cfg)
     backbone = getattr(method, f"{which}_backbone")
     load_backbone_weights(backbone, backbone_state_dict(obj, which), source=str(ckpt))

@@ -8,7 +8,7 @@ distance by ``nn.PairwiseDistance(2, eps=1e-8)`` (i.e. ``||x_i - x_j + 1e-8||``)
 DINOv2 adds the KoLeo of each global crop (``sum`` over crops, :func:`koleo_loss_over_crops`);
 DINOv3 takes the mean over crops times ``n_global``: the same number.
 
-``all_processes=True`` (``model.koleo_all_processes``; off by default, as in DINOv2 and DINOv3's
+``all_processes=True`` (``koleo.all_processes``; off by default, as in DINOv2 and DINOv3's
 default ``koleo_loss_distributed: false``) is DINOv3's ``KoLeoLossDistributed`` with ``topk=1``:
 the neighbours are searched in the all-gathered global batch and the gradient flows back through
 the gather (``torch.distributed.nn.functional.all_gather``, summed over processes), so that with

@@ -1,12 +1,12 @@
 """Machinery shared by the DINO-family methods: student/teacher pairs, step hooks, multi-crop.
 
 A method owns ``student`` (backbone + heads, trained by the optimiser) and ``teacher`` (a frozen
-copy moved by EMA). Training loops drive it through explicit hooks, so Lightning, the plain
-trainer, the estimator or a user's own loop all train it the same way::
+copy moved by EMA). The training step drives it through explicit hooks, with each step's values
+from the run's clock; a user's own loop can drive it by hand::
 
     out = method(global_views=g, local_views=l)
     out.loss.backward(); method.cancel_last_layer_gradients()  # during the first epochs
-    optimizer.step(); method.update_teacher(momentum)          # after every optimiser step
+    optimizer.step(); method.update_teacher()                  # after every optimiser step
     method.set_epoch(epoch)                                    # at every epoch start
 """
 
@@ -21,8 +21,10 @@ from torch import Tensor, nn
 
 from dinokit.backbones import Backbone, BackboneOutput
 from dinokit.backbones.base import cls_embedding
+from dinokit.clock import ManualTime, TermTiming, frozen_prefixes
 from dinokit.ema import EMAUpdater, make_teacher
-from dinokit.schedules import CosineSchedule, TeacherTemperature
+from dinokit.losses.centering import EMACenter
+from dinokit.settings import TeacherSettings
 
 
 @dataclass
@@ -174,70 +176,36 @@ def forward_views(
 
 
 class SelfDistillationMethod(nn.Module):
-    """Student/teacher pair with the EMA update and the teacher-temperature schedule.
+    """Student/teacher pair: the EMA teacher, the step hooks a training loop calls, multi-crop.
+
+    The method counts no time. A training step (:class:`~dinokit.train.step.TrainingStep`) passes
+    each step's scheduled values from the run's :class:`~dinokit.clock.Clock` to :meth:`forward`
+    and to :meth:`after_optimizer_step`. Driven by hand (``out = model(...)``; ``optimizer.step()``;
+    ``model.update_teacher()``; ``model.set_epoch(e)``), the method reads its own
+    :class:`~dinokit.clock.ManualTime` instead.
 
     Args:
         student: a ``ModuleDict`` with at least ``backbone`` (a :class:`Backbone`) and ``head``.
-        ema_decay_start, ema_decay_end: teacher momentum, cosine over ``total_steps``.
-        temperature_teacher_warmup, temperature_teacher, warmup_epochs_temperature_teacher:
-            the teacher temperature schedule (linear warm-up, then constant).
-        temperature_warmup_unit: ``"epoch"`` (DINO: one value per epoch) or ``"step"`` (DINOv2/v3:
-            per iteration, over ``warmup_epochs * steps_per_epoch`` steps; per epoch until
-            :meth:`set_total_steps` gives the epoch length).
-        total_steps: optimiser steps of the whole run (for the momentum cosine); may be set
-            later with :meth:`set_total_steps`. Without it the momentum stays at its start value.
-        check_finite: raise when logits turn non-finite. Costs one host sync per step; the
-            training step turns it off and guards on the device instead.
+        teacher: the teacher settings, resolved (EMA momentum cosine, temperature warm-up).
+        temperature_endpoint: the temperature warm-up reaches its final value at its last index
+            (DINO, DINOv2: ``np.linspace``) or one index later (DINOv3's schedules).
+        rules: the method's official optimiser choices (``no_decay_rule``, ``clip_mode``,
+            ``freeze_last_layer_mode``): what ``"auto"`` resolves to in every front door.
     """
 
-    #: np.linspace end point of the teacher-temperature warm-up: DINO/DINOv2 reach the final value
-    #: at the warm-up's last index (True); DINOv3's scheduler one index later (False).
-    temperature_warmup_endpoint: bool = True
-
-    def __init__(
-        self,
-        student: nn.ModuleDict,
-        *,
-        ema_decay_start: float,
-        ema_decay_end: float,
-        temperature_teacher_warmup: float,
-        temperature_teacher: float,
-        warmup_epochs_temperature_teacher: int,
-        temperature_warmup_unit: str = "epoch",
-        total_steps: int | None = None,
-        check_finite: bool = True,
-    ):
+    def __init__(self, student: nn.ModuleDict, teacher: TeacherSettings, *, temperature_endpoint: bool = True,
+                 rules: Mapping[str, str] | None = None):
         super().__init__()
-        for name, v in (("ema_decay_start", ema_decay_start), ("ema_decay_end", ema_decay_end)):
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {v}")
-        if temperature_warmup_unit not in ("epoch", "step"):
-            raise ValueError(
-                f"temperature_warmup_unit must be 'epoch' or 'step', got {temperature_warmup_unit!r}"
-            )
-        if warmup_epochs_temperature_teacher < 0:
-            raise ValueError(
-                f"warmup_epochs_temperature_teacher must be >= 0, got {warmup_epochs_temperature_teacher}"
-            )
-        for name, v in (("temperature_teacher_warmup", temperature_teacher_warmup),
-                        ("temperature_teacher", temperature_teacher)):
-            if not v > 0:
-                raise ValueError(f"{name} must be > 0, got {v}")
         self.student = student
         self.teacher = make_teacher(student)
         self._disable_teacher_drop_path()
         self._ema = EMAUpdater(self.teacher, self.student)
-        self.ema_decay_start, self.ema_decay_end = float(ema_decay_start), float(ema_decay_end)
-        self.temperature_teacher_warmup = float(temperature_teacher_warmup)
-        self.temperature_teacher = float(temperature_teacher)
-        self.warmup_epochs_temperature_teacher = int(warmup_epochs_temperature_teacher)
-        self.temperature_warmup_unit = temperature_warmup_unit
-        self.check_finite = check_finite
-        self.epoch = 0
-        self.step = 0
-        self.total_steps: int | None = None
-        self.steps_per_epoch: int | None = None
-        self.set_total_steps(total_steps)
+        self.teacher_settings = teacher
+        self.temperature_endpoint = temperature_endpoint
+        self.time = ManualTime(teacher, temperature_endpoint)
+        self.rules = dict(rules or {})
+        self.check_finite = True
+        self._frozen: tuple[str, ...] = ()
 
     # ----------------------------------------------------------------- structure
     @property
@@ -257,6 +225,10 @@ class SelfDistillationMethod(nn.Module):
         return self.teacher["head"]
 
     @property
+    def head_names(self) -> list[str]:
+        return [k for k in self.student if k != "backbone"]
+
+    @property
     def embed_dim(self) -> int:
         return self.student_backbone.embed_dim
 
@@ -266,62 +238,95 @@ class SelfDistillationMethod(nn.Module):
             if hasattr(m, "drop_prob"):
                 m.drop_prob = 0.0
 
-    # ----------------------------------------------------------------- step hooks
-    def set_total_steps(self, total_steps: int | None, steps_per_epoch: int | None = None) -> None:
-        """Set the run length that the momentum cosine spans (and the epoch length that a
-        per-step teacher-temperature warm-up needs)."""
-        if total_steps is not None and total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        if steps_per_epoch is not None and steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-        self.total_steps = total_steps
-        if steps_per_epoch is not None:
-            self.steps_per_epoch = int(steps_per_epoch)
-        self.momentum_schedule = (
-            CosineSchedule(self.ema_decay_start, self.ema_decay_end, total_steps)
-            if total_steps
-            else None
-        )
-        per_step = self.temperature_warmup_unit == "step" and self.steps_per_epoch
-        length = self.warmup_epochs_temperature_teacher * (self.steps_per_epoch if per_step else 1)
-        self.teacher_temp_schedule = TeacherTemperature(
-            self.temperature_teacher_warmup, self.temperature_teacher, length,
-            endpoint=self.temperature_warmup_endpoint,
-        )
+    # ----------------------------------------------------------------- the hooks of a training step
+    def prepare_for_training_step(self) -> None:
+        """A training step drives the method: the EMA centres move in :meth:`after_optimizer_step`
+        (once per optimiser step, after its finiteness guard) and non-finite values are checked
+        on the device by the step, not here (no per-step host sync)."""
+        self.check_finite = False
+        for m in self.modules():
+            if isinstance(m, EMACenter):
+                m.defer_updates(True)
+
+    def term_timings(self) -> dict[str, TermTiming]:
+        """Each loss term's weight and when it starts, by term section (what the clock schedules)."""
+        return {}
+
+    @torch.no_grad()
+    def after_optimizer_step(self, momentum: float, step: int, apply: Tensor | None = None,
+                             micro_batches: int = 1) -> None:
+        """After each optimiser step: ``teacher <- m teacher + (1 - m) student`` (frozen parts
+        left as they are), the EMA centres committed (the mean of ``micro_batches`` batch means),
+        and per-step state that follows the teacher (a Gram teacher's refresh at ``step``).
+        ``apply`` (a 0-dim bool tensor) skips all of it on the device when False."""
+        self._ema(float(momentum), apply)
+        for m in self.modules():
+            if isinstance(m, EMACenter):
+                m.commit(micro_batches, apply=apply)
+        self.after_teacher_update(step)
+
+    def after_teacher_update(self, step: int) -> None:
+        """Per-step state that follows the teacher (e.g. a Gram teacher's refresh)."""
+
+    def freeze(self, parts: Sequence[str]) -> None:
+        """Keep ``parts`` of student and teacher fixed (a stage's ``frozen``): their gradients are
+        dropped after backward (:meth:`drop_frozen_gradients`), they run in eval mode (BatchNorm
+        statistics stay) and the EMA leaves their teacher copies as they are."""
+        prefixes = frozen_prefixes(parts, self.head_names)
+        if prefixes == self._frozen:
+            return
+        self._frozen = prefixes
+        self._ema.exclude(prefixes)
+        self.train(self.training)
+
+    @property
+    def frozen(self) -> tuple[str, ...]:
+        """Parameter-name prefixes of the frozen parts (see :meth:`freeze`)."""
+        return self._frozen
+
+    def drop_frozen_gradients(self) -> None:
+        if not self._frozen:
+            return
+        for name, p in self.student.named_parameters():
+            if name.startswith(self._frozen):
+                p.grad = None
+
+    def train(self, mode: bool = True) -> SelfDistillationMethod:
+        super().train(mode)
+        if mode and self._frozen:
+            for name, m in self.student.named_modules():
+                if name and f"{name}.".startswith(self._frozen):
+                    m.eval()
+        return self
+
+    # ----------------------------------------------------------------- driven by hand
+    def set_run_length(self, total_steps: int | None, steps_per_epoch: int | None = None) -> None:
+        """Used without a training step: the run length that the momentum cosine spans and the
+        epoch length that a per-step temperature warm-up needs."""
+        self.time.set_run_length(total_steps, steps_per_epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Call at the start of each epoch: sets the teacher temperature (and any per-epoch state)."""
-        self.epoch = int(epoch)
+        """Used without a training step: call at the start of each epoch."""
+        self.time.epoch = int(epoch)
 
     @property
     def teacher_temperature(self) -> float:
-        """Teacher temperature now: indexed by the epoch (DINO) or the step (DINOv2/v3)."""
-        if self.temperature_warmup_unit == "step" and self.steps_per_epoch:
-            return self.teacher_temp_schedule(self.step)
-        return self.teacher_temp_schedule(self.epoch)
+        """The teacher temperature now, by the method's own time (see :class:`ManualTime`)."""
+        return self.time.teacher_temperature()
 
     def momentum(self, step: int | None = None) -> float:
-        """EMA momentum at ``step`` (default: the current step)."""
-        if self.momentum_schedule is None:
-            return self.ema_decay_start
-        return self.momentum_schedule(self.step if step is None else step)
+        """EMA momentum at ``step`` by the method's own time (default: its current step)."""
+        return self.time.momentum(step)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float | None = None, apply: Tensor | None = None) -> float:
-        """Call after each optimiser step: ``teacher <- m teacher + (1 - m) student``.
-
-        Without ``momentum`` the cosine schedule at the current step is used. ``apply`` (a 0-dim
-        bool tensor) skips the update on the device when False, e.g. after a non-finite step,
-        without a host sync. Returns ``m``.
-        """
+        """Used without a training step: call after each optimiser step. Moves the teacher (and
+        the centres) with ``momentum`` or the method's own cosine schedule, then counts the step.
+        Returns the momentum used."""
         m = self.momentum() if momentum is None else float(momentum)
-        self._ema(m, apply)
-        self.step += 1
-        self.after_teacher_update()
+        self.after_optimizer_step(m, self.time.step, apply)
+        self.time.step += 1
         return m
-
-    def after_teacher_update(self) -> None:
-        """Per-step state that follows the teacher (e.g. a Gram teacher's refresh)."""
 
     def student_parameters(self) -> list[nn.Parameter]:
         """What the optimiser trains (the teacher is never in it)."""
@@ -342,14 +347,10 @@ class SelfDistillationMethod(nn.Module):
 
     # ----------------------------------------------------------------- state
     def get_extra_state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step, "total_steps": self.total_steps or 0,
-                "steps_per_epoch": self.steps_per_epoch or 0}
+        return self.time.state_dict()
 
     def set_extra_state(self, state: dict[str, int]) -> None:
-        self.epoch = int(state.get("epoch", 0))
-        self.step = int(state.get("step", 0))
-        self.set_total_steps(int(state.get("total_steps", 0)) or None,
-                             int(state.get("steps_per_epoch", 0)) or None)
+        self.time.load_state_dict(state)
 
     # ----------------------------------------------------------------- helpers
     @torch.no_grad()

@@ -10,13 +10,14 @@ DINOv2, DINOv3 and iBOT are presets of this class.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from dinokit.backbones import Backbone, BackboneOutput
+from dinokit.clock import StepValues, TermTiming
 from dinokit.methods.base import (
     MethodOutput,
     SelfDistillationMethod,
@@ -33,6 +34,7 @@ from dinokit.methods.terms.base import (
     LossTerm,
     StepFeatures,
 )
+from dinokit.settings import TeacherSettings
 
 
 def _merge(outs: list[BackboneOutput]) -> BackboneOutput:
@@ -73,17 +75,18 @@ class ComposedMethod(SelfDistillationMethod):
     Args:
         backbone: a :class:`~dinokit.backbones.Backbone` (see :func:`~dinokit.build_backbone`).
         terms: the loss terms; their heads are created on the student (and copied to the teacher).
+        teacher: the teacher settings, resolved (EMA momentum, temperature warm-up).
         mask_ratio: ratio of the random masks drawn when a masked-patch term gets no masks from
             the batch (every global crop masked, an exact count per crop).
         output_class: the typed output (fields a term reports are filled when the class has them).
-        **kwargs: :class:`~dinokit.methods.base.SelfDistillationMethod` arguments (EMA momentum,
-            teacher temperature schedule, ``total_steps``, ``check_finite``).
+        temperature_endpoint, rules: as :class:`~dinokit.methods.base.SelfDistillationMethod`.
     """
 
     output_class: type[MethodOutput] = DINOv2Output
 
-    def __init__(self, backbone: Backbone, terms: Sequence[LossTerm], *, mask_ratio: float = 0.3,
-                 output_class: type[MethodOutput] | None = None, **kwargs: Any):
+    def __init__(self, backbone: Backbone, terms: Sequence[LossTerm], *, teacher: TeacherSettings,
+                 mask_ratio: float = 0.3, output_class: type[MethodOutput] | None = None,
+                 temperature_endpoint: bool = True, rules: Mapping[str, str] | None = None):
         terms = list(terms)
         if not terms:
             raise ValueError("a method needs at least one loss term")
@@ -111,7 +114,11 @@ class ComposedMethod(SelfDistillationMethod):
         missing = needed - set(heads)
         if missing:
             raise ValueError(f"terms use heads {sorted(missing)} that no term creates")
-        super().__init__(nn.ModuleDict({"backbone": backbone, **heads}), **kwargs)
+        sections = [t.section for t in terms]
+        if len(set(sections)) != len(sections):
+            raise ValueError(f"loss term sections must be unique, got {sections}")
+        super().__init__(nn.ModuleDict({"backbone": backbone, **heads}), teacher,
+                         temperature_endpoint=temperature_endpoint, rules=rules)
         self.terms = nn.ModuleList(terms)
         self.mask_ratio = float(mask_ratio)
         if output_class is not None:
@@ -143,9 +150,12 @@ class ComposedMethod(SelfDistillationMethod):
         weights) stay outside as arguments, so training does not recompile at every step."""
         self._step_terms = torch.compile(self._step_terms, *args, **kwargs)  # type: ignore[method-assign]
 
-    def after_teacher_update(self) -> None:
+    def term_timings(self) -> dict[str, TermTiming]:
+        return {t.section: t.timing() for t in self.terms}
+
+    def after_teacher_update(self, step: int) -> None:
         for t in self.terms:
-            t.on_teacher_update(self)
+            t.after_teacher_update(step, self.teacher_backbone)
 
     # ------------------------------------------------------------------ masks
     def _masks(self, masks: Tensor | None, mask_indices: Tensor | None, mask_weights: Tensor | None,
@@ -174,6 +184,7 @@ class ComposedMethod(SelfDistillationMethod):
         masks: Tensor | None = None,
         mask_indices: Tensor | None = None,
         mask_weights: Tensor | None = None,
+        values: StepValues | None = None,
         **_: Any,
     ) -> MethodOutput:
         """Training step on multi-crop views, or the teacher embedding of ``images``.
@@ -187,6 +198,8 @@ class ComposedMethod(SelfDistillationMethod):
                 when a masked-patch term gets none.
             mask_indices, mask_weights: ``[U]`` flat indices of the masked tokens (padded to a
                 static bound) and their weights (0 = padding), as the collate makes them.
+            values: this step's scheduled values from the run's clock (teacher temperature, each
+                term's weight); without them, the method's own time (:class:`ManualTime`).
         """
         if images is not None:
             emb = self.embed(images)
@@ -194,13 +207,16 @@ class ComposedMethod(SelfDistillationMethod):
         g, lv = check_views(global_views, local_views, self.student_backbone.in_chans)
         # This step's scalars, decided in Python (eagerly: they change every step) and handed to
         # the tensor work as arguments, so a compiled step is traced once, not once per step.
-        step = self.step
+        if values is not None:
+            step, temp, weights = values.step, float(values.teacher_temperature), values.weights
+        else:
+            step, temp = self.time.step, float(self.teacher_temperature)
+            weights = {t.section: t.timing().at(step) for t in self.terms}
         active: list[tuple[LossTerm, float]] = []
         for t in self.terms:
-            w = t.weight_at(step)
+            w = float(weights.get(t.section, 0.0))
             if w > 0.0:
                 active.append((t, w))
-        temp = float(self.teacher_temperature)
         total, emb, stacked, fields = self._step_terms(g, lv, masks, mask_indices, mask_weights, active,
                                                        step, temp)
         losses: dict[str, Tensor] = {}

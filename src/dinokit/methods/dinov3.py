@@ -6,81 +6,91 @@ the Gram stage starts, or loaded from a file."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from torch import Tensor, nn
 
-from dinokit.methods.dinov2 import DINOv2
-from dinokit.methods.terms import GramTerm
-
-#: Keywords only seed 004's DINOv3 takes; called with them (and no warm-up argument), the teacher
-#: temperature stays at ``temperature_teacher`` from the start, as in that seed.
-SEED_ONLY_KEYWORDS = ("n_cls_prototypes", "image_size")
+from dinokit.backbones import Backbone
+from dinokit.methods.dino import DEFAULT_BACKBONE
+from dinokit.methods.dinov2 import DINOv2, dinov2_terms
+from dinokit.methods.registry import register_method
+from dinokit.methods.seed_keywords import apply_seed_keywords
+from dinokit.methods.terms import GramTerm, LossTerm
+from dinokit.settings import MethodSettings
+from dinokit.weights import backbone_state_dict, load_backbone_weights, read_file
 
 
 class DINOv3(DINOv2):
-    """DINOv3. Arguments as :class:`DINOv2` (keyword-only after ``encoder_name``; defaults from
-    the official config: 4 register tokens, untied heads, no weight norm), plus:
+    """DINOv3. The keywords are stable-pretraining's ``DINOv3`` (aliases of the settings named in
+    brackets); every other knob is in ``settings``, whose ``None`` fields are DINOv3's official
+    choices (4 register tokens, untied heads, prototypes without weight norm, EMA momentum 0.992,
+    the teacher temperature warmed up 0.04 -> 0.07 per step over 30 epochs). A keyword left at
+    its default defers to ``settings``.
 
     Args:
-        n_cls_prototypes: seed 004's name for ``n_prototypes``.
-        image_size: the input size the model is meant for (seed 004; kept as ``image_size``).
-        gram_weight: weight of Gram anchoring (0 = off; then no Gram teacher exists).
-        gram_start_step: the Gram stage's first step: the Gram teacher is loaded from the EMA
-            teacher here (official ``it_load_ema_teacher``) unless a file gives it.
-        gram_ramp_steps: ramp the weight up linearly over these steps (0 = official).
-        gram_refresh_every, gram_first_refresh_step, gram_max_refreshes: refresh the Gram teacher
-            from the EMA teacher (official ``update_frequency``/``it_first_update``/``max_updates``).
-        gram_ema_teacher, gram_img_level, gram_remove_neg, gram_remove_only_teacher_neg,
-            gram_normalized, gram_teacher_size: see :class:`~dinokit.methods.terms.GramTerm`.
+        encoder_name: as :class:`~dinokit.DINO` [``backbone.name``].
+        n_register_tokens: register tokens (None = official 4) [``backbone.n_registers``].
+        koleo_weight: weight of KoLeo (0.1) [``koleo.weight``].
+        projector_hidden_dim, projector_bottleneck_dim: head widths (2048, 256) [``heads.*``].
+        n_cls_prototypes, n_patch_prototypes: prototypes of the CLS and patch heads (65536 each,
+            as the official config) [``dino.n_prototypes``, ``ibot.n_prototypes``].
+        mask_ratio: ratio of the fallback random masks when the batch brings none (0.3).
+        patch_loss_weight: weight of the iBOT term (1.0) [``ibot.weight``].
+        temperature_student: ``tau_s`` (0.1) [``dino/ibot.student_temperature``].
+        temperature_teacher: teacher temperature after the warm-up (0.07) [``teacher.temperature``];
+            a constant temperature from the first step is ``settings.teacher.warmup_epochs=0``.
+        ema_decay_start, ema_decay_end: teacher EMA momentum (None = official 0.992; 1.0).
+        image_size: the input size the model is meant for (recorded as ``image_size``; crops of
+            any multiple of the patch size are accepted).
+        pretrained: load published weights for a named encoder [``backbone.pretrained``].
+        settings: :class:`~dinokit.settings.MethodSettings`: Gram anchoring is ``settings.gram``
+            (``weight`` 0 = off, the official start step, refreshes and loss options), the
+            backbone's ``kwargs`` for ``timm.create_model``, and the rest.
     """
 
-    # DINOv3's default schedulers (train.py, CosineScheduler) warm up with np.linspace like DINOv2;
-    # its ``schedules:`` configs (linear_warmup_cosine_decay) end one step later: set
-    # ``temperature_warmup_endpoint = False`` on an instance's class to follow those.
+    method_name = "dinov3"
 
-    def __init__(self, encoder_name: str | nn.Module = "vit_small_patch16_224", *,
-                 n_register_tokens: int = 4, n_prototypes: int | None = None,
-                 n_cls_prototypes: int | None = None, image_size: int | None = None,
-                 weight_norm: bool = False,
-                 temperature_teacher_warmup: float | None = None,
-                 warmup_epochs_temperature_teacher: int | None = None,
-                 temperature_teacher: float = 0.07,
-                 gram_weight: float = 0.0, gram_start_step: int = 0, gram_ramp_steps: int = 0,
-                 gram_refresh_every: int | None = None, gram_first_refresh_step: int = 0,
-                 gram_max_refreshes: int | None = None, gram_ema_teacher: bool = False,
-                 gram_img_level: bool = False, gram_remove_neg: bool = False,
-                 gram_remove_only_teacher_neg: bool = False, gram_normalized: bool = True,
-                 gram_teacher_size: int | None = None, **kwargs: Any):
-        if n_prototypes is not None and n_cls_prototypes is not None and n_prototypes != n_cls_prototypes:
-            raise ValueError(f"n_prototypes ({n_prototypes}) and its alias n_cls_prototypes "
-                             f"({n_cls_prototypes}) disagree")
-        k = n_prototypes if n_prototypes is not None else n_cls_prototypes
-        seed_call = (n_cls_prototypes is not None or image_size is not None)
-        constant_temp = seed_call and temperature_teacher_warmup is None and \
-            warmup_epochs_temperature_teacher is None
-        if temperature_teacher_warmup is None:
-            temperature_teacher_warmup = temperature_teacher if constant_temp else 0.04
-        if warmup_epochs_temperature_teacher is None:
-            warmup_epochs_temperature_teacher = 0 if constant_temp else 30
-        gram: list[GramTerm] = []
-        if gram_weight > 0:
-            gram = [GramTerm(gram_weight, start_step=gram_start_step, ramp_steps=gram_ramp_steps,
-                             refresh_every=gram_refresh_every, first_refresh_step=gram_first_refresh_step,
-                             max_refreshes=gram_max_refreshes, ema_teacher=gram_ema_teacher,
-                             img_level=gram_img_level, remove_neg=gram_remove_neg,
-                             remove_only_teacher_neg=gram_remove_only_teacher_neg,
-                             normalized=gram_normalized, teacher_size=gram_teacher_size)]
-        elif gram_weight < 0:
-            raise ValueError(f"gram_weight must be >= 0, got {gram_weight}")
-        super().__init__(encoder_name, n_prototypes=65536 if k is None else k,
-                         n_register_tokens=n_register_tokens, weight_norm=weight_norm,
-                         temperature_teacher_warmup=temperature_teacher_warmup,
-                         temperature_teacher=temperature_teacher,
-                         warmup_epochs_temperature_teacher=warmup_epochs_temperature_teacher,
-                         extra_terms=[*kwargs.pop("extra_terms", []), *gram], **kwargs)
+    def __init__(self, encoder_name: str | nn.Module = "vit_small_patch16_224",
+                 n_register_tokens: int | None = None, koleo_weight: float = 0.1,
+                 projector_hidden_dim: int = 2048, projector_bottleneck_dim: int = 256,
+                 n_cls_prototypes: int = 65536, n_patch_prototypes: int = 65536, mask_ratio: float = 0.3,
+                 patch_loss_weight: float = 1.0, temperature_student: float = 0.1,
+                 temperature_teacher: float = 0.07, ema_decay_start: float | None = None,
+                 ema_decay_end: float = 1.0, image_size: int = 224, pretrained: bool = False, *,
+                 settings: MethodSettings | None = None):
+        given = None if isinstance(encoder_name, str) else encoder_name
+        keywords = {
+            "backbone.name": (encoder_name if given is None else DEFAULT_BACKBONE, DEFAULT_BACKBONE),
+            "backbone.n_registers": (n_register_tokens, None),
+            "koleo.weight": (koleo_weight, 0.1),
+            "heads.hidden_dim": (projector_hidden_dim, 2048),
+            "heads.bottleneck_dim": (projector_bottleneck_dim, 256),
+            "dino.n_prototypes": (n_cls_prototypes, 65536),
+            "ibot.n_prototypes": (n_patch_prototypes, 65536),
+            "ibot.weight": (patch_loss_weight, 1.0),
+            "dino.student_temperature": (temperature_student, 0.1),
+            "ibot.student_temperature": (temperature_student, 0.1),
+            "teacher.temperature": (temperature_teacher, 0.07),
+            "teacher.momentum": (ema_decay_start, None),
+            "teacher.final_momentum": (ema_decay_end, 1.0),
+            "backbone.pretrained": (pretrained, False),
+        }
+        names = {"backbone.name": "encoder_name", "backbone.n_registers": "n_register_tokens",
+                 "koleo.weight": "koleo_weight", "heads.hidden_dim": "projector_hidden_dim",
+                 "heads.bottleneck_dim": "projector_bottleneck_dim", "dino.n_prototypes": "n_cls_prototypes",
+                 "ibot.n_prototypes": "n_patch_prototypes", "ibot.weight": "patch_loss_weight",
+                 "dino.student_temperature": "temperature_student",
+                 "ibot.student_temperature": "temperature_student",
+                 "teacher.temperature": "temperature_teacher", "teacher.momentum": "ema_decay_start",
+                 "teacher.final_momentum": "ema_decay_end", "backbone.pretrained": "pretrained"}
+        self._build(given, apply_seed_keywords(settings, keywords, names), mask_ratio)
         self.image_size = image_size
-        self.gram_weight = gram_weight
+        self.gram_weight = self.settings.gram.weight
+
+    def make_terms(self, s: MethodSettings) -> list[LossTerm]:
+        terms = dinov2_terms(s)
+        if s.gram.weight > 0:
+            terms.append(GramTerm(s.gram))
+        return terms
 
     @property
     def gram_term(self) -> GramTerm | None:
@@ -103,8 +113,6 @@ class DINOv3(DINOv2):
     def load_gram_teacher(self, source: str | Path | dict[str, Tensor]) -> None:
         """Gram teacher weights from a file (export, checkpoint, timm or Meta state dict) or a
         state dict; a backbone of another architecture fails with the mismatched keys named."""
-        from dinokit.weights import backbone_state_dict, load_backbone_weights, read_file
-
         t = self._require_gram()
         if t.gram_teacher is None:
             raise ValueError("gram_ema_teacher=True uses the EMA teacher; there is no Gram teacher to load")
@@ -114,12 +122,22 @@ class DINOv3(DINOv2):
         t.initialized.fill_(True)
         t._initialized = True
 
-    def gram_weight_now(self) -> float:
-        t = self.gram_term
-        return 0.0 if t is None else t.weight_at(self.step)
-
     def _require_gram(self) -> GramTerm:
         t = self.gram_term
         if t is None:
-            raise ValueError("this DINOv3 has no Gram anchoring (gram_weight=0)")
+            raise ValueError("this DINOv3 has no Gram anchoring (settings.gram.weight=0)")
         return t
+
+
+@register_method(
+    "dinov3", sections=("dino", "ibot", "koleo", "gram"), needs_masks=True,
+    official={"teacher.momentum": 0.992, "teacher.warmup_unit": "step", "teacher.centering": "sinkhorn",
+              "heads.norm_last_layer": False, "heads.weight_norm": False, "ibot.shared_head": False,
+              "backbone.n_registers": 4},
+    training={"no_decay_rule": "dinov3", "clip_mode": "per_module", "freeze_last_layer_mode": "zero_lr"},
+    summary="DINOv3 (Siméoni et al. 2025): DINOv2 + registers + Gram anchoring",
+    drop_path_uniform=True, drop_path_subset_above=0.0,
+)
+def dinov3(backbone: Backbone, settings: MethodSettings) -> DINOv3:
+    """DINOv3 from its settings (``dino``, ``ibot``, ``koleo``, ``gram``, ``heads``, ``teacher``)."""
+    return DINOv3(backbone, settings=settings)

@@ -4,22 +4,35 @@ with one shared head and EMA centring for both (no Sinkhorn-Knopp, no KoLeo). A 
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import nn
-
+from dinokit.backbones import Backbone
 from dinokit.methods.dinov2 import DINOv2
+from dinokit.methods.registry import register_method
+from dinokit.methods.terms import DINOClsTerm, IBOTPatchTerm, LossTerm
+from dinokit.settings import MethodSettings
 
 
 class IBOT(DINOv2):
-    """iBOT: :class:`DINOv2` with ``shared_head=True``, ``centering="ema"``, no KoLeo and the
-    teacher temperature warmed up per epoch; other arguments as :class:`DINOv2`."""
+    """iBOT: the keywords of :class:`DINOv2`, with iBOT's official choices for the settings left
+    ``None`` (a shared head, EMA centring, EMA momentum 0.996, a fixed prototype gain, the teacher
+    temperature warmed up per epoch) and no KoLeo."""
 
-    def __init__(self, encoder_name: str | nn.Module = "vit_small_patch16_224", **kwargs: Any):
-        kwargs.setdefault("shared_head", True)
-        kwargs.setdefault("centering", "ema")
-        kwargs.setdefault("koleo_weight", 0.0)
-        kwargs.setdefault("ema_decay_start", 0.996)
-        kwargs.setdefault("norm_last_layer", True)
-        kwargs.setdefault("temperature_warmup_unit", "epoch")
-        super().__init__(encoder_name, **kwargs)
+    method_name = "ibot"
+
+    def make_terms(self, s: MethodSettings) -> list[LossTerm]:
+        terms: list[LossTerm] = [DINOClsTerm(s.dino, s.heads, s.teacher)]
+        if s.ibot.weight > 0:
+            terms.append(IBOTPatchTerm(s.ibot, s.heads, s.teacher))
+        return terms
+
+
+@register_method(
+    "ibot", sections=("dino", "ibot"), needs_masks=True,
+    official={"teacher.momentum": 0.996, "teacher.warmup_unit": "epoch", "teacher.centering": "ema",
+              "heads.norm_last_layer": True, "heads.weight_norm": True, "ibot.shared_head": True,
+              "backbone.n_registers": 0},
+    training={"no_decay_rule": "dino", "clip_mode": "per_param", "freeze_last_layer_mode": "cancel_grad"},
+    summary="iBOT (Zhou et al. 2022): CLS + masked-patch self-distillation, shared head",
+)
+def ibot(backbone: Backbone, settings: MethodSettings) -> IBOT:
+    """iBOT from its settings (``dino``, ``ibot``, ``heads``, ``teacher``)."""
+    return IBOT(backbone, settings=settings)

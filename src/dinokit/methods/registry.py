@@ -1,18 +1,32 @@
-"""The method registry: ``model.method`` names -> how to build the method from plain arguments and
-what the rest of the library needs to know about it (masks in the batch, the official training
-choices). The builder, the collate, config validation and logging read these declarations.
+"""The method registry: ``model.method`` names -> a small preset function that composes the method
+from its settings, and what the rest of the library needs to know about it (its loss-term
+sections, masks in the batch, the official choices of the settings left ``None`` and of the
+optimiser's ``"auto"`` rules). The builder, the collate, config validation and logging read these
+declarations.
 
-Adding a method is one file (a :class:`~dinokit.methods.composed.ComposedMethod` preset) plus one
-:func:`register_method` call.
+Adding a method is one preset function decorated with :func:`register_method`::
+
+    @register_method("mine", sections=("dino", "koleo"), official={"teacher.momentum": 0.996, ...})
+    def mine(backbone, settings):
+        return ComposedMethod(backbone, [DINOClsTerm(settings.dino, settings.heads, settings.teacher),
+                                         KoLeoTerm(settings.koleo)], teacher=settings.teacher)
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import nn
+
+from dinokit.backbones import Backbone, build_backbone, use_channels_last
+from dinokit.backbones.stochastic_depth import set_uniform_drop_path
 from dinokit.methods.base import SelfDistillationMethod
+from dinokit.settings import BackboneSettings, MethodSettings
+
+Preset = Callable[[Backbone, MethodSettings], SelfDistillationMethod]
 
 
 @dataclass(frozen=True)
@@ -21,41 +35,49 @@ class MethodSpec:
 
     Attributes:
         name: the ``model.method`` value.
-        cls: the method class (constructor takes plain arguments).
-        arguments: constructor argument -> ``model.<key>`` config key it comes from.
+        build: the preset: ``(backbone, resolved settings) -> method``.
+        sections: the config sections of its loss terms (``dino``, ``ibot``, ``koleo``, ``gram``).
+        official: ``"section.key" -> value`` for every setting whose ``None`` means "official".
         needs_masks: batches carry iBOT masks (the collate makes them).
-        training: the official training choices the ``"auto"`` optimiser settings resolve to:
-            ``no_decay_rule``, ``clip_mode``, ``freeze_last_layer_mode``.
+        training: the official optimiser choices that ``"auto"`` resolves to: ``no_decay_rule``,
+            ``clip_mode``, ``freeze_last_layer_mode``.
         summary: one line for ``--help`` and errors.
         drop_path_uniform: the official per-block drop-path rates: all equal to the rate (DINOv2's
             ``drop_path_uniform: true``, DINOv3) or ``linspace(0, rate, depth)`` (DINO, iBOT).
         drop_path_subset_above: the official stochastic depth form: the subset form
             (:mod:`~dinokit.backbones.stochastic_depth`) for blocks whose rate is above this (DINOv3 0,
             DINOv2 0.1), timm's per-sample ``DropPath`` below; None = always ``DropPath`` (DINO, iBOT).
+        temperature_endpoint: the teacher-temperature warm-up ends at its last index (DINO, DINOv2)
+            or one index later (DINOv3's schedules).
     """
 
     name: str
-    cls: type[SelfDistillationMethod]
-    arguments: Mapping[str, str]
+    build: Preset
+    sections: tuple[str, ...]
+    official: Mapping[str, Any] = field(default_factory=dict)
     needs_masks: bool = False
     training: Mapping[str, str] = field(default_factory=dict)
     summary: str = ""
     drop_path_uniform: bool = False
     drop_path_subset_above: float | None = None
-
-    @property
-    def config_keys(self) -> frozenset[str]:
-        return frozenset(self.arguments.values())
+    temperature_endpoint: bool = True
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(spec: MethodSpec) -> MethodSpec:
-    if spec.name in METHODS and METHODS[spec.name] != spec:
-        raise ValueError(f"a method named {spec.name!r} is already registered")
-    METHODS[spec.name] = spec
-    return spec
+def register_method(name: str, **declarations: Any) -> Callable[[Preset], Preset]:
+    """Decorator: register a preset function under ``name`` with its :class:`MethodSpec`
+    declarations."""
+
+    def register(build: Preset) -> Preset:
+        spec = MethodSpec(name, build, **declarations)
+        if name in METHODS and METHODS[name].build is not build:
+            raise ValueError(f"a method named {name!r} is already registered")
+        METHODS[name] = spec
+        return build
+
+    return register
 
 
 def method_spec(name: str) -> MethodSpec:
@@ -64,65 +86,62 @@ def method_spec(name: str) -> MethodSpec:
     return METHODS[name]
 
 
-def build_method_from(spec: MethodSpec, values: Mapping[str, Any], **extra: Any) -> SelfDistillationMethod:
-    """``spec.cls(**{arg: values[key]})`` plus ``extra`` (e.g. ``encoder_kwargs``)."""
-    kwargs = {arg: values[key] for arg, key in spec.arguments.items() if key in values}
-    kwargs.update(extra)
-    return spec.cls(**kwargs)
+def resolve_settings(spec: MethodSpec, settings: MethodSettings) -> MethodSettings:
+    """``settings`` with every ``None`` the method declares an official value for filled in."""
+    sections: dict[str, Any] = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+    for key, value in spec.official.items():
+        section, name = key.split(".")
+        if getattr(sections[section], name) is None:
+            sections[section] = dataclasses.replace(sections[section], **{name: value})
+    return MethodSettings(**sections)
 
 
-def _register_builtins() -> None:
-    from dinokit.methods.dino import DINO
-    from dinokit.methods.dinov2 import DINOv2
-    from dinokit.methods.dinov3 import DINOv3
-    from dinokit.methods.ibot import IBOT
-
-    common = {
-        "encoder_name": "backbone", "pretrained": "pretrained",
-        "projector_hidden_dim": "head_hidden_dim", "projector_bottleneck_dim": "head_bottleneck_dim",
-        "projector_layers": "head_layers", "n_prototypes": "n_prototypes",
-        "temperature_student": "temperature_student",
-        "temperature_teacher_warmup": "temperature_teacher_warmup",
-        "temperature_teacher": "temperature_teacher",
-        "warmup_epochs_temperature_teacher": "warmup_epochs_temperature_teacher",
-        "center_momentum": "center_momentum", "ema_decay_start": "ema_decay_start",
-        "ema_decay_end": "ema_decay_end", "norm_last_layer": "norm_last_layer",
-    }
-    v2 = {**common, "n_patch_prototypes": "n_patch_prototypes", "shared_head": "shared_head",
-          "centering": "centering", "sinkhorn_iterations": "sinkhorn_iterations",
-          "patch_loss_weight": "patch_loss_weight", "koleo_weight": "koleo_weight",
-          "koleo_all_processes": "koleo_all_processes", "n_register_tokens": "n_registers",
-          "weight_norm": "head_weight_norm", "temperature_warmup_unit": "temperature_warmup_unit"}
-    v3 = {**v2, "gram_weight": "gram_weight", "gram_start_step": "gram_start_step",
-          "gram_ramp_steps": "gram_ramp_steps", "gram_refresh_every": "gram_refresh_every",
-          "gram_first_refresh_step": "gram_first_refresh_step",
-          "gram_max_refreshes": "gram_max_refreshes", "gram_ema_teacher": "gram_ema_teacher",
-          "gram_img_level": "gram_img_level", "gram_remove_neg": "gram_remove_neg",
-          "gram_remove_only_teacher_neg": "gram_remove_only_teacher_neg",
-          "gram_teacher_size": "gram_teacher_size"}
-    register_method(MethodSpec(
-        "dino", DINO, {**common, "projector_batch_norm": "head_batch_norm"},
-        training={"no_decay_rule": "dino", "clip_mode": "per_param", "freeze_last_layer_mode": "cancel_grad"},
-        summary="DINO (Caron et al. 2021): CLS self-distillation, EMA centring",
-    ))
-    ibot_args = {k: v for k, v in v2.items() if k not in ("koleo_weight", "koleo_all_processes")}
-    register_method(MethodSpec(
-        "ibot", IBOT, ibot_args, needs_masks=True,
-        training={"no_decay_rule": "dino", "clip_mode": "per_param", "freeze_last_layer_mode": "cancel_grad"},
-        summary="iBOT (Zhou et al. 2022): CLS + masked-patch self-distillation, shared head",
-    ))
-    register_method(MethodSpec(
-        "dinov2", DINOv2, v2, needs_masks=True,
-        training={"no_decay_rule": "dinov2", "clip_mode": "per_module", "freeze_last_layer_mode": "zero_lr"},
-        summary="DINOv2 (Oquab et al. 2024): CLS + iBOT with Sinkhorn-Knopp, KoLeo",
-        drop_path_uniform=True, drop_path_subset_above=0.1,
-    ))
-    register_method(MethodSpec(
-        "dinov3", DINOv3, v3, needs_masks=True,
-        training={"no_decay_rule": "dinov3", "clip_mode": "per_module", "freeze_last_layer_mode": "zero_lr"},
-        summary="DINOv3 (Siméoni et al. 2025): DINOv2 + registers + Gram anchoring",
-        drop_path_uniform=True, drop_path_subset_above=0.0,
-    ))
+def build_method(name: str, settings: MethodSettings | None = None,
+                 backbone: Backbone | nn.Module | str | None = None) -> SelfDistillationMethod:
+    """The method ``name`` from its settings; the backbone from ``settings.backbone`` unless given
+    (a :class:`~dinokit.backbones.Backbone`, any ``nn.Module`` or a timm name)."""
+    spec = method_spec(name)
+    s = resolve_settings(spec, settings or MethodSettings())
+    return spec.build(make_backbone(spec, s.backbone, backbone), s)
 
 
-_register_builtins()
+def make_backbone(spec: MethodSpec, b: BackboneSettings,
+                  given: Backbone | nn.Module | str | None = None) -> Backbone:
+    """The student backbone of ``spec`` from its (resolved) settings: registers, stochastic depth
+    in the method's official form, packed crops, channels-last memory format."""
+    kwargs = dict(b.kwargs)
+    if b.drop_path_rate:
+        kwargs.setdefault("drop_path_rate", b.drop_path_rate)
+    backbone = build_backbone(b.name if given is None else given, pretrained=b.pretrained,
+                              num_registers=b.n_registers or 0, encoder_kwargs=kwargs)
+    backbone.packed_crops = {"true": True, "false": False}.get(b.packed_crops, "auto")
+    configure_stochastic_depth(spec, backbone, b, float(kwargs.get("drop_path_rate", 0.0)))
+    if b.channels_last:
+        use_channels_last(backbone)
+    return backbone
+
+
+def configure_stochastic_depth(spec: MethodSpec, backbone: Backbone, b: BackboneSettings,
+                               rate: float) -> None:
+    """``backbone.drop_path_uniform`` and ``backbone.drop_path_mode`` (``auto``/None: the method's
+    official choice) applied to a student backbone built with drop-path ``rate``."""
+    uniform = spec.drop_path_uniform if b.drop_path_uniform is None else b.drop_path_uniform
+    blocks = getattr(getattr(backbone, "model", None), "blocks", None)
+    if uniform and rate:
+        if blocks is not None:
+            set_uniform_drop_path(blocks, rate)
+        elif b.drop_path_uniform:
+            raise ValueError("backbone.drop_path_uniform: the backbone has no ViT blocks to give one rate")
+    supported = hasattr(backbone, "drop_path_mode")
+    if b.drop_path_mode == "subset" and not supported:
+        raise ValueError("backbone.drop_path_mode: 'subset' needs a timm ViT backbone, not "
+                         f"{type(backbone).__name__} (use auto or sample)")
+    above = {"auto": spec.drop_path_subset_above, "subset": 0.0, "sample": None}[b.drop_path_mode]
+    if supported:
+        backbone.drop_path_mode = "sample" if above is None else "subset"
+        backbone.drop_path_subset_above = float(above or 0.0)
+
+
+def official_rules(name: str) -> dict[str, str]:
+    """The method's official ``no_decay_rule``, ``clip_mode`` and ``freeze_last_layer_mode``."""
+    return dict(method_spec(name).training)

@@ -28,7 +28,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from dinokit.config import Config, ConfigError
+from dinokit.config import Config, ConfigError, from_dict, upgrade_saved
 from dinokit.train.build import build_method, build_module, build_train_loader, resolved_precision
 from dinokit.train.checkpoint_io import (
     CheckpointReadError,
@@ -74,7 +74,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and k not in ("backbone_kwargs",):
+        if isinstance(v, dict) and key not in ("backbone.kwargs",):
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v
@@ -139,7 +139,7 @@ def _records_global_batch(obj: dict[str, Any]) -> bool:
 def check_resume_compatible(ckpt: Path, cfg: Config) -> None:
     """Fail before training when the checkpoint's run used an incompatible config."""
     obj = torch.load(str(ckpt), map_location="cpu", weights_only=True, mmap=True)
-    old = (obj.get("dinokit") or {}).get("config")
+    old = upgrade_saved((obj.get("dinokit") or {}).get("config"))
     if not old:
         raise ConfigError(f"trainer.resume: {ckpt} is not a dinokit training checkpoint")
     all_changes = config_changes(old, cfg.to_dict())
@@ -215,7 +215,7 @@ def _callbacks(cfg: Config, run_dir: Path) -> list[pl.Callback]:
     cbs.append(FinalStepCheckpoint(ckpt_dir / "last.ckpt"))
     cbs.append(PreemptionCallback(ckpt_dir / "last.ckpt", requeue=cfg.trainer.slurm_requeue,
                                   sync_every_n_steps=cfg.trainer.log_every_n_steps))
-    cbs.append(CollapseGuard(cfg.model.n_prototypes, window=cfg.trainer.collapse_window,
+    cbs.append(CollapseGuard(cfg.dino.n_prototypes, window=cfg.trainer.collapse_window,
                              stop=cfg.trainer.stop_on_collapse,
                              every_n_steps=cfg.trainer.log_every_n_steps))
     if cfg.trainer.progress:
@@ -352,7 +352,7 @@ def fit(cfg: Config) -> FitResult:
     build_cfg = cfg
     if ckpt is not None:  # resuming: weights come from the checkpoint, start-up files are not re-read
         build_cfg = copy.deepcopy(cfg)
-        build_cfg.model.init_weights = build_cfg.model.gram_teacher_path = None
+        build_cfg.model.init_weights = build_cfg.gram.teacher_path = None
     method = build_method(build_cfg)
     loader = build_train_loader(cfg, method)
     module = build_module(cfg, method)
@@ -374,7 +374,7 @@ def fit(cfg: Config) -> FitResult:
         kept.rename(metrics)
     skipped = _report_skipped(loader.dataset)
     if trainer.is_global_zero:
-        _write_curves(run_dir, cfg.model.n_prototypes)
+        _write_curves(run_dir, cfg.dino.n_prototypes)
     guard = next((c for c in trainer.callbacks if isinstance(c, CollapseGuard)), None)
     return FitResult(run_dir, newest_finite_checkpoint(trainer, run_dir), method, module, trainer,
                      collapse=guard.status if guard else "", skipped_images=skipped)
@@ -437,9 +437,7 @@ def _write_curves(run_dir: Path, n_prototypes: int) -> None:
 
 def load_run_config(run_dir: str | Path) -> Config:
     """The resolved config saved in a run directory."""
-    from dinokit.config import from_dict
-
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a dinokit run directory (no config.yaml)")
-    return from_dict(yaml.safe_load(path.read_text()))
+    return from_dict(upgrade_saved(yaml.safe_load(path.read_text())))

@@ -27,9 +27,9 @@ import lightning.pytorch as pl
 from dinokit.losses.dino import collapse_status
 
 REMEDIES = (
-    "usual remedies: a lower teacher temperature (model.temperature_teacher, "
-    "model.temperature_teacher_warmup), a higher centring momentum (model.center_momentum), a "
-    "slower EMA teacher (model.ema_decay_start closer to 1), a larger batch (data.batch_size), "
+    "usual remedies: a lower teacher temperature (teacher.temperature, "
+    "teacher.warmup_temperature), a higher centring momentum (teacher.center_momentum), a "
+    "slower EMA teacher (teacher.momentum closer to 1), a larger batch (data.batch_size), "
     "a lower learning rate (optim.lr)"
 )
 

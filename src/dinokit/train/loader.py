@@ -125,7 +125,7 @@ class SeededCollate:
     ``rank`` is set by :class:`ResumableDataLoader` in the main process before workers start.
     Batches not made by :meth:`SeededViews.__getitems__` (no keys) are collated unseeded.
 
-    A collate with ``mask_sampling == "sample"`` (``data.mask_sampling=sample``) is also given one
+    A collate with ``mask_sampling == "sample"`` (``ibot.mask_sampling=sample``) is also given one
     seed per item, :meth:`item_seed` of ``(seed, epoch, sample index)`` only: each sample's masks
     are then the same whatever batch, process or worker it lands in.
     """

@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from dinokit.settings import StageSettings
 from dinokit.train.step import (
     NonFiniteTrainingError,
     OptimizerSpec,
@@ -26,6 +27,7 @@ from dinokit.train.step import (
     method_inputs,
     nonfinite_flag,
     unpack_batch,
+    use_tf32_matmuls,
     zero_grads_if_,
 )
 
@@ -38,16 +40,18 @@ class DINOModule(pl.LightningModule):
 
     Args:
         method: a :class:`~dinokit.methods.base.SelfDistillationMethod` (DINO, DINOv2, DINOv3).
-        optimizer: ``"adamw"``, ``"adam"``, ``"sgd"``, ``"lars"``, an optimiser class, or a
-            callable ``groups -> Optimizer``.
-        lr, lr_scaling, lr_reference_batch, lr_schedule, min_lr, warmup_epochs, warmup_start_lr,
-        weight_decay, weight_decay_end, clip_grad, clip_mode, freeze_last_layer_epochs,
-        freeze_last_layer_mode, max_nonfinite_steps, accumulate, precision: the step's
-            :class:`~dinokit.train.step.StepSettings`.
-        no_decay_rule, layer_decay, patch_embed_lr_mult, exclude_bias_and_norm_wd, momentum,
-            betas, optimizer_kwargs: the optimiser's parameter groups and settings.
+        settings: the step's :class:`~dinokit.train.step.StepSettings` (optimiser and schedules,
+            precision, accumulation, the non-finite guard); its ``"auto"`` rules are the method's
+            official ones.
+        stages: the run's stages (:class:`~dinokit.settings.StageSettings`).
+        optimizer: replaces ``settings.optim.optimizer``: an optimiser class or a callable
+            ``groups -> Optimizer`` (the estimator's choices).
+        optimizer_kwargs, exclude_bias_and_norm_wd: passed to
+            :func:`~dinokit.train.step.build_method_optimizer`.
+        lr_interval: ``"step"`` or ``"epoch"`` (see :class:`~dinokit.train.step.TrainingStep`).
         augment: ``data.augment_on=device``: a batched multi-crop run on each batch after it
             reaches the device (seeded from ``seed`` and the step).
+        seed: the run's seed.
         n_global: global views in list-style batches.
         config: the resolved run config (plain dict), stored in checkpoints.
     """
@@ -55,56 +59,26 @@ class DINOModule(pl.LightningModule):
     def __init__(
         self,
         method: torch.nn.Module,
+        settings: StepSettings | None = None,
         *,
-        optimizer: OptimizerSpec = "adamw",
-        lr: float = 0.0005,
-        lr_scaling: str = "linear",
-        lr_reference_batch: int = 256,
-        lr_schedule: str = "warmup_cosine",
-        min_lr: float = 1e-6,
-        warmup_epochs: float = 10,
-        warmup_start_lr: float = 0.0,
-        weight_decay: float = 0.04,
-        weight_decay_end: float = 0.4,
-        clip_grad: float = 3.0,
-        clip_mode: str = "per_param",
-        freeze_last_layer_epochs: float = 1,
-        freeze_last_layer_mode: str = "cancel_grad",
-        no_decay_rule: str = "dinokit",
-        max_nonfinite_steps: int = 3,
-        accumulate: int = 1,
-        precision: str = "32-true",
+        stages: Sequence[StageSettings] = (),
+        optimizer: OptimizerSpec | None = None,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        exclude_bias_and_norm_wd: bool = True,
+        lr_interval: str = "step",
         augment: Any = None,
         seed: int = 0,
-        layer_decay: float = 1.0,
-        patch_embed_lr_mult: float = 1.0,
-        exclude_bias_and_norm_wd: bool = True,
-        momentum: float = 0.9,
-        betas: Sequence[float] = (0.9, 0.999),
-        optimizer_kwargs: dict[str, Any] | None = None,
         n_global: int = 2,
         config: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False  # the TrainingStep owns backward, clipping and stepping
-        self.settings = StepSettings(
-            lr=lr, lr_scaling=lr_scaling, lr_reference_batch=lr_reference_batch,
-            lr_schedule=lr_schedule, min_lr=min_lr, warmup_epochs=warmup_epochs,
-            warmup_start_lr=warmup_start_lr, weight_decay=weight_decay,
-            weight_decay_end=weight_decay_end, clip_grad=clip_grad, clip_mode=clip_mode,
-            freeze_last_layer_epochs=freeze_last_layer_epochs,
-            freeze_last_layer_mode=freeze_last_layer_mode, max_nonfinite_steps=max_nonfinite_steps,
-            accumulate=accumulate, precision=precision,
-        )
+        self.settings = settings or StepSettings()
         self.method = method
-        method.check_finite = False  # checked at logging steps instead (no per-step host sync)
-        self.optimizer_spec = optimizer
-        self.no_decay_rule = no_decay_rule
+        self.stages = list(stages)
+        self.optimizer_spec, self.optimizer_kwargs = optimizer, dict(optimizer_kwargs or {})
+        self.exclude_bias_and_norm_wd, self.lr_interval = exclude_bias_and_norm_wd, lr_interval
         self.augment, self.seed = augment, int(seed)
-        self.layer_decay, self.patch_embed_lr_mult = layer_decay, patch_embed_lr_mult
-        self.exclude_bias_and_norm_wd = exclude_bias_and_norm_wd
-        self.momentum, self.betas = momentum, tuple(betas)
-        self.optimizer_kwargs = dict(optimizer_kwargs or {})
         self.n_global = n_global
         self.run_config = config or {}
         self.step_fn: TrainingStep | None = None
@@ -137,9 +111,10 @@ class DINOModule(pl.LightningModule):
         return max(1, min(candidates))
 
     def on_train_start(self) -> None:
+        use_tf32_matmuls()
         opt = self.optimizers()
         self.step_fn = TrainingStep(self.method, getattr(opt, "optimizer", opt), self.settings,
-                                    n_global=self.n_global)
+                                    stages=self.stages, n_global=self.n_global, lr_interval=self.lr_interval)
         if self._pending_step_state is not None:
             self.step_fn.load_state_dict(self._pending_step_state)
             self._pending_step_state = None
@@ -149,21 +124,17 @@ class DINOModule(pl.LightningModule):
         """FSDP2 (``trainer.strategy=fsdp``): shard student and teacher on the strategy's mesh,
         before the optimiser is built on the sharded parameters."""
         mesh = getattr(self, "_device_mesh", None)
-        if mesh is None or getattr(self.method, "_dinokit_sharded", False):
+        if mesh is None or is_sharded(self.method):
             return
         from dinokit.train.strategy import shard_method
 
         shard_method(self.method, mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ())
                      else mesh)
-        self.method._dinokit_sharded = True
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return build_method_optimizer(
-            self.method, self.optimizer_spec, no_decay_rule=self.no_decay_rule,
-            exclude_bias_and_norm_wd=self.exclude_bias_and_norm_wd, layer_decay=self.layer_decay,
-            patch_embed_lr_mult=self.patch_embed_lr_mult, momentum=self.momentum, betas=self.betas,
-            optimizer_kwargs=self.optimizer_kwargs,
-        )
+        return build_method_optimizer(self.method, self.settings.optim, self.optimizer_spec,
+                                      exclude_bias_and_norm_wd=self.exclude_bias_and_norm_wd,
+                                      optimizer_kwargs=self.optimizer_kwargs)
 
     # ------------------------------------------------------------------ step
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -216,7 +187,7 @@ class DINOModule(pl.LightningModule):
             rng["cuda"] = torch.cuda.get_rng_state_all()
         step_state = self.step_fn.state_dict() if self.step_fn is not None else {}
         checkpoint["dinokit"] = {"config": self.run_config, "rng": rng, "format": 1, "step": step_state,
-                                 "fsdp": bool(getattr(self.method, "_dinokit_sharded", False))}
+                                 "fsdp": is_sharded(self.method)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("dinokit")
@@ -230,6 +201,11 @@ class DINOModule(pl.LightningModule):
             random.setstate(_as_random_state(rng["python"]))
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def is_sharded(method: torch.nn.Module) -> bool:
+    """Whether FSDP2 sharded the method (its parameters are DTensors)."""
+    return any(hasattr(p, "full_tensor") for p in method.parameters())
 
 
 def _as_random_state(state: Any) -> tuple:

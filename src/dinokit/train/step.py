@@ -21,17 +21,18 @@ guard's counters are read only by :meth:`TrainingStep.check_nonfinite`, at those
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dinokit.losses.centering import EMACenter
-from dinokit.schedules import CosineSchedule, scaled_lr
+from dinokit.clock import Clock, Stage, StepValues
+from dinokit.settings import OptimSettings, StageSettings
 from dinokit.train.optim import (
     align_kernel_flags,
     build_optimizer,
@@ -45,6 +46,8 @@ from dinokit.train.optim import (
 from dinokit.train.strategy import clip_per_parameter_sharded_
 
 CLIP_MODES = ("per_param", "per_module", "global", "none")
+#: DINO's official rules: what ``"auto"`` resolves to for a method that declares none.
+DINO_RULES = {"no_decay_rule": "dino", "clip_mode": "per_param", "freeze_last_layer_mode": "cancel_grad"}
 FREEZE_MODES = ("cancel_grad", "zero_lr")
 LR_SCHEDULES = ("warmup_cosine", "constant", "none")
 #: ``trainer.precision`` values the step runs: full fp32, or autocast to bf16 / fp16 (+ loss scaling).
@@ -61,83 +64,69 @@ class NonFiniteTrainingError(RuntimeError):
 
 @dataclass
 class StepSettings:
-    """What a training step does besides the method's forward (the ``optim`` part of a recipe).
+    """What a training step does besides the method's forward.
 
     Attributes:
-        lr: base learning rate for a global batch of ``lr_reference_batch`` (scaled by
-            ``lr_scaling``: "linear" as DINO, "sqrt" as DINOv2, or "none").
-        lr_schedule: "warmup_cosine" (linear warm-up from ``warmup_start_lr`` over
-            ``warmup_epochs``, then a cosine to ``min_lr``), "constant", or "none" (the caller
-            owns ``group["lr"]``, e.g. a torch scheduler; weight decay is still scheduled).
-        weight_decay, weight_decay_end: the weight-decay cosine.
-        clip_grad, clip_mode: clipping norm (0 = off) and rule (:data:`CLIP_MODES`).
-        freeze_last_layer_epochs, freeze_last_layer_mode: prototypes frozen for the first epochs,
-            by dropping their gradients (DINO, counted in epochs) or by LR 0 (DINOv2/v3, counted in
-            optimiser steps).
-        max_nonfinite_steps: stop after this many consecutive skipped (non-finite) steps.
-        accumulate: micro-batches per optimiser step.
+        optim: the optimiser and its schedules (:class:`~dinokit.settings.OptimSettings`; its
+            ``"auto"`` rules resolve to the method's official ones).
         precision: a :data:`STEP_PRECISIONS` name; fp16 uses a gradient scaler.
+        accumulate: micro-batches per optimiser step.
+        max_nonfinite_steps: stop after this many consecutive skipped (non-finite) steps.
     """
 
-    lr: float = 0.0005
-    lr_scaling: str = "linear"
-    lr_reference_batch: int = 256
-    lr_schedule: str = "warmup_cosine"
-    min_lr: float = 1e-6
-    warmup_epochs: float = 10
-    warmup_start_lr: float = 0.0
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    clip_grad: float = 3.0
-    clip_mode: str = "per_param"
-    freeze_last_layer_epochs: float = 1
-    freeze_last_layer_mode: str = "cancel_grad"
-    max_nonfinite_steps: int = 3
-    accumulate: int = 1
+    optim: OptimSettings = field(default_factory=OptimSettings)
     precision: str = "32-true"
-    extra: dict[str, Any] = field(default_factory=dict)
+    accumulate: int = 1
+    max_nonfinite_steps: int = 3
 
     def __post_init__(self) -> None:
-        choices = {"lr_scaling": ("linear", "sqrt", "none"), "lr_schedule": LR_SCHEDULES,
-                   "clip_mode": CLIP_MODES, "freeze_last_layer_mode": FREEZE_MODES,
-                   "precision": tuple(STEP_PRECISIONS)}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.precision not in STEP_PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(STEP_PRECISIONS)}, got {self.precision!r}")
         if self.accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+        o = self.optim
+        choices = {"lr_scaling": ("linear", "sqrt", "none"), "lr_schedule": LR_SCHEDULES,
+                   "clip_mode": ("auto", *CLIP_MODES), "freeze_last_layer_mode": ("auto", *FREEZE_MODES)}
+        for name, allowed in choices.items():
+            if getattr(o, name) not in allowed:
+                raise ValueError(f"optim.{name} must be one of {allowed}, got {getattr(o, name)!r}")
         for name in ("lr", "min_lr", "warmup_epochs", "warmup_start_lr", "clip_grad",
                      "freeze_last_layer_epochs"):
-            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+            if not math.isfinite(getattr(o, name)) or getattr(o, name) < 0:
+                raise ValueError(f"optim.{name} must be a finite number >= 0, got {getattr(o, name)}")
 
-    @classmethod
-    def names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls) if f.name != "extra")
+
+def resolve_rules(optim: OptimSettings, rules: Mapping[str, str]) -> OptimSettings:
+    """``optim`` with each ``"auto"`` rule (``no_decay_rule``, ``clip_mode``,
+    ``freeze_last_layer_mode``) replaced by the method's official one (``rules``; DINO's when the
+    method declares none)."""
+    changes = {k: rules.get(k, DINO_RULES[k]) for k in DINO_RULES if getattr(optim, k) == "auto"}
+    return dataclasses.replace(optim, **changes) if changes else optim
 
 
 def build_method_optimizer(
-    method: nn.Module, spec: OptimizerSpec = "adamw", *, no_decay_rule: str = "dinokit",
-    exclude_bias_and_norm_wd: bool = True, layer_decay: float = 1.0, patch_embed_lr_mult: float = 1.0,
-    momentum: float = 0.9, betas: Sequence[float] = (0.9, 0.999),
-    optimizer_kwargs: dict[str, Any] | None = None,
+    method: nn.Module, optim: OptimSettings | None = None, spec: OptimizerSpec | None = None, *,
+    exclude_bias_and_norm_wd: bool = True, optimizer_kwargs: dict[str, Any] | None = None,
 ) -> torch.optim.Optimizer:
-    """The optimiser over the student's parameter groups (weight-decay rule, layer-wise LR decay,
-    patch-embedding LR multiplier, last-layer flag). ``spec``: "adamw" | "adam" | "sgd" | "lars",
-    an optimiser class, or a callable ``groups -> Optimizer``."""
+    """The optimiser over the student's parameter groups: ``optim``'s weight-decay rule (``auto``:
+    the method's official one), layer-wise LR decay, patch-embedding LR multiplier, betas and
+    momentum, and the last-layer flag. ``spec`` replaces ``optim.optimizer``: "adamw" | "adam" |
+    "sgd" | "lars", an optimiser class, or a callable ``groups -> Optimizer``."""
+    optim = resolve_rules(optim or OptimSettings(), getattr(method, "rules", {}))
+    spec = optim.optimizer if spec is None else spec
     last_ids = {id(p) for p in method.last_layer_parameters()}
     named = list(method.student.named_parameters())
     n_blocks = len(getattr(getattr(method.student_backbone, "model", None), "blocks", []) or [])
     groups = param_groups(
-        named, exclude_bias_and_norm_wd=exclude_bias_and_norm_wd, no_decay_rule=no_decay_rule,
-        layer_decay=layer_decay, n_blocks=n_blocks, patch_embed_lr_mult=patch_embed_lr_mult,
+        named, exclude_bias_and_norm_wd=exclude_bias_and_norm_wd, no_decay_rule=optim.no_decay_rule,
+        layer_decay=optim.layer_decay, n_blocks=n_blocks, patch_embed_lr_mult=optim.patch_embed_lr_mult,
         last_layer_names={n for n, p in named if id(p) in last_ids},
     )
     extra = dict(optimizer_kwargs or {})
     if isinstance(spec, str):
-        opt = build_optimizer(spec, groups, momentum=momentum, betas=tuple(betas))
+        opt = build_optimizer(spec, groups, momentum=optim.momentum, betas=tuple(optim.betas))
         for g in opt.param_groups:
             g.update(extra)
         return opt
@@ -150,6 +139,14 @@ def build_method_optimizer(
         g.setdefault("lr_scale", 1.0)
         g.setdefault("wd_scale", 1.0)
     return opt
+
+
+def use_tf32_matmuls() -> None:
+    """TF32 tensor cores for the fp32 matmuls left outside autocast, on CUDA (a process-wide
+    setting: the front doors call it when training starts, never a constructor). Kept when the
+    user already chose a precision other than ``"highest"``."""
+    if torch.cuda.is_available() and torch.get_float32_matmul_precision() == "highest":
+        torch.set_float32_matmul_precision("high")
 
 
 @torch.no_grad()
@@ -255,79 +252,70 @@ class TrainingStep:
         method: a :class:`~dinokit.methods.base.SelfDistillationMethod`.
         optimizer: the optimiser over the student (:func:`build_method_optimizer`).
         settings: :class:`StepSettings`.
+        stages: the run's stages (:class:`~dinokit.settings.StageSettings`; none: one stage).
         n_global: global views in list-style batches.
+        lr_interval: ``"step"`` (the official per-iteration learning rate) or ``"epoch"`` (held
+            within each epoch; the estimator's ``interval="epoch"``).
 
-    Call :meth:`plan` once the run length is known, then call the object with each (micro-)batch.
+    Call :meth:`plan` once the run length is known (it builds the run's
+    :class:`~dinokit.clock.Clock`), then call the object with each (micro-)batch.
     """
 
-    def __init__(self, method: nn.Module, optimizer: torch.optim.Optimizer, settings: StepSettings,
-                 *, n_global: int = 2):
+    def __init__(self, method: nn.Module, optimizer: torch.optim.Optimizer, settings: StepSettings, *,
+                 stages: Sequence[StageSettings] = (), n_global: int = 2, lr_interval: str = "step"):
         self.method, self.optimizer, self.settings = method, optimizer, settings
+        self.optim = resolve_rules(settings.optim, getattr(method, "rules", {}))
+        self.stages, self.n_global, self.lr_interval = list(stages), n_global, lr_interval
         align_kernel_flags(optimizer)  # a resumed state dict may carry another run's kernel choice
-        if torch.cuda.is_available() and torch.get_float32_matmul_precision() == "highest":
-            # TF32 tensor cores for the fp32 matmuls left outside autocast (every front door alike)
-            torch.set_float32_matmul_precision("high")
-        self.n_global = n_global
-        method.check_finite = False  # read at logging steps instead (no per-step host sync)
+        method.prepare_for_training_step()
         self.autocast_dtype = STEP_PRECISIONS[settings.precision]
         self.scaler = None
         if self.autocast_dtype is torch.float16:
             device = next(iter(method.parameters())).device.type
             self.scaler = torch.amp.GradScaler(device)
-        # EMA centres move once per optimiser step, after the guard (accumulated over micro-batches).
-        self.centres = [m for m in method.modules() if isinstance(m, EMACenter)]
-        for c in self.centres:
-            c.defer_updates(True)
-        self.lr_schedule: Callable[[int], float] | None = None
-        self.wd_schedule: Callable[[int], float] | None = None
-        self.freeze_steps = 0
-        self.peak_lr = settings.lr
+        self.clock: Clock | None = None
+        self.stage: Stage | None = None
+        self._values: StepValues | None = None
         self._bad_streak: Tensor | None = None
         self._bad_max_streak: Tensor | None = None
         self._bad_total: Tensor | None = None
 
+    @property
+    def peak_lr(self) -> float:
+        return self.clock.peak_lr if self.clock is not None else self.optim.lr
+
     # ------------------------------------------------------------------ plan
-    def plan(self, total_steps: int, steps_per_epoch: int, global_batch: int) -> None:
-        """Build the schedules over ``total_steps`` optimiser steps of ``global_batch`` images."""
-        s = self.settings
-        total_steps, steps_per_epoch = max(1, int(total_steps)), max(1, int(steps_per_epoch))
-        peak = scaled_lr(s.lr, global_batch, s.lr_scaling, s.lr_reference_batch)
-        warmup = min(round(s.warmup_epochs * steps_per_epoch), total_steps)
-        if s.lr_schedule == "warmup_cosine":
-            self.lr_schedule = CosineSchedule(peak, min(s.min_lr, peak), total_steps, warmup,
-                                              s.warmup_start_lr)
-        elif s.lr_schedule == "constant":
-            self.lr_schedule = _Constant(peak)
-        else:
-            self.lr_schedule = None
-        self.wd_schedule = CosineSchedule(s.weight_decay, s.weight_decay_end, total_steps)
-        self.freeze_steps = min(round(s.freeze_last_layer_epochs * steps_per_epoch), total_steps)
-        self.steps_per_epoch = steps_per_epoch
-        self.method.set_total_steps(total_steps, steps_per_epoch)
-        self.peak_lr = peak
+    def plan(self, total_steps: int, steps_per_epoch: int, global_batch: int) -> Clock:
+        """Build the run's clock over ``total_steps`` optimiser steps of ``global_batch`` images."""
+        self.clock = Clock(self.optim, self.method.teacher_settings, self.method.term_timings(),
+                           total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                           global_batch=global_batch,
+                           stages=self.stages, temperature_endpoint=self.method.temperature_endpoint,
+                           freeze_in_epochs=self.optim.freeze_last_layer_mode == "cancel_grad",
+                           lr_interval=self.lr_interval)
+        return self.clock
 
-    def scheduled(self, step: int) -> dict[str, float]:
-        """This optimiser step's learning rate (None when the caller owns it) and weight decay."""
-        if self.wd_schedule is None:
+    def values(self, step: int, epoch: int | None = None) -> StepValues:
+        """Every scheduled value of optimiser step ``step`` (see :meth:`Clock.at`)."""
+        if self.clock is None:
             raise RuntimeError("call TrainingStep.plan(total_steps, steps_per_epoch, global_batch) first")
-        lr = self.lr_schedule(step) if self.lr_schedule is not None else None
-        return {"lr": lr, "wd": self.wd_schedule(step)}
+        return self.clock.at(step, epoch)
 
-    def _apply_schedules(self, step: int) -> dict[str, float]:
-        s = self.settings
-        values = self.scheduled(step)
-        frozen = s.freeze_last_layer_mode == "zero_lr" and step < self.freeze_steps
-        opt = self.optimizer
-        if values["lr"] is None:  # an external scheduler owns the LR: set weight decay only
+    def _enter_stage(self, stage: Stage) -> None:
+        if stage != self.stage:
+            self.method.freeze(stage.frozen)
+            self.stage = stage
+
+    def _apply_schedules(self, values: StepValues) -> None:
+        o, opt = self.optim, self.optimizer
+        frozen = o.freeze_last_layer_mode == "zero_lr" and values.last_layer_frozen
+        if values.lr is None:  # an external scheduler owns the LR: set weight decay only
             lrs = [g["lr"] for g in opt.param_groups]
-            set_group_hyperparameters(opt, 0.0, values["wd"])
+            set_group_hyperparameters(opt, 0.0, values.wd)
             for g, lr in zip(opt.param_groups, lrs, strict=True):
                 g["lr"] = 0.0 if frozen and g.get("is_last_layer") else lr
-            values["lr"] = next((g["lr"] for g in opt.param_groups if g.get("lr_scale", 1.0) == 1.0),
-                                opt.param_groups[0]["lr"])
         else:
-            set_group_hyperparameters(opt, values["lr"], values["wd"], last_layer_lr=0.0 if frozen else None)
-        return values
+            set_group_hyperparameters(opt, values.lr, values.wd, last_layer_lr=0.0 if frozen else None)
 
     # ------------------------------------------------------------------ the step
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -337,10 +325,13 @@ class TrainingStep:
         device = next(iter(self.method.parameters())).device.type
         return torch.autocast(device, dtype=self.autocast_dtype)
 
-    def forward(self, batch: Any) -> Any:
-        """The method's typed output for a batch (dict or list form), under the run's precision."""
+    def forward(self, batch: Any, values: StepValues | None = None) -> Any:
+        """The method's typed output for a batch (dict or list form), under the run's precision,
+        with ``values`` (default: those of the current step, or the method's own time before the
+        first step)."""
+        values = values if values is not None else self._values
         with self.autocast():
-            return self.method(**method_inputs(unpack_batch(batch, self.n_global)))
+            return self.method(**method_inputs(unpack_batch(batch, self.n_global)), values=values)
 
     def __call__(self, batch: Any, *, step: int, epoch: int, micro: int = 0, last: bool | None = None,
                  backward: Callable[[Tensor], Any] | None = None,
@@ -355,62 +346,42 @@ class TrainingStep:
         s, method = self.settings, self.method
         last = micro == s.accumulate - 1 if last is None else last
         if micro == 0:
-            self._values = self._apply_schedules(step)
-            method.set_epoch(epoch)
+            self._values = values = self.values(step, epoch)
+            self._enter_stage(values.stage)
+            self._apply_schedules(values)
             self.optimizer.zero_grad(set_to_none=True)
-        out = self.forward(batch)
+        values = self._values
+        out = self.forward(batch, values)
         loss = out.loss
         scaled = loss / s.accumulate if s.accumulate > 1 else loss
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
         (backward or Tensor.backward)(scaled)
-        metrics = self._metrics(out)
+        metrics = self._metrics(out, values)
         if not last:
             return StepResult(out, metrics, False, _batch_size(out))
+        method.drop_frozen_gradients()
         params = method.student_parameters()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if s.freeze_last_layer_mode == "cancel_grad" and epoch < s.freeze_last_layer_epochs:
+        if self.optim.freeze_last_layer_mode == "cancel_grad" and values.last_layer_frozen:
             method.cancel_last_layer_gradients()
         self._clip(params)
         bad = nonfinite_flag(loss, params)
-        if self.scaler is not None:  # the scaler skips inf/NaN gradients itself and lowers its scale
-            self._scaler_step(optimizer_step)
-        else:
-            skip_step_if_(self.optimizer, bad, step=optimizer_step)
+        # The step is skipped on the device when anything is non-finite (with fp16 that is the
+        # scaler's overflow check too: unscale_ recorded it for the scaler's update).
+        skip_step_if_(self.optimizer, bad, step=optimizer_step)
+        if self.scaler is not None:
+            self.scaler.update()
         ok = ~bad
-        method.update_teacher(apply=ok)
-        for c in self.centres:
-            c.commit(micro + 1, apply=ok)
+        method.after_optimizer_step(values.momentum, step, apply=ok, micro_batches=micro + 1)
         # With fp16 the scaler's skipped overflow steps are routine: only a non-finite loss counts.
         self._count(bad if self.scaler is None else ~torch.isfinite(loss.detach()))
         return StepResult(out, metrics, True, _batch_size(out))
 
-    def _scaler_step(self, optimizer_step: Callable[[], Any] | None) -> None:
-        # Non-finite gradients (bad) are found by the scaler's unscale_ too: it skips the step.
-        assert self.scaler is not None
-        opt = self.optimizer
-        if optimizer_step is None:
-            self.scaler.step(opt)
-        else:  # the engine's step function wraps opt.step(): route it through the scaler
-            original = opt.step
-
-            def scaled_step(closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
-                opt.step = original  # type: ignore[method-assign]
-                if closure is not None:  # the engine's hooks; the scaler takes no closure
-                    closure()
-                return self.scaler.step(opt, **kwargs)
-
-            opt.step = scaled_step  # type: ignore[method-assign]
-            try:
-                optimizer_step()
-            finally:
-                opt.step = original  # type: ignore[method-assign]
-        self.scaler.update()
-
     @torch.no_grad()
     def _clip(self, params: list[Tensor]) -> None:
-        s = self.settings
+        s = self.optim
         if s.clip_grad <= 0 or s.clip_mode == "none":
             return
         if s.clip_mode == "per_param":
@@ -426,7 +397,7 @@ class TrainingStep:
             if grads:
                 torch.nn.utils.clip_grad_norm_(grads, s.clip_grad, foreach=True)
 
-    def _metrics(self, out: Any) -> dict[str, Tensor | float]:
+    def _metrics(self, out: Any, values: StepValues) -> dict[str, Tensor | float]:
         metrics: dict[str, Tensor | float] = {"loss": out.loss.detach()}
         for name, v in (getattr(out, "losses", None) or {}).items():  # each declared loss term
             metrics[name] = v.detach() if isinstance(v, Tensor) else v
@@ -434,9 +405,11 @@ class TrainingStep:
             v = getattr(out, name, None)
             if v is not None:
                 metrics[name] = v.detach() if isinstance(v, Tensor) else v
-        values = getattr(self, "_values", {"lr": 0.0, "wd": 0.0})
-        metrics.update({"lr": values["lr"], "wd": values["wd"], "momentum": self.method.momentum(),
-                        "teacher_temp": float(self.method.teacher_temperature)})
+        lr = values.lr if values.lr is not None else next(
+            (g["lr"] for g in self.optimizer.param_groups if g.get("lr_scale", 1.0) == 1.0),
+            self.optimizer.param_groups[0]["lr"])
+        metrics.update({"lr": lr, "wd": values.wd, "momentum": values.momentum,
+                        "teacher_temp": values.teacher_temperature, "stage": float(values.stage.index)})
         return metrics
 
     # ------------------------------------------------------------------ the non-finite guard
@@ -482,16 +455,6 @@ class TrainingStep:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-
-
-class _Constant:
-    """A constant schedule (picklable)."""
-
-    def __init__(self, value: float):
-        self.value = value
-
-    def __call__(self, step: int) -> float:
-        return self.value
 
 
 def _batch_size(out: Any) -> int | None:

@@ -8,14 +8,15 @@ all three train the same algorithm with the same schedules, clipping, precision 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from dinokit.train.step import OptimizerSpec, StepSettings, TrainingStep, build_method_optimizer
+from dinokit.settings import StageSettings
+from dinokit.train.step import StepSettings, TrainingStep, build_method_optimizer, use_tf32_matmuls
 
 
 def _to_device(x: Any, device: torch.device) -> Any:
@@ -44,16 +45,16 @@ class DINOTrainer:
         method: a DINO/DINOv2/DINOv3 module.
         train_loader: multi-crop batches (dicts from ``MultiCropCollate`` or ``[X]`` lists).
         val_loader: optional held-out multi-crop batches for :meth:`validate`.
+        settings: the step's :class:`~dinokit.train.step.StepSettings` (optimiser and schedules,
+            precision, accumulation); the defaults are the CLI's, with the method's official
+            ``"auto"`` rules.
+        stages: the run's stages (:class:`~dinokit.settings.StageSettings`).
         epochs: planned epochs (the schedules span them).
-        optimizer, no_decay_rule, layer_decay, patch_embed_lr_mult, momentum, betas: the
-            optimiser (see :func:`~dinokit.train.step.build_method_optimizer`).
         global_batch: images per optimiser step for the LR scaling rule (default: the loader's
             ``batch_size`` times ``accumulate``).
         log_every_n_steps: how often the non-finite guard is read (one host read each time).
+        n_global: global views in list-style batches.
         device: where to train (default: CUDA when available).
-        **settings: the step's :class:`~dinokit.train.step.StepSettings` (``lr``, ``min_lr``,
-            ``warmup_epochs``, ``weight_decay``, ``clip_grad``, ``clip_mode``, ``precision``,
-            ``accumulate``, ...). Defaults differ from the CLI's only in ``warmup_epochs=1``.
     """
 
     def __init__(
@@ -61,26 +62,16 @@ class DINOTrainer:
         method: torch.nn.Module,
         train_loader: Iterable[Any],
         val_loader: Iterable[Any] | None = None,
+        settings: StepSettings | None = None,
         *,
+        stages: Sequence[StageSettings] = (),
         epochs: int = 10,
-        optimizer: OptimizerSpec = "adamw",
-        no_decay_rule: str = "dinokit",
-        layer_decay: float = 1.0,
-        patch_embed_lr_mult: float = 1.0,
-        momentum: float = 0.9,
-        betas: tuple[float, float] = (0.9, 0.999),
         global_batch: int | None = None,
         log_every_n_steps: int = 50,
         n_global: int = 2,
         device: str | torch.device | None = None,
-        **settings: Any,
     ):
-        unknown = sorted(set(settings) - set(StepSettings.names()))
-        if unknown:
-            raise TypeError(f"DINOTrainer got unknown arguments {unknown}; step settings are "
-                            f"{list(StepSettings.names())}")
-        settings.setdefault("warmup_epochs", 1)
-        self.settings = StepSettings(**settings)
+        self.settings = settings or StepSettings()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.method = method.to(self.device)
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -89,11 +80,8 @@ class DINOTrainer:
         batches = len(train_loader)  # type: ignore[arg-type]
         steps_per_epoch = max(1, math.ceil(batches / acc))
         batch = global_batch or (getattr(train_loader, "batch_size", None) or 1) * acc
-        self.optimizer = build_method_optimizer(method, optimizer, no_decay_rule=no_decay_rule,
-                                                layer_decay=layer_decay,
-                                                patch_embed_lr_mult=patch_embed_lr_mult,
-                                                momentum=momentum, betas=betas)
-        self.step_fn = TrainingStep(method, self.optimizer, self.settings, n_global=n_global)
+        self.optimizer = build_method_optimizer(method, self.settings.optim)
+        self.step_fn = TrainingStep(method, self.optimizer, self.settings, stages=stages, n_global=n_global)
         self.step_fn.plan(steps_per_epoch * epochs, steps_per_epoch, batch)
         self.epoch = 0
         self.global_step = 0
@@ -140,6 +128,7 @@ class DINOTrainer:
 
     def fit(self) -> list[EpochStats]:
         """Train for the planned epochs; validation loss in ``extra`` when a val loader is set."""
+        use_tf32_matmuls()
         while self.epoch < self.epochs:
             stats = self.train_epoch()
             if self.val_loader is not None:

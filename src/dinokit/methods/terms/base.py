@@ -8,13 +8,13 @@ pass, student passes, masked-token selection) and hands the same :class:`StepFea
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from dinokit.backbones import BackboneOutput
+from dinokit.clock import TermTiming
 
 #: Features a term may consume; the method computes only the union of what its terms declare.
 GLOBAL_CLS = "global_cls"  # student CLS of the global crops, [n_global * B, D]
@@ -63,28 +63,31 @@ class TermOutput:
 class LossTerm(nn.Module):
     """Base of every loss term.
 
-    Subclasses set ``name`` (the loss is reported as ``loss_<name>``) and ``consumes`` (a subset
-    of :data:`FEATURES`), create their heads in :meth:`make_heads`, and implement :meth:`forward`.
-    ``weight`` multiplies the loss; ``weight_schedule(step) -> float`` replaces it when given (a
-    weight of 0 at a step skips the term's computation there).
+    Subclasses set ``name`` (the loss is reported as ``loss_<name>``), ``section`` (the config
+    section of its settings and the key of its weight in the clock's values and a stage's
+    ``weights``) and ``consumes`` (a subset of :data:`FEATURES`), create their heads in
+    :meth:`make_heads`, and implement :meth:`forward`. ``weight`` multiplies the loss; the clock
+    gives each step's weight (:meth:`timing`: a term may start late and ramp up), and a weight of 0
+    at a step skips the term's computation there.
     """
 
     name: ClassVar[str] = "term"
+    section: ClassVar[str] = "term"
     consumes: ClassVar[frozenset[str]] = frozenset()
     #: the term reads only the ``cls`` of the backbone outputs it gets (no patches, no registers);
     #: when every active term does, the method asks the backbones for the CLS token only (a ViT then
     #: skips the dead rows of its last block). False (the safe default) for a term that may read more.
     cls_only: ClassVar[bool] = False
 
-    def __init__(self, weight: float = 1.0, weight_schedule: Callable[[int], float] | None = None):
+    def __init__(self, weight: float = 1.0):
         super().__init__()
         if not weight >= 0:
             raise ValueError(f"{self.name} weight must be >= 0, got {weight}")
         self.weight = float(weight)
-        self.weight_schedule = weight_schedule
 
-    def weight_at(self, step: int) -> float:
-        return self.weight if self.weight_schedule is None else float(self.weight_schedule(step))
+    def timing(self) -> TermTiming:
+        """The term's weight and when it starts (what the clock schedules)."""
+        return TermTiming(self.weight)
 
     def make_heads(self, embed_dim: int) -> dict[str, nn.Module]:
         """Heads this term adds to the student (and, copied, to the teacher)."""
@@ -94,8 +97,8 @@ class LossTerm(nn.Module):
                 teacher: nn.ModuleDict) -> TermOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def on_teacher_update(self, method: nn.Module) -> None:
-        """Called after every EMA step (e.g. to refresh a Gram teacher)."""
+    def after_teacher_update(self, step: int, teacher_backbone: nn.Module) -> None:
+        """Called after the EMA update of optimiser step ``step`` (e.g. to refresh a Gram teacher)."""
 
     @property
     def needs_masks(self) -> bool:

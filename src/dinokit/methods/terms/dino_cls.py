@@ -4,8 +4,6 @@ crop. Centring is DINO's EMA centre (``"ema"``) or Sinkhorn-Knopp (``"sinkhorn"`
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -21,6 +19,7 @@ from dinokit.methods.terms.base import (
     TermOutput,
     register_term,
 )
+from dinokit.settings import DinoSettings, HeadSettings, TeacherSettings
 
 CENTERINGS = ("ema", "sinkhorn")
 
@@ -28,34 +27,34 @@ CENTERINGS = ("ema", "sinkhorn")
 @register_term
 class DINOClsTerm(LossTerm):
     """Args:
-        n_prototypes: ``K`` of the CLS head (``head`` in the student/teacher dicts).
-        head_kwargs: :class:`~dinokit.heads.DINOHead` options (hidden/bottleneck widths, layers,
-            BatchNorm, weight norm and its gain).
-        student_temp: ``tau_s``.
-        centering: ``"ema"`` (centre with ``center_momentum``) or ``"sinkhorn"``.
-        sinkhorn_iterations: Sinkhorn-Knopp iterations (3).
-        weight: the term's weight (1).
+        dino: the term's settings: ``n_prototypes`` of the CLS head (``head`` in the
+            student/teacher dicts), ``student_temperature`` and ``weight``.
+        heads: the head's architecture (:class:`~dinokit.settings.HeadSettings`, resolved).
+        teacher: its centring: ``centering`` (``"ema"`` or ``"sinkhorn"``), ``center_momentum``,
+            ``sinkhorn_iterations``.
     """
 
     name = "cls"
+    section = "dino"
     consumes = frozenset({GLOBAL_CLS, LOCAL_CLS, TEACHER_GLOBAL})
     cls_only = True
 
-    def __init__(self, n_prototypes: int, head_kwargs: dict[str, Any] | None = None, *,
-                 student_temp: float = 0.1, centering: str = "ema", center_momentum: float = 0.9,
-                 sinkhorn_iterations: int = 3, weight: float = 1.0):
-        super().__init__(weight)
+    def __init__(self, dino: DinoSettings | None = None, heads: HeadSettings | None = None,
+                 teacher: TeacherSettings | None = None):
+        dino, heads, teacher = dino or DinoSettings(), heads or HeadSettings(), teacher or TeacherSettings()
+        super().__init__(dino.weight)
+        centering = teacher.centering or "ema"
         if centering not in CENTERINGS:
             raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
-        if sinkhorn_iterations < 1:
-            raise ValueError(f"sinkhorn_iterations must be >= 1, got {sinkhorn_iterations}")
-        self.n_prototypes, self.head_kwargs = int(n_prototypes), dict(head_kwargs or {})
-        self.centering_kind, self.sinkhorn_iterations = centering, int(sinkhorn_iterations)
+        if teacher.sinkhorn_iterations < 1:
+            raise ValueError(f"sinkhorn_iterations must be >= 1, got {teacher.sinkhorn_iterations}")
+        self.n_prototypes, self.heads = int(dino.n_prototypes), heads
+        self.centering_kind, self.sinkhorn_iterations = centering, int(teacher.sinkhorn_iterations)
         # DINOLoss holds tau_s and the EMA centre (kept under this name for checkpoint continuity).
-        self.dino_loss = DINOLoss(n_prototypes, student_temp, center_momentum)
+        self.dino_loss = DINOLoss(dino.n_prototypes, dino.student_temperature, teacher.center_momentum)
 
     def make_heads(self, embed_dim: int) -> dict[str, nn.Module]:
-        return {"head": DINOHead(embed_dim, self.n_prototypes, **self.head_kwargs)}
+        return {"head": DINOHead.from_settings(embed_dim, self.n_prototypes, self.heads)}
 
     def teacher_probs(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
         """``[n_global, B, K]`` centred and sharpened teacher distribution."""

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinokit.clock import TermTiming
 from dinokit.losses.gram import gram_loss, resample_patch_grid
 from dinokit.methods.terms.base import (
     STUDENT_PATCHES,
@@ -26,50 +27,47 @@ from dinokit.methods.terms.base import (
     TermOutput,
     register_term,
 )
-from dinokit.schedules import linear_ramp
+from dinokit.settings import GramSettings
 
 
 @register_term
 class GramTerm(LossTerm):
     """Args:
-        weight: the loss weight once ramped up (official ``gram.loss_weight``: 1).
-        start_step: no Gram loss before this step; the Gram teacher is taken from the EMA
-            teacher here unless loaded from a file.
-        ramp_steps: the weight ramps linearly over these steps after ``start_step`` (0 = none,
-            official).
-        refresh_every: refresh the Gram teacher from the EMA teacher every N steps (None = never).
-        first_refresh_step, max_refreshes: the official ``it_first_update`` / ``max_updates``.
-        ema_teacher: use the EMA teacher's own patches (official ``gram.ema_teacher``).
-        img_level, remove_neg, remove_only_teacher_neg, normalized: the official loss options.
-        teacher_size: resize the global crops to this size for the Gram teacher (None = as is).
-        resize_mode, resize_antialias: how its patch grid is resampled to the student's.
+        gram: the term's settings: ``weight`` once ramped up (official ``gram.loss_weight``: 1);
+            ``start_step`` (no Gram loss before it; the Gram teacher is taken from the EMA teacher
+            there unless loaded from a file); ``ramp_steps`` (the weight ramps linearly over these
+            steps; 0 = official); ``refresh_every``, ``first_refresh_step``, ``max_refreshes``
+            (the official ``update_frequency`` / ``it_first_update`` / ``max_updates``);
+            ``ema_teacher`` (the EMA teacher's own patches, official ``gram.ema_teacher``);
+            ``img_level``, ``remove_neg``, ``remove_only_teacher_neg`` (the official loss options);
+            ``teacher_size`` (the global crops resized to this size for the Gram teacher).
+        normalized: L2-normalise the patch features before the Gram matrices (official: yes).
+        resize_mode, resize_antialias: how the Gram teacher's patch grid is resampled to the
+            student's.
     """
 
     name = "gram"
+    section = "gram"
     consumes = frozenset({STUDENT_PATCHES, TEACHER_GLOBAL})
 
-    def __init__(self, weight: float = 1.0, *, start_step: int = 0, ramp_steps: int = 0,
-                 refresh_every: int | None = None, first_refresh_step: int = 0,
-                 max_refreshes: int | None = None, ema_teacher: bool = False, img_level: bool = False,
-                 remove_neg: bool = False, remove_only_teacher_neg: bool = False, normalized: bool = True,
-                 teacher_size: int | None = None, resize_mode: str = "bicubic",
-                 resize_antialias: bool = False):
-        super().__init__(weight)
-        for name, v in (("start_step", start_step), ("ramp_steps", ramp_steps),
-                        ("first_refresh_step", first_refresh_step)):
-            if v < 0:
-                raise ValueError(f"gram {name} must be >= 0, got {v}")
-        if refresh_every is not None and refresh_every < 1:
-            raise ValueError(f"gram refresh_every must be >= 1, got {refresh_every}")
-        if ema_teacher and refresh_every:
+    def __init__(self, gram: GramSettings | None = None, *, normalized: bool = True,
+                 resize_mode: str = "bicubic", resize_antialias: bool = False):
+        gram = gram or GramSettings(weight=1.0)
+        super().__init__(gram.weight)
+        for name in ("start_step", "ramp_steps", "first_refresh_step"):
+            if getattr(gram, name) < 0:
+                raise ValueError(f"gram {name} must be >= 0, got {getattr(gram, name)}")
+        if gram.refresh_every is not None and gram.refresh_every < 1:
+            raise ValueError(f"gram refresh_every must be >= 1, got {gram.refresh_every}")
+        if gram.ema_teacher and gram.refresh_every:
             raise ValueError("gram ema_teacher=True uses the EMA teacher itself: refresh_every must be None")
-        self.start_step, self.ramp_steps = int(start_step), int(ramp_steps)
-        self.refresh_every, self.first_refresh_step = refresh_every, int(first_refresh_step)
-        self.max_refreshes, self.ema_teacher = max_refreshes, bool(ema_teacher)
-        self.loss_options: dict[str, Any] = dict(img_level=img_level, remove_neg=remove_neg,
-                                                 remove_only_teacher_neg=remove_only_teacher_neg,
+        self.start_step, self.ramp_steps = int(gram.start_step), int(gram.ramp_steps)
+        self.refresh_every, self.first_refresh_step = gram.refresh_every, int(gram.first_refresh_step)
+        self.max_refreshes, self.ema_teacher = gram.max_refreshes, bool(gram.ema_teacher)
+        self.loss_options: dict[str, Any] = dict(img_level=gram.img_level, remove_neg=gram.remove_neg,
+                                                 remove_only_teacher_neg=gram.remove_only_teacher_neg,
                                                  normalize=normalized)
-        self.teacher_size, self.resize_mode = teacher_size, resize_mode
+        self.teacher_size, self.resize_mode = gram.teacher_size, resize_mode
         self.resize_antialias = resize_antialias
         self.gram_teacher: nn.Module | None = None
         # Saved with the model so that resume knows whether and how often it was loaded.
@@ -77,8 +75,8 @@ class GramTerm(LossTerm):
         self.register_buffer("n_refreshes", torch.zeros((), dtype=torch.long))
         self._initialized = False  # host mirror of the buffer (no sync per step)
 
-    def weight_at(self, step: int) -> float:
-        return linear_ramp(step, self.start_step, self.ramp_steps, self.weight)
+    def timing(self) -> TermTiming:
+        return TermTiming(self.weight, self.start_step, self.ramp_steps)
 
     # ------------------------------------------------------------------ the Gram teacher
     def bind(self, teacher_backbone: nn.Module) -> None:
@@ -106,15 +104,16 @@ class GramTerm(LossTerm):
         self.initialized.fill_(True)
         self._initialized = True
 
-    def on_teacher_update(self, method: nn.Module) -> None:
+    def after_teacher_update(self, step: int, teacher_backbone: nn.Module) -> None:
+        """Refresh the Gram teacher from the EMA teacher every ``refresh_every`` steps (the step
+        counted from 0, as the official ``iteration``), from ``first_refresh_step`` on."""
         if self.gram_teacher is None or self.refresh_every is None:
             return
-        step = method.step
         if step < max(self.first_refresh_step, self.start_step) or step % self.refresh_every:
             return
         if self.max_refreshes is not None and int(self.n_refreshes) >= self.max_refreshes:
             return
-        self.load_from(method.teacher_backbone)
+        self.load_from(teacher_backbone)
         self.n_refreshes += 1
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
@@ -142,8 +141,6 @@ class GramTerm(LossTerm):
 
     def forward(self, f: StepFeatures, student: nn.ModuleDict, teacher: nn.ModuleDict) -> TermOutput:
         if self.gram_teacher is not None and not self._initialized:
-            if f.step < self.start_step:  # weight 0 here; the method skips the term
-                return TermOutput(f.student_global.patches.sum() * 0.0)
             self.load_from(teacher["backbone"])  # the Gram stage starts: take the EMA teacher now
         t_patches = self._teacher_patches(f, teacher["backbone"])
         loss = gram_loss(f.student_global.patches, t_patches, **self.loss_options)

@@ -8,8 +8,6 @@ of masked tokens; padding rows weigh 0), so the step has fixed shapes and no hos
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -23,36 +21,39 @@ from dinokit.methods.terms.base import (
     TermOutput,
     register_term,
 )
+from dinokit.settings import HeadSettings, IBOTSettings, TeacherSettings
 
 
 @register_term
 class IBOTPatchTerm(LossTerm):
     """Args:
-        n_prototypes: ``K`` of the patch head (``patch_head``); ignored with ``shared_head``.
-        head_kwargs: :class:`~dinokit.heads.DINOHead` options.
-        shared_head: use the CLS term's ``head`` for patches (iBOT; DINOv2's default config)
-            instead of a separate ``patch_head`` (DINOv2's ViT-L/g configs, DINOv3).
-        student_temp, centering, center_momentum, sinkhorn_iterations: as the CLS term.
-        weight: the term's weight (1).
+        ibot: the term's settings: ``n_prototypes`` of the patch head (``patch_head``; unused with
+            ``shared_head``), ``shared_head`` (use the CLS term's ``head`` for patches, as iBOT and
+            DINOv2's default config; a separate ``patch_head`` as DINOv2's ViT-L/g configs and
+            DINOv3), ``student_temperature`` and ``weight``.
+        heads: the head's architecture (resolved).
+        teacher: its centring, as the CLS term's.
     """
 
     name = "patch"
+    section = "ibot"
     consumes = frozenset({MASKED_PATCHES, TEACHER_GLOBAL})
 
-    def __init__(self, n_prototypes: int, head_kwargs: dict[str, Any] | None = None, *,
-                 shared_head: bool = False, student_temp: float = 0.1, centering: str = "sinkhorn",
-                 center_momentum: float = 0.9, sinkhorn_iterations: int = 3, weight: float = 1.0):
-        super().__init__(weight)
-        self.n_prototypes, self.head_kwargs = int(n_prototypes), dict(head_kwargs or {})
-        self.shared_head = bool(shared_head)
-        self.head_name = "head" if shared_head else "patch_head"
-        self.ibot_loss = IBOTPatchLoss(n_prototypes, student_temp, centering, center_momentum,
-                                       sinkhorn_iterations)
+    def __init__(self, ibot: IBOTSettings | None = None, heads: HeadSettings | None = None,
+                 teacher: TeacherSettings | None = None):
+        ibot, heads, teacher = ibot or IBOTSettings(), heads or HeadSettings(), teacher or TeacherSettings()
+        super().__init__(ibot.weight)
+        self.n_prototypes, self.heads = int(ibot.n_prototypes), heads
+        self.shared_head = bool(ibot.shared_head)
+        self.head_name = "head" if self.shared_head else "patch_head"
+        self.ibot_loss = IBOTPatchLoss(ibot.n_prototypes, ibot.student_temperature,
+                                       teacher.centering or "sinkhorn", teacher.center_momentum,
+                                       teacher.sinkhorn_iterations)
 
     def make_heads(self, embed_dim: int) -> dict[str, nn.Module]:
         if self.shared_head:
             return {}
-        return {"patch_head": DINOHead(embed_dim, self.n_prototypes, **self.head_kwargs)}
+        return {"patch_head": DINOHead.from_settings(embed_dim, self.n_prototypes, self.heads)}
 
     def forward(self, f: StepFeatures, student: nn.ModuleDict, teacher: nn.ModuleDict) -> TermOutput:
         assert f.teacher_global is not None and f.mask_indices is not None and f.mask_weights is not None

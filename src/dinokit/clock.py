@@ -1,0 +1,271 @@
+"""The clock: every scheduled value of a run, and its stages, as a function of the optimiser step.
+
+A run has one clock, built once from its settings and its length. For any optimiser step it gives
+the learning rate (linear warm-up then cosine, scaled by the global batch; a stage may scale it or
+warm it up again), the weight decay (cosine), whether the prototypes are frozen, the teacher's
+EMA momentum (cosine) and temperature (linear warm-up, per epoch or per step), each loss term's
+weight (a stage may override it; Gram anchoring starts late and may ramp up) and the active stage.
+The training step asks the clock and hands the values to the method, which counts nothing.
+
+The schedules are the official ones, end points included (:mod:`dinokit.schedules`): DINO's
+``cosine_scheduler`` and DINOv2/v3's ``CosineScheduler`` for the learning rate, weight decay and
+momentum, ``np.linspace`` warm-ups for the learning rate and the teacher temperature.
+
+The clock holds no counter: the loop's optimiser-step counter (saved in checkpoints) is the one
+step of the run. A method used without a training loop keeps its own :class:`ManualTime`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from dinokit.schedules import CosineSchedule, TeacherTemperature, linear_ramp, scaled_lr
+from dinokit.settings import FREEZABLE, OptimSettings, StageSettings, TeacherSettings
+
+
+@dataclass(frozen=True)
+class TermTiming:
+    """When a loss term weighs what: ``weight``, 0 before ``start_step``, ramped up linearly over
+    ``ramp_steps`` after it (DINOv3's Gram anchoring starts late)."""
+
+    weight: float
+    start_step: int = 0
+    ramp_steps: int = 0
+
+    def at(self, step: int) -> float:
+        return linear_ramp(step, self.start_step, self.ramp_steps, self.weight)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage placed on the run: ``[start, end)`` in optimiser steps and its overrides."""
+
+    index: int
+    name: str
+    start: int
+    end: int
+    frozen: tuple[str, ...] = ()
+    lr_mult: float = 1.0
+    warmup_steps: int = 0
+    weights: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepValues:
+    """Every scheduled value of one optimiser step.
+
+    Attributes:
+        step, epoch: the optimiser step and the epoch it falls in.
+        lr: the learning rate (None when the caller's scheduler owns it: ``optim.lr_schedule=none``).
+        wd: the weight decay.
+        last_layer_frozen: the prototypes stay fixed this step (their LR is 0, or their gradients
+            are dropped, by ``optim.freeze_last_layer_mode``).
+        momentum: the teacher's EMA momentum after this step.
+        teacher_temperature: the teacher temperature of this step's targets.
+        weights: each loss term's weight by term section (``dino``, ``ibot``, ``koleo``, ``gram``).
+        stage: the active stage.
+    """
+
+    step: int
+    epoch: int
+    lr: float | None
+    wd: float
+    last_layer_frozen: bool
+    momentum: float
+    teacher_temperature: float
+    weights: Mapping[str, float]
+    stage: Stage
+
+
+def place_stages(stages: Sequence[StageSettings], total_steps: int, steps_per_epoch: int) -> list[Stage]:
+    """The stages on ``[0, total_steps)``: each lasts its ``steps`` (or ``round(epochs x
+    steps_per_epoch)``), the last one to the end of the run; no stages means one stage, ``all``."""
+    if not stages:
+        return [Stage(0, "all", 0, total_steps)]
+    placed, start = [], 0
+    for i, s in enumerate(stages):
+        last = i == len(stages) - 1
+        if s.steps is not None:
+            length = int(s.steps)
+        elif s.epochs is not None:
+            length = max(1, round(s.epochs * steps_per_epoch))
+        else:
+            length = max(0, total_steps - start)
+        end = total_steps if last else start + length
+        if end <= start and not last:
+            raise ValueError(f"stage {s.name!r} has no steps left in a run of {total_steps} steps")
+        placed.append(Stage(i, s.name, start, max(end, start), tuple(s.frozen), float(s.lr_mult),
+                            max(0, round(s.warmup_epochs * steps_per_epoch)), dict(s.weights)))
+        start = end
+    if start < total_steps:  # the stages end early: the last one runs to the end
+        last = placed[-1]
+        placed[-1] = Stage(last.index, last.name, last.start, total_steps, last.frozen, last.lr_mult,
+                           last.warmup_steps, last.weights)
+    return placed
+
+
+class Clock:
+    """Every scheduled value of a run, by optimiser step (see the module docstring).
+
+    Args:
+        optim: the optimiser settings (learning rate, its scaling and warm-up, weight decay,
+            prototype freeze).
+        teacher: the teacher settings, resolved (no ``None``: the method's official choices).
+        terms: each loss term's timing by section (``{"dino": TermTiming(1.0), ...}``).
+        total_steps, steps_per_epoch, global_batch: the run's length and batch (the LR scaling).
+        stages: the run's stages (none: one stage).
+        temperature_endpoint: the teacher-temperature warm-up reaches its final value at its last
+            index (DINO, DINOv2) or one index later (DINOv3's ``linear_warmup_cosine_decay``).
+        freeze_in_epochs: the prototype freeze is counted in whole epochs (DINO's
+            ``epoch < freeze_last_layer``) rather than in steps (DINOv2/v3's LR schedule).
+        lr_interval: ``"step"`` (the official per-iteration schedule) or ``"epoch"`` (the same
+            warm-up and cosine counted in epochs, the learning rate held within each epoch).
+    """
+
+    def __init__(self, optim: OptimSettings, teacher: TeacherSettings, terms: Mapping[str, TermTiming], *,
+                 total_steps: int, steps_per_epoch: int, global_batch: int,
+                 stages: Sequence[StageSettings] = (), temperature_endpoint: bool = True,
+                 freeze_in_epochs: bool = False, lr_interval: str = "step"):
+        self.total_steps, self.steps_per_epoch = max(1, int(total_steps)), max(1, int(steps_per_epoch))
+        self.optim, self.teacher, self.terms = optim, teacher, dict(terms)
+        self.freeze_in_epochs = freeze_in_epochs
+        self.peak_lr = scaled_lr(optim.lr, global_batch, optim.lr_scaling, optim.lr_reference_batch)
+        total, spe = self.total_steps, self.steps_per_epoch
+        if lr_interval not in ("step", "epoch"):
+            raise ValueError(f"lr_interval must be 'step' or 'epoch', got {lr_interval!r}")
+        self.lr_per_epoch = lr_interval == "epoch"
+        units, per_unit = (math.ceil(total / spe), 1) if self.lr_per_epoch else (total, spe)
+        warmup = min(round(optim.warmup_epochs * per_unit), units)
+        self.lr_schedule = CosineSchedule(self.peak_lr, min(optim.min_lr, self.peak_lr), units, warmup,
+                                          optim.warmup_start_lr)
+        self.wd_schedule = CosineSchedule(optim.weight_decay, optim.weight_decay_end, total)
+        self.freeze_steps = min(round(optim.freeze_last_layer_epochs * spe), total)
+        if teacher.momentum is None or teacher.warmup_unit is None:
+            raise ValueError("the clock needs resolved teacher settings (momentum and warmup_unit set)")
+        self.momentum_schedule = CosineSchedule(teacher.momentum, teacher.final_momentum, total)
+        per_step = teacher.warmup_unit == "step"
+        length = teacher.warmup_epochs * (spe if per_step else 1)
+        self.temperature = TeacherTemperature(teacher.warmup_temperature, teacher.temperature,
+                                              round(length) if per_step else length,
+                                              endpoint=temperature_endpoint)
+        self.stages = place_stages(stages, total, spe)
+
+    def stage_at(self, step: int) -> Stage:
+        for s in self.stages:
+            if step < s.end:
+                return s
+        return self.stages[-1]
+
+    def epoch_at(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def teacher_temperature(self, step: int, epoch: int | None = None) -> float:
+        if self.teacher.warmup_unit == "step":
+            return self.temperature(step)
+        return self.temperature(self.epoch_at(step) if epoch is None else epoch)
+
+    def lr(self, step: int, stage: Stage | None = None) -> float | None:
+        o = self.optim
+        if o.lr_schedule == "none":
+            return None
+        stage = stage or self.stage_at(step)
+        index = self.epoch_at(step) if self.lr_per_epoch else step
+        lr = self.peak_lr if o.lr_schedule == "constant" else self.lr_schedule(index)
+        if stage.warmup_steps and step - stage.start < stage.warmup_steps:
+            # np.linspace(0, 1, warmup)[i]: the stage's first step trains at lr 0, as the run's own warm-up
+            lr *= (step - stage.start) / max(1, stage.warmup_steps - 1)
+        return lr * stage.lr_mult
+
+    def weights(self, step: int, stage: Stage | None = None) -> dict[str, float]:
+        stage = stage or self.stage_at(step)
+        return {name: float(stage.weights[name]) if name in stage.weights else t.at(step)
+                for name, t in self.terms.items()}
+
+    def at(self, step: int, epoch: int | None = None) -> StepValues:
+        """The values of optimiser step ``step`` (``epoch``: the loop's epoch, when it counts them
+        itself, e.g. with a shortened last epoch; else ``step // steps_per_epoch``)."""
+        stage = self.stage_at(step)
+        epoch = self.epoch_at(step) if epoch is None else epoch
+        frozen = (epoch < self.optim.freeze_last_layer_epochs if self.freeze_in_epochs
+                  else step < self.freeze_steps)
+        return StepValues(step=step, epoch=epoch, lr=self.lr(step, stage), wd=self.wd_schedule(step),
+                          last_layer_frozen=frozen, momentum=self.momentum_schedule(step),
+                          teacher_temperature=self.teacher_temperature(step, epoch),
+                          weights=self.weights(step, stage), stage=stage)
+
+
+class ManualTime:
+    """The time of a method driven by hand, without a training loop (the seed-facing usage
+    ``out = model(...); ...; model.update_teacher(); model.set_epoch(e)``): a step and an epoch
+    counter and the teacher's schedules. A training step never reads it; it passes
+    :class:`StepValues` from the run's :class:`Clock`.
+
+    ``set_run_length`` gives the momentum cosine its length and the per-step temperature warm-up
+    its epoch length; without it the momentum stays at its start value, and a per-step warm-up
+    raises, naming the call to make.
+    """
+
+    def __init__(self, teacher: TeacherSettings, temperature_endpoint: bool = True):
+        if teacher.momentum is None or teacher.warmup_unit is None:
+            raise ValueError("ManualTime needs resolved teacher settings (momentum and warmup_unit set)")
+        self.teacher, self.endpoint = teacher, temperature_endpoint
+        self.step, self.epoch = 0, 0
+        self.total_steps: int | None = None
+        self.steps_per_epoch: int | None = None
+
+    def set_run_length(self, total_steps: int | None, steps_per_epoch: int | None = None) -> None:
+        for name, v in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        self.total_steps = total_steps
+        if steps_per_epoch is not None:
+            self.steps_per_epoch = int(steps_per_epoch)
+
+    def momentum(self, step: int | None = None) -> float:
+        t = self.teacher
+        if not self.total_steps:
+            return float(t.momentum)
+        schedule = CosineSchedule(t.momentum, t.final_momentum, self.total_steps)
+        return schedule(self.step if step is None else step)
+
+    def teacher_temperature(self) -> float:
+        t = self.teacher
+        if t.warmup_unit == "epoch" or t.warmup_epochs == 0:
+            return TeacherTemperature(t.warmup_temperature, t.temperature, t.warmup_epochs,
+                                      endpoint=self.endpoint)(self.epoch)
+        if not self.steps_per_epoch:
+            raise ValueError("the teacher temperature warms up per step (teacher.warmup_unit='step'): call "
+                             "set_run_length(total_steps, steps_per_epoch) first, or use "
+                             "teacher.warmup_unit='epoch' or teacher.warmup_epochs=0 in the method's "
+                             "settings")
+        length = round(t.warmup_epochs * self.steps_per_epoch)
+        schedule = TeacherTemperature(t.warmup_temperature, t.temperature, length, endpoint=self.endpoint)
+        return schedule(self.step)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "epoch": self.epoch, "total_steps": self.total_steps or 0,
+                "steps_per_epoch": self.steps_per_epoch or 0}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.step, self.epoch = int(state.get("step", 0)), int(state.get("epoch", 0))
+        self.set_run_length(int(state.get("total_steps", 0)) or None,
+                            int(state.get("steps_per_epoch", 0)) or None)
+
+
+def frozen_prefixes(parts: Sequence[str], head_names: Sequence[str]) -> tuple[str, ...]:
+    """Parameter-name prefixes (in the student/teacher ``ModuleDict``) of the parts a stage freezes."""
+    out: list[str] = []
+    for part in parts:
+        if part == "backbone":
+            out.append("backbone.")
+        elif part == "patch_embed":
+            out.append("backbone.model.patch_embed.")
+        elif part == "heads":
+            out.extend(f"{h}." for h in head_names)
+        elif part in head_names:
+            out.append(f"{part}.")
+        else:
+            raise ValueError(f"stage part {part!r} is not one of {[*FREEZABLE, *head_names]}")
+    return tuple(out)
