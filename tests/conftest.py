@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
 from dinokit.backbones import build_backbone
+from dinokit.settings import MethodSettings, OptimSettings
+from dinokit.train.step import StepSettings
 
 torch.set_num_threads(1)
 
@@ -29,6 +33,20 @@ def tiny_cnn(in_chans: int = 3, width: int = 8) -> nn.Module:
         nn.Conv2d(width, width, 3, stride=2, padding=1),
         nn.ReLU(),
     )
+
+
+def settings(**sections: dict) -> MethodSettings:
+    """:class:`MethodSettings` from plain dicts per section: ``settings(gram={"weight": 1.0})``."""
+    base = MethodSettings()
+    return dataclasses.replace(base, **{k: dataclasses.replace(getattr(base, k), **v)
+                                        for k, v in sections.items()})
+
+
+def step_settings(**kw) -> StepSettings:
+    """:class:`StepSettings` from flat keywords: ``precision``, ``accumulate`` and
+    ``max_nonfinite_steps`` for the step, the rest for its :class:`OptimSettings`."""
+    own = {k: kw.pop(k) for k in ("precision", "accumulate", "max_nonfinite_steps") if k in kw}
+    return StepSettings(optim=OptimSettings(**kw), **own)
 
 
 def seed_all(seed: int = 0) -> None:

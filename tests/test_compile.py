@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from conftest import step_settings
 from dinokit import DINO, DINOv2, DINOv3
 from dinokit.train.module import method_inputs, unpack_batch
 from test_no_sync import _batches, _method
@@ -38,7 +39,7 @@ def test_compiled_training_steps_match_eager_and_do_not_recompile_every_step(cls
     the teacher temperature and the weights change every step without a new graph each time."""
     from torch._dynamo.utils import counters
 
-    from dinokit.train.step import StepSettings, TrainingStep, build_method_optimizer
+    from dinokit.train.step import TrainingStep, build_method_optimizer
 
     torch.manual_seed(0)
     start = _method(cls)
@@ -49,7 +50,7 @@ def test_compiled_training_steps_match_eager_and_do_not_recompile_every_step(cls
         torch._dynamo.reset()
         counters.clear()
         method = copy.deepcopy(start)
-        step = TrainingStep(method, build_method_optimizer(method, "adamw"), StepSettings(warmup_epochs=0))
+        step = TrainingStep(method, build_method_optimizer(method), step_settings(warmup_epochs=0))
         step.plan(6, 1, 4)
         if mode == "compiled":
             method.compile(backend="aot_eager")
@@ -64,13 +65,13 @@ def test_inductor_compiled_step_keeps_the_autograd_graph_and_trains():
     """The default backend (what trainer.compile=true uses): the compiled loss has a gradient and
     a step moves the student (inductor once dropped the graph of a loss returned beside a
     detached alias of itself)."""
-    from dinokit.train.step import StepSettings, TrainingStep, build_method_optimizer
+    from dinokit.train.step import TrainingStep, build_method_optimizer
 
     torch._dynamo.reset()
     torch.manual_seed(0)
     method = _method(DINO)
-    step = TrainingStep(method, build_method_optimizer(method, "adamw"),
-                        StepSettings(warmup_epochs=0, freeze_last_layer_epochs=0))
+    step = TrainingStep(method, build_method_optimizer(method),
+                        step_settings(warmup_epochs=0, freeze_last_layer_epochs=0))
     step.plan(2, 2, 4)
     eager = copy.deepcopy(method)(**method_inputs(unpack_batch(_batches(1, False)[0]))).loss
     method.compile()

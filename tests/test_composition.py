@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_vit
+from conftest import settings, tiny_vit
 from dinokit import DINO, DINOv2, DINOv3
 from dinokit.config import ConfigError, load_config
 from dinokit.methods.composed import ComposedMethod
@@ -24,7 +24,7 @@ from dinokit.methods.terms import (
     register_term,
 )
 
-HEAD = dict(hidden_dim=32, bottleneck_dim=16, n_layers=2)
+HEAD = dict(hidden_dim=32, bottleneck_dim=16, layers=2)
 
 
 def _views(b=4, seed=0):
@@ -47,10 +47,11 @@ class CLSVarianceTerm(LossTerm):
 def test_a_new_term_is_one_class_and_one_registration():
     register_term(CLSVarianceTerm)
     assert TERMS["variance"] is CLSVarianceTerm
-    cls = DINOClsTerm(24, HEAD, centering="ema")
-    m = ComposedMethod(tiny_vit(), [cls, CLSVarianceTerm(weight=0.5)],
-                       ema_decay_start=0.99, ema_decay_end=1.0, temperature_teacher_warmup=0.04,
-                       temperature_teacher=0.04, warmup_epochs_temperature_teacher=0)
+    s = settings(heads=dict(HEAD, norm_last_layer=True, weight_norm=True), dino=dict(n_prototypes=24),
+                 teacher=dict(centering="ema", momentum=0.99, warmup_unit="epoch", warmup_epochs=0,
+                              temperature=0.04))
+    cls = DINOClsTerm(s.dino, s.heads, s.teacher)
+    m = ComposedMethod(tiny_vit(), [cls, CLSVarianceTerm(weight=0.5)], teacher=s.teacher)
     g, lv = _views()
     out = m(global_views=g, local_views=lv)
     assert set(out.losses) == {"loss_cls", "loss_variance"}
@@ -81,17 +82,19 @@ def test_presets_are_compositions_of_the_official_terms():
     v2 = DINOv2(tiny_vit(), n_prototypes=24, n_patch_prototypes=12, projector_hidden_dim=32,
                 projector_bottleneck_dim=16)
     assert [t.name for t in v2.terms] == ["cls", "patch", "koleo"] and v2.needs_masks
-    assert v2.ema_decay_start == 0.992  # official DINOv2 default
+    assert v2.teacher_settings.momentum == 0.992  # official DINOv2 default
     assert v2.student["head"].last_layer.weight_g.requires_grad  # DINOv2 trains the WN gain
-    v3 = DINOv3(tiny_vit(num_registers=4), n_prototypes=24, n_patch_prototypes=12,
-                projector_hidden_dim=32, projector_bottleneck_dim=16, gram_weight=1.0, gram_start_step=3)
+    v3 = DINOv3(tiny_vit(num_registers=4), n_cls_prototypes=24, n_patch_prototypes=12,
+                projector_hidden_dim=32, projector_bottleneck_dim=16,
+                settings=settings(gram=dict(weight=1.0, start_step=3)))
     assert [t.name for t in v3.terms] == ["cls", "patch", "koleo", "gram"]
     assert not hasattr(v3.student["head"].last_layer, "weight_g")  # DINOv3: no weight norm
 
 
 def test_gram_teacher_is_taken_from_the_ema_teacher_when_the_gram_stage_starts():
-    v3 = DINOv3(tiny_vit(num_registers=4), n_prototypes=24, n_patch_prototypes=12,
-                projector_hidden_dim=32, projector_bottleneck_dim=16, gram_weight=1.0, gram_start_step=2)
+    v3 = DINOv3(tiny_vit(num_registers=4), n_cls_prototypes=24, n_patch_prototypes=12,
+                projector_hidden_dim=32, projector_bottleneck_dim=16,
+                settings=settings(gram=dict(weight=1.0, start_step=2), teacher=dict(warmup_epochs=0)))
     g, lv = _views()
     opt = torch.optim.SGD(v3.student_parameters(), lr=0.5)
     for _ in range(2):  # steps 0 and 1: no Gram loss, no Gram teacher yet
@@ -109,8 +112,8 @@ def test_gram_teacher_is_taken_from_the_ema_teacher_when_the_gram_stage_starts()
 
 
 def test_the_gram_teacher_stays_frozen_in_eval_mode_when_the_method_trains():
-    v3 = DINOv3(tiny_vit(num_registers=4, drop_path_rate=0.5), n_prototypes=24, n_patch_prototypes=12,
-                projector_hidden_dim=32, projector_bottleneck_dim=16, gram_weight=1.0)
+    v3 = DINOv3(tiny_vit(num_registers=4, drop_path_rate=0.5), n_cls_prototypes=24, n_patch_prototypes=12,
+                projector_hidden_dim=32, projector_bottleneck_dim=16, settings=settings(gram=dict(weight=1.0)))
     v3.train()  # Lightning and users put the whole method in train mode
     assert v3.student_backbone.training
     assert not any(m.training for m in v3.gram_teacher.modules())  # no stochastic depth in the anchor
@@ -121,12 +124,11 @@ def test_registry_drives_config_validation_and_the_builder():
     assert {"dino", "ibot", "dinov2", "dinov3"} <= set(METHODS)
     with pytest.raises(ConfigError, match="model.method"):
         load_config("demo", ["model.method=dinov4"])
-    cfg = load_config("dinov2_tiny_cpu")
-    from dinokit.train.build import build_method, resolved_training
+    from dinokit.train.build import build_method
 
-    assert resolved_training(cfg) == {"clip_mode": "per_module", "no_decay_rule": "dinov2",
-                                      "freeze_last_layer_mode": "zero_lr"}
-    assert resolved_training(load_config("demo"))["clip_mode"] == "per_param"
+    assert build_method(load_config("dinov2_tiny_cpu")).rules == {
+        "clip_mode": "per_module", "no_decay_rule": "dinov2", "freeze_last_layer_mode": "zero_lr"}
+    assert build_method(load_config("demo")).rules["clip_mode"] == "per_param"
     assert type(build_method(load_config("demo", ["model.method=ibot"]))).__name__ == "IBOT"
 
 
@@ -137,7 +139,13 @@ def test_seed_004_dinov3_call_and_attributes():
                ema_decay_start=0.996, ema_decay_end=1.0, image_size=32, pretrained=False)
     assert m.n_register_tokens == 4 and m.cls_head is m.student["head"]
     assert m.patch_head is m.student["patch_head"]
-    assert m.teacher_temperature == pytest.approx(0.07)  # the seed's constant teacher temperature
+    with pytest.raises(ValueError, match="set_run_length"):  # official: warmed up per step
+        _ = m.teacher_temperature
+    constant = DINOv3(tiny_vit(num_registers=4), projector_hidden_dim=32, projector_bottleneck_dim=16,
+                      n_cls_prototypes=24, n_patch_prototypes=12, temperature_teacher=0.07,
+                      settings=settings(teacher=dict(warmup_epochs=0)))
+    assert constant.teacher_temperature == pytest.approx(0.07)  # the seed's constant temperature, asked for
+    m = constant
     g, lv = _views()
     out = m(global_views=g, local_views=lv)
     assert {"loss", "loss_cls", "loss_patch", "loss_koleo", "embedding"} <= set(out)

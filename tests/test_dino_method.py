@@ -12,16 +12,19 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import seed_all, tiny_cnn, tiny_vit
+from conftest import seed_all, settings, tiny_cnn, tiny_vit
 from dinokit import DINO
 
 K = 64  # prototypes
 HEAD = dict(projector_hidden_dim=32, projector_bottleneck_dim=16, n_prototypes=K)
 
 
-def _dino(seed=0, backbone=None, **kw):
+def _dino(seed=0, backbone=None, total_steps=None, check_finite=True, **sections):
     seed_all(seed)
-    return DINO(tiny_vit() if backbone is None else backbone, **HEAD, **kw)
+    model = DINO(tiny_vit() if backbone is None else backbone, **HEAD, settings=settings(**sections))
+    model.set_run_length(total_steps)
+    model.check_finite = check_finite
+    return model
 
 
 def _views(b=3, n_global=2, n_local=2, seed=0):
@@ -171,7 +174,7 @@ def test_update_teacher_follows_the_cosine_momentum():
         assert ms[-1] == pytest.approx(want, abs=1e-12)
         torch.testing.assert_close(model.teacher_head.mlp[0].weight - t_before, (1 - want) * gap)
     assert ms[0] == pytest.approx(0.996) and ms[0] < ms[1] < ms[2]
-    assert model.step == 3 and model.momentum(10) == 1.0
+    assert model.time.step == 3 and model.momentum(10) == 1.0
     assert model.update_teacher(0.5) == 0.5  # an explicit momentum overrides the schedule
 
 
@@ -216,7 +219,8 @@ def _eval_outputs(model):
 
 
 def _assert_same_model(a, b):
-    assert (b.step, b.epoch, b.total_steps) == (a.step, a.epoch, a.total_steps) == (1, 3, 20)
+    assert (b.time.step, b.time.epoch, b.time.total_steps) == (a.time.step, a.time.epoch,
+                                                               a.time.total_steps) == (1, 3, 20)
     assert torch.equal(b.dino_loss.center, a.dino_loss.center)
     for x, y in zip(_eval_outputs(a), _eval_outputs(b)):
         assert torch.equal(x, y)
@@ -301,7 +305,7 @@ def test_zero_local_crops():
 
 
 def test_cnn_backbone_with_batch_norm_in_the_head():
-    model = _dino(backbone=tiny_cnn(), projector_batch_norm=True)
+    model = _dino(backbone=tiny_cnn(), heads={"batch_norm": True})
     assert sum(isinstance(m, nn.BatchNorm1d) for m in model.student_head.mlp) == 2
     g, lv = _views()
     out = model(global_views=g, local_views=lv)

@@ -5,22 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_vit
+from conftest import settings, tiny_vit
 from dinokit import DINOv2, DINOv3, build_backbone
 from dinokit.losses import ibot_patch_loss
 from dinokit.weights import WeightsError
 
-HEADS = dict(projector_hidden_dim=32, projector_bottleneck_dim=16, n_prototypes=24, n_patch_prototypes=12)
+HEADS = dict(projector_hidden_dim=32, projector_bottleneck_dim=16, n_patch_prototypes=12)
 
 
 def _v2(**kw):
     torch.manual_seed(0)
-    return DINOv2(tiny_vit(), **HEADS, **kw)
+    m = DINOv2(tiny_vit(), n_prototypes=24, **HEADS, **kw)
+    m.set_run_length(100, 10)
+    return m
 
 
-def _v3(**kw):
+def _v3(**gram):
     torch.manual_seed(0)
-    return DINOv3(tiny_vit(num_registers=4), **HEADS, **kw)
+    m = DINOv3(tiny_vit(num_registers=4), n_cls_prototypes=24, **HEADS, settings=settings(gram=gram))
+    m.set_run_length(100, 10)
+    return m
 
 
 def _views(b=4, seed=0):
@@ -33,7 +37,7 @@ def _masks(b=4, seed=0):
     return torch.rand(2 * b, 16, generator=torch.Generator().manual_seed(seed)) < 0.4
 
 
-@pytest.mark.parametrize("make", [_v2, lambda: _v3(gram_weight=1.0)])
+@pytest.mark.parametrize("make", [_v2, lambda: _v3(weight=1.0)])
 def test_contract_and_loss_composition(make):
     m = make()
     g, lv = _views()
@@ -46,7 +50,7 @@ def test_contract_and_loss_composition(make):
         assert all(p.grad is None and not p.requires_grad for p in m.gram_teacher.parameters())
     total = out.loss_cls + 1.0 * out.loss_patch + 0.1 * out.loss_koleo
     if out.loss_gram is not None:
-        total = total + m.gram_weight_now() * out.loss_gram
+        total = total + m.term_timings()["gram"].at(m.time.step) * out.loss_gram
     torch.testing.assert_close(out.loss.detach(), total, rtol=1e-6, atol=1e-6)
     assert out.student_logits.shape == (3, 4, 24) and out.teacher_logits.shape == (2, 4, 24)
     assert m(images=g[0]).embedding.shape == (4, 48)
@@ -72,9 +76,9 @@ def test_patch_loss_uses_masked_tokens_only():
 
 
 def test_few_steps_lower_the_loss():
-    for make in (_v2, lambda: _v3(gram_weight=0.5)):
+    for make in (_v2, lambda: _v3(weight=0.5)):
         m = make()
-        m.set_total_steps(40)
+        m.set_run_length(40, 10)
         opt = torch.optim.AdamW(m.student_parameters(), lr=3e-3)
         g, lv = _views(b=8)
         masks = _masks(b=8)
@@ -99,13 +103,12 @@ def test_registers_change_sequence_not_patches():
 
 
 def test_gram_anchoring():
-    m = _v3(gram_weight=2.0, gram_start_step=2, gram_ramp_steps=2)
+    m = _v3(weight=2.0, start_step=2, ramp_steps=2)
     none = torch.zeros(8, 16, dtype=torch.bool)
     g, lv = _views()
     assert m(global_views=g, local_views=lv, masks=none).loss_gram is None  # weight 0 before step 2
-    m.step = 3
-    assert m.gram_weight_now() == pytest.approx(1.0)
-    m.step = 10
+    assert m.term_timings()["gram"].at(3) == pytest.approx(1.0)  # ramped half-way
+    m.time.step = 10
     m.eval()
     out = m(global_views=g, local_views=lv, masks=none)
     assert out.loss_gram.item() == pytest.approx(0.0, abs=1e-10)  # student == snapshot
@@ -113,7 +116,7 @@ def test_gram_anchoring():
         for p in m.student_backbone.parameters():
             p.add_(0.05 * torch.randn_like(p))
     assert m(global_views=g, local_views=lv, masks=none).loss_gram > 0
-    r = _v3(gram_weight=1.0, gram_refresh_every=2)
+    r = _v3(weight=1.0, refresh_every=2)
     with torch.no_grad():
         for p in r.student_backbone.parameters():
             p.add_(1.0)
@@ -125,7 +128,7 @@ def test_gram_anchoring():
 
 
 def test_gram_teacher_from_file_and_wrong_architecture(tmp_path):
-    m = _v3(gram_weight=1.0)
+    m = _v3(weight=1.0)
     other = tiny_vit(num_registers=4, depth=3)
     path = tmp_path / "gram.pt"
     torch.save({k: v for k, v in other.state_dict().items()}, path)

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import step_settings
 from dinokit.cli import main
 from dinokit.config import ConfigError, all_keys, load_config, read_yaml, set_value
 from dinokit.train import checkpoint_io
@@ -168,7 +169,7 @@ def test_a_run_going_non_finite_keeps_its_last_finite_checkpoint(tmp_path):
                                                               save_last=True, filename="s{step}")])
     with warnings.catch_warnings(), contextlib.suppress(Exception):  # the loss guard may stop the run
         warnings.simplefilter("ignore")
-        trainer.fit(DINOModule(method, lr=0.01, warmup_epochs=0), loader)
+        trainer.fit(DINOModule(method, step_settings(lr=0.01, warmup_epochs=0)), loader)
     assert io.refused and _state(tmp_path / "last.ckpt")["global_step"] == 2  # poisoned before step 3 saved
     for p in tmp_path.glob("*.ckpt"):
         checkpoint_io.verify_checkpoint(p)  # no file with NaN weights exists

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import tiny_vit
+from conftest import step_settings, tiny_vit
 from dinokit import DINO, DINOv2, DINOv3
 from dinokit.data import MultiCropCollate
 from dinokit.masking import make_mask_generator
@@ -98,7 +98,7 @@ def test_lightning_steps_do_not_sync_outside_logging_steps(cls, masks, tmp_path)
     loader = torch.utils.data.DataLoader(_batches(6, masks), batch_size=None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(DINOModule(_method(cls), warmup_epochs=0), loader)
+        trainer.fit(DINOModule(_method(cls), step_settings(warmup_epochs=0)), loader)
     assert [c for i, c in enumerate(counter.counts) if i % 4] == [0, 0, 0, 0]
 
 
@@ -120,10 +120,10 @@ def test_estimator_steps_do_not_sync_outside_logging_steps():
 @pytest.mark.parametrize("cls,masks", METHODS, ids=["dino", "dinov2", "dinov3"])
 def test_cuda_steps_pass_under_sync_debug_mode_error(cls, masks):
     """On a GPU, torch itself raises on any synchronising call inside the steps."""
-    from dinokit.train.step import StepSettings, TrainingStep, build_method_optimizer
+    from dinokit.train.step import TrainingStep, build_method_optimizer
 
     method = _method(cls).cuda()
-    step = TrainingStep(method, build_method_optimizer(method, "adamw"), StepSettings(warmup_epochs=0))
+    step = TrainingStep(method, build_method_optimizer(method), step_settings(warmup_epochs=0))
     step.plan(4, 4, 4)
     batches = [{k: ([t.cuda() for t in v] if isinstance(v, list) else
                     v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import step_settings
 from dinokit import DINO, build_backbone
 from dinokit.train import DINOModule
 from dinokit.train.optim import (
@@ -118,8 +119,8 @@ def _fit(module, epochs=2, callbacks=()):
 
 def test_schedules_are_applied_every_step():
     method = _tiny_dino()
-    module = DINOModule(method, lr=0.1, lr_reference_batch=4, warmup_epochs=1, min_lr=0.0,
-                        weight_decay=0.04, weight_decay_end=0.4, freeze_last_layer_epochs=0)
+    module = DINOModule(method, step_settings(lr=0.1, lr_reference_batch=4, warmup_epochs=1, min_lr=0.0,
+                        weight_decay=0.04, weight_decay_end=0.4, freeze_last_layer_epochs=0))
     module.global_batch_size = lambda: 4  # batch_size=None loader: 4 images per step
     rec = Recorder()
     _fit(module, epochs=2, callbacks=[rec])
@@ -139,7 +140,7 @@ def test_schedules_are_applied_every_step():
 
 def test_last_layer_frozen_for_the_first_epoch_only():
     method = _tiny_dino(norm_last_layer=False)
-    module = DINOModule(method, lr=0.01, warmup_epochs=0, freeze_last_layer_epochs=1)
+    module = DINOModule(method, step_settings(lr=0.01, warmup_epochs=0, freeze_last_layer_epochs=1))
     rec = Recorder()
     _fit(module, epochs=2, callbacks=[rec])
     # epoch 0 = steps 0..7: prototypes unchanged while the MLP moves
@@ -152,7 +153,7 @@ def test_one_nan_batch_is_skipped_and_training_goes_on():
     """A single non-finite step no longer stops the run: it is skipped on the device (see
     tests/test_nonfinite_guard.py for the state checks and the stop after K in a row)."""
     method = _tiny_dino()
-    module = DINOModule(method, lr=0.01)
+    module = DINOModule(method, step_settings(lr=0.01))
     bad = _batches(2)
     bad[0]["global_views"][0][0, 0, 0, 0] = float("nan")
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,

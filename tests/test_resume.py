@@ -14,6 +14,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from conftest import step_settings
 from dinokit import DINO, build_backbone
 from dinokit.train import DINOModule
 from dinokit.train.loader import ResumableDataLoader, SeededViews
@@ -60,7 +61,7 @@ def _run(tmp_path, *, crash_at=None, resume=None):
                             drop_path_rate=0.1),
     )
     method = DINO(backbone, projector_hidden_dim=32, projector_bottleneck_dim=16, n_prototypes=32)
-    module = DINOModule(method, lr=0.01, warmup_epochs=1, freeze_last_layer_epochs=1)
+    module = DINOModule(method, step_settings(lr=0.01, warmup_epochs=1, freeze_last_layer_epochs=1))
     data = list(torch.rand(N_IMAGES, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
     loader = ResumableDataLoader(SeededViews(data, _views, seed=3), batch_size=BATCH, seed=3,
                                  collate_fn=_collate)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import step_settings
 from dinokit import DINO, build_backbone
 from dinokit.train.loader import EpochSampler, ResumableDataLoader, SeededViews, sample_seed
 from dinokit.train.trainer import DINOTrainer
@@ -38,13 +39,14 @@ def test_plain_trainer_trains_exactly_like_the_lightning_engine():
 
     data = _batches(3)
     plain = _method()
-    history = DINOTrainer(plain, data, epochs=2, lr=0.01, lr_scaling="none", warmup_epochs=1,
-                          freeze_last_layer_epochs=1, device="cpu").fit()
-    assert [h.epoch for h in history] == [0, 1] and plain.step == 6
+    trainer = DINOTrainer(plain, data, settings=step_settings(lr=0.01, lr_scaling="none", warmup_epochs=1,
+                                                              freeze_last_layer_epochs=1), epochs=2, device="cpu")
+    history = trainer.fit()
+    assert [h.epoch for h in history] == [0, 1] and trainer.global_step == 6
 
     engine = _method()
-    module = DINOModule(engine, lr=0.01, lr_scaling="none", warmup_epochs=1,
-                        freeze_last_layer_epochs=1)
+    module = DINOModule(engine, step_settings(lr=0.01, lr_scaling="none", warmup_epochs=1,
+                        freeze_last_layer_epochs=1))
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     with warnings.catch_warnings():

@@ -81,28 +81,25 @@ class StepValues:
 
 def place_stages(stages: Sequence[StageSettings], total_steps: int, steps_per_epoch: int) -> list[Stage]:
     """The stages on ``[0, total_steps)``: each lasts its ``steps`` (or ``round(epochs x
-    steps_per_epoch)``), the last one to the end of the run; no stages means one stage, ``all``."""
+    steps_per_epoch)``), the last one to the end of the run (a stage that would start after the end
+    is an error); no stages means one stage, ``all``."""
     if not stages:
         return [Stage(0, "all", 0, total_steps)]
     placed, start = [], 0
     for i, s in enumerate(stages):
-        last = i == len(stages) - 1
+        if start >= total_steps:
+            raise ValueError(f"stage {s.name!r} has no steps left: the stages before it fill the run's "
+                             f"{total_steps} steps")
         if s.steps is not None:
             length = int(s.steps)
         elif s.epochs is not None:
             length = max(1, round(s.epochs * steps_per_epoch))
         else:
-            length = max(0, total_steps - start)
-        end = total_steps if last else start + length
-        if end <= start and not last:
-            raise ValueError(f"stage {s.name!r} has no steps left in a run of {total_steps} steps")
-        placed.append(Stage(i, s.name, start, max(end, start), tuple(s.frozen), float(s.lr_mult),
+            length = total_steps - start
+        end = total_steps if i == len(stages) - 1 else min(total_steps, start + length)
+        placed.append(Stage(i, s.name, start, end, tuple(s.frozen), float(s.lr_mult),
                             max(0, round(s.warmup_epochs * steps_per_epoch)), dict(s.weights)))
         start = end
-    if start < total_steps:  # the stages end early: the last one runs to the end
-        last = placed[-1]
-        placed[-1] = Stage(last.index, last.name, last.start, total_steps, last.frozen, last.lr_mult,
-                           last.warmup_steps, last.weights)
     return placed
 
 

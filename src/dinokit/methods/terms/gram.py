@@ -105,11 +105,13 @@ class GramTerm(LossTerm):
         self._initialized = True
 
     def after_teacher_update(self, step: int, teacher_backbone: nn.Module) -> None:
-        """Refresh the Gram teacher from the EMA teacher every ``refresh_every`` steps (the step
-        counted from 0, as the official ``iteration``), from ``first_refresh_step`` on."""
+        """After optimiser step ``step`` (counted from 0): refresh the Gram teacher from the EMA
+        teacher when ``step + 1`` is a multiple of ``refresh_every`` and at least
+        ``first_refresh_step``, as the official loop's ``(it + 1) % update_frequency == 0``."""
         if self.gram_teacher is None or self.refresh_every is None:
             return
-        if step < max(self.first_refresh_step, self.start_step) or step % self.refresh_every:
+        done = step + 1
+        if done < max(self.first_refresh_step, self.start_step) or done % self.refresh_every:
             return
         if self.max_refreshes is not None and int(self.n_refreshes) >= self.max_refreshes:
             return

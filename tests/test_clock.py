@@ -1,0 +1,132 @@
+"""The clock gives every scheduled value of a run, step by step, and the stages.
+
+The references are written here from the official code: DINO's ``utils.cosine_scheduler`` (the
+learning rate, weight decay and EMA momentum: an ``np.linspace`` warm-up, then a cosine over the
+remaining iterations), DINO's teacher-temperature schedule (``np.linspace`` over the warm-up
+epochs, then constant, indexed by epoch) and DINOv2's (the same, indexed by iteration), the
+DINOv2/v3 last-layer freeze (``last_layer_lr_schedule.schedule[:freeze_iters] = 0``), DINOv3's Gram
+anchoring start; and the stage rules of :class:`~dinokit.settings.StageSettings`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dinokit.clock import Clock, ManualTime, TermTiming, place_stages
+from dinokit.settings import OptimSettings, StageSettings, TeacherSettings
+
+
+def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
+    """DINO's utils.cosine_scheduler, as published."""
+    warmup_schedule = np.array([])
+    warmup_iters = warmup_epochs * niter_per_ep
+    if warmup_epochs > 0:
+        warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    schedule = np.concatenate((warmup_schedule, schedule))
+    assert len(schedule) == epochs * niter_per_ep
+    return schedule
+
+
+EPOCHS, SPE, BATCH = 6, 5, 64  # 30 steps
+OPTIM = OptimSettings(lr=0.0005, min_lr=1e-6, warmup_epochs=2, weight_decay=0.04, weight_decay_end=0.4,
+                      freeze_last_layer_epochs=1, lr_scaling="linear", lr_reference_batch=256)
+
+
+def teacher(unit: str) -> TeacherSettings:
+    return TeacherSettings(temperature=0.07, warmup_temperature=0.04, warmup_epochs=3, warmup_unit=unit,
+                           momentum=0.996, final_momentum=1.0)
+
+
+def test_one_stage_run_follows_the_official_schedules_at_every_step():
+    clock = Clock(OPTIM, teacher("epoch"), {"dino": TermTiming(1.0)}, total_steps=EPOCHS * SPE,
+                  steps_per_epoch=SPE, global_batch=BATCH, freeze_in_epochs=True)
+    peak = 0.0005 * BATCH / 256
+    lr = cosine_scheduler(peak, 1e-6, EPOCHS, SPE, warmup_epochs=2)
+    wd = cosine_scheduler(0.04, 0.4, EPOCHS, SPE)
+    momentum = cosine_scheduler(0.996, 1.0, EPOCHS, SPE)
+    temp = np.concatenate((np.linspace(0.04, 0.07, 3), np.ones(EPOCHS - 3) * 0.07))
+    for step in range(EPOCHS * SPE):
+        v = clock.at(step)
+        assert v.lr == pytest.approx(lr[step], rel=1e-12, abs=1e-15)
+        assert v.wd == pytest.approx(wd[step], rel=1e-12)
+        assert v.momentum == pytest.approx(momentum[step], rel=1e-12)
+        assert v.teacher_temperature == pytest.approx(temp[step // SPE], rel=1e-12)
+        assert v.last_layer_frozen == (step // SPE < 1)  # DINO: epoch < freeze_last_layer
+        assert v.weights == {"dino": 1.0} and v.stage.name == "all" and v.epoch == step // SPE
+
+
+def test_dinov2_warms_the_temperature_up_per_iteration_and_freezes_the_last_layer_in_steps():
+    clock = Clock(OPTIM, teacher("step"), {"dino": TermTiming(1.0)}, total_steps=EPOCHS * SPE,
+                  steps_per_epoch=SPE, global_batch=BATCH)
+    temp = np.concatenate((np.linspace(0.04, 0.07, 3 * SPE), np.ones((EPOCHS - 3) * SPE) * 0.07))
+    last_layer = cosine_scheduler(1.0, 1.0, EPOCHS, SPE)
+    last_layer[:SPE] = 0  # DINOv2's last_layer_lr_schedule.schedule[:freeze_last_layer_epochs * epoch_len] = 0
+    for step in range(EPOCHS * SPE):
+        v = clock.at(step)
+        assert v.teacher_temperature == pytest.approx(temp[step], rel=1e-12)
+        assert v.last_layer_frozen == (last_layer[step] == 0)
+
+
+def test_a_multi_stage_run_gives_each_stage_its_overrides():
+    stages = [StageSettings(name="heads", steps=7, frozen=["backbone"], lr_mult=2.0, weights={"gram": 0.0}),
+              StageSettings(name="all", epochs=2, warmup_epochs=1),
+              StageSettings(name="late", lr_mult=0.5)]
+    terms = {"dino": TermTiming(1.0), "gram": TermTiming(2.0, start_step=3, ramp_steps=4)}
+    clock = Clock(OPTIM, teacher("epoch"), terms, total_steps=EPOCHS * SPE, steps_per_epoch=SPE,
+                  global_batch=BATCH, stages=stages)
+    base = cosine_scheduler(0.0005 * BATCH / 256, 1e-6, EPOCHS, SPE, warmup_epochs=2)
+    assert [(s.name, s.start, s.end) for s in clock.stages] == [("heads", 0, 7), ("all", 7, 17),
+                                                                 ("late", 17, 30)]
+    for step in range(EPOCHS * SPE):
+        v = clock.at(step)
+        if step < 7:
+            want_lr, name, frozen = 2.0 * base[step], "heads", ("backbone",)
+            want_gram = 0.0  # the stage's override
+        elif step < 17:
+            ramp = np.linspace(0, 1, SPE)[step - 7] if step - 7 < SPE else 1.0  # the stage's own warm-up
+            want_lr, name, frozen = ramp * base[step], "all", ()
+            want_gram = 2.0 * min(1.0, (step - 3) / 4)
+        else:
+            want_lr, name, frozen = 0.5 * base[step], "late", ()
+            want_gram = 2.0
+        assert v.stage.name == name and v.stage.frozen == frozen
+        assert v.lr == pytest.approx(want_lr, rel=1e-12, abs=1e-15)
+        assert v.weights == pytest.approx({"dino": 1.0, "gram": want_gram})
+        assert v.wd == pytest.approx(cosine_scheduler(0.04, 0.4, EPOCHS, SPE)[step])  # not staged
+
+
+def test_stages_that_end_early_give_the_rest_to_the_last_and_empty_stages_fail():
+    assert [(s.start, s.end) for s in place_stages([StageSettings(name="a", steps=3),
+                                                   StageSettings(name="b", steps=4)], 10, 5)] == [(0, 3), (3, 10)]
+    assert [(s.start, s.end) for s in place_stages([], 10, 5)] == [(0, 10)]
+    with pytest.raises(ValueError, match="no steps left"):
+        place_stages([StageSettings(name="a", steps=10), StageSettings(name="b", steps=2),
+                      StageSettings(name="c")], 10, 5)
+
+
+def test_the_lr_can_be_held_per_epoch():
+    clock = Clock(OPTIM, teacher("epoch"), {}, total_steps=EPOCHS * SPE, steps_per_epoch=SPE,
+                  global_batch=256, lr_interval="epoch")
+    per_epoch = cosine_scheduler(0.0005, 1e-6, EPOCHS, 1, warmup_epochs=2)
+    assert [clock.at(s).lr for s in range(EPOCHS * SPE)] == pytest.approx(np.repeat(per_epoch, SPE))
+
+
+def test_manual_time_needs_the_epoch_length_for_a_per_step_warm_up():
+    t = ManualTime(teacher("step"))
+    with pytest.raises(ValueError, match="set_run_length"):
+        t.teacher_temperature()
+    t.set_run_length(30, 5)
+    t.step = 7
+    assert t.teacher_temperature() == pytest.approx(np.linspace(0.04, 0.07, 15)[7])
+    assert t.momentum() == pytest.approx(cosine_scheduler(0.996, 1.0, 6, 5)[7])
+    epoch_unit = ManualTime(teacher("epoch"))  # per epoch: set_epoch is enough, no length needed
+    epoch_unit.epoch = 1
+    assert epoch_unit.teacher_temperature() == pytest.approx(0.055)
+    assert epoch_unit.momentum() == 0.996  # no run length: the momentum stays at its start
+    assert math.isclose(ManualTime(TeacherSettings(warmup_epochs=0, warmup_unit="step", momentum=0.9))
+                        .teacher_temperature(), 0.07)
