@@ -124,7 +124,7 @@ def _reshard(module: nn.Module) -> None:
     """Register the sharded parameters of FSDP2 modules (``FSDPModule.reshard``, a no-op when they
     already are): a root module keeps its gathered parameters after a forward pass without a
     backward one (the teacher's, an evaluation pass), and the EMA must update the shards."""
-    try:
+    try:  # imported on use: only FSDP2 runs need it, and it adds about a second to `import dinokit`
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without FSDP2
         return
@@ -134,12 +134,9 @@ def _reshard(module: nn.Module) -> None:
 
 
 def _local(tensors: list[Tensor]) -> list[Tensor]:
-    """The local shards of DTensor parameters (FSDP2), updated in place; other tensors as they are."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch < 2.4
-        return tensors
-    return [x.to_local() if isinstance(x, DTensor) else x for x in tensors]
+    """The local shards of DTensor parameters (FSDP2), updated in place; other tensors as they are
+    (DTensors are recognised by their ``to_local``, so the FSDP2 modules need not be imported)."""
+    return [x.to_local() if callable(getattr(x, "to_local", None)) else x for x in tensors]
 
 
 @torch.no_grad()
