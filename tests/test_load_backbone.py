@@ -35,3 +35,11 @@ def test_a_lone_weights_file_still_names_the_missing_metadata(tmp_path):
     save_file({"w": torch.zeros(2)}, str(lone))
     with pytest.raises(WeightsError, match="no metadata file model.json"):
         dinokit.load_backbone(lone)
+
+
+def test_another_weights_file_in_the_folder_is_not_taken_for_the_folders(folder):
+    path, _ = folder
+    other = path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other))
+    with pytest.raises(WeightsError, match="no metadata file other.json"):
+        dinokit.load_backbone(other)

@@ -244,10 +244,11 @@ def _version() -> str:
 
 
 def _export_path(path: str | Path) -> Path:
-    """``path``, or the export folder whose weights file it is (no ``<name>.json`` beside it, the
-    folder's ``config.json`` is): the folder's metadata describes that file."""
+    """``path``, or the export folder when ``path`` is its ``model.safetensors`` (with no
+    ``model.json`` beside it): the folder's ``config.json`` describes that file."""
     p = Path(path)
-    if p.is_file() and not _base(p).with_suffix(".json").is_file() and (p.parent / "config.json").is_file():
+    in_folder = p.name == "model.safetensors" and (p.parent / "config.json").is_file()
+    if in_folder and p.is_file() and not _base(p).with_suffix(".json").is_file():
         return p.parent
     return p
 
