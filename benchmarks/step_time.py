@@ -49,7 +49,7 @@ CONFIGS = {
     "cnn-gpu": dict(model="resnet50", batch=64, n_global=2, n_local=10, global_size=224, local_size=96,
                     prototypes=65536, hidden=2048, bottleneck=256, device="cuda", precision="bf16"),
 }
-#: dinokit variants: label suffix -> (packed_crops, compile, channels_last, prune_cls_only)
+#: dinokit variants: label suffix -> (packed_crops, compile, channels_last, CLS-only last block)
 VARIANTS = {"": ("auto", False, True, True), "packed": (True, False, True, True),
             "unpacked": (False, False, True, True), "compile": ("auto", True, True, True),
             "contiguous": ("auto", False, False, True), "full_tokens": ("auto", False, True, False)}
@@ -58,6 +58,11 @@ PEERS = {"dino": ["stable-pretraining", "lightly", "nidl", "lightly-example"],
 
 
 # ---------------------------------------------------------------------------------------- dinokit
+def _sees_every_token(module, args, output):
+    """A forward hook that changes nothing: on a ViT's final norm it makes ``cls_only`` calls run
+    the full last block (the ``full_tokens`` variant)."""
+
+
 def dinokit_step(method: str, variant: str, a: dict):
     import dinokit
     from dinokit.backbones.generic import use_channels_last
@@ -74,8 +79,8 @@ def dinokit_step(method: str, variant: str, a: dict):
     model = cls(a["model"], **kw).to(a["device"])
     model.student_backbone.packed_crops = packed
     for bb in (model.student_backbone, model.teacher_backbone):  # ViTs: CLS-only last block (DINO)
-        if hasattr(bb, "prune_cls_only"):
-            bb.prune_cls_only = prune
+        if not prune and hasattr(bb, "supports_cls_only"):  # a hook on the final norm needs every token
+            bb.model.norm.register_forward_hook(_sees_every_token)
     if channels_last:
         use_channels_last(model)
     opt = build_optimizer("adamw", [{"params": model.student_parameters(), "lr": 1e-4, "weight_decay": 0.04}])
@@ -309,7 +314,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="*", choices=[v for v in VARIANTS if v], default=[],
                    help="dinokit variants beside the default: packed, unpacked (backbone.packed_crops), "
                         "compile (torch.compile of the method), contiguous (backbone.channels_last=false: "
-                        "CNN weights and inputs in the default layout), full_tokens (prune_cls_only=False: "
+                        "CNN weights and inputs in the default layout), full_tokens ("
                         "DINO's ViT last block on every token, not the CLS rows only)")
     p.add_argument("--peers", nargs="*", default=["stable-pretraining", "lightly", "nidl"],
                    help="stable-pretraining, lightly, nidl, lightly-example (one backbone call per crop)")

@@ -49,6 +49,17 @@ def step_settings(**kw) -> StepSettings:
     return StepSettings(optim=OptimSettings(**kw), **own)
 
 
+def _sees_every_token(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    """A forward hook that changes nothing (a hook on the final norm needs every token)."""
+
+
+def full_last_block(*backbones) -> None:
+    """Make ``cls_only`` calls of these ViT backbones run the full last block (the reference for
+    the CLS-only path): a hook on the final norm must see every token."""
+    for bb in backbones:
+        bb.model.norm.register_forward_hook(_sees_every_token)
+
+
 def seed_all(seed: int = 0) -> None:
     """Seed torch's global generator (model initialisation)."""
     torch.manual_seed(seed)

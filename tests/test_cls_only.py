@@ -11,7 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dinokit
-from conftest import seed_all, tiny_cnn, tiny_vit
+from conftest import full_last_block, seed_all, tiny_cnn, tiny_vit
 from dinokit.backbones.vit import ViTBackbone
 from dinokit.methods import composed
 from dinokit.methods.base import forward_views
@@ -96,11 +96,6 @@ def _dino(packed: bool = True, **vit):
     return dinokit.DINO(tiny_vit(**vit), **HEAD, check_finite=True)
 
 
-def _set_prune(model, on: bool) -> None:
-    model.student_backbone.prune_cls_only = on
-    model.teacher_backbone.prune_cls_only = on
-
-
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("drop_path,mode,ckpt", [(0.0, "sample", False), (0.3, "sample", False),
                                                  (0.3, "subset", True)])
@@ -114,7 +109,7 @@ def test_dino_step_loss_and_gradients_equal_with_and_without_the_trick(packed, d
     on.train()
     on.student_backbone.packed_crops = packed
     off = copy.deepcopy(on)
-    _set_prune(off, False)
+    full_last_block(off.student_backbone, off.teacher_backbone)
     glob, loc = _views()
     results = []
     for model in (on, off):
@@ -174,8 +169,6 @@ def test_full_forward_when_the_backbone_cannot_or_may_not_prune():
         assert bb(x, cls_only=True).patches is not None
         h.remove()
     assert bb(x, cls_only=True).patches is None  # hooks gone: pruned again
-    bb.prune_cls_only = False
-    assert bb(x, cls_only=True).patches is not None
     # no class token: the CLS output is the patch mean, which needs every row
     seed_all(0)
     mean_bb = tiny_vit(class_token=False, global_pool="avg").double()
@@ -236,6 +229,6 @@ def test_embed_and_cls_feature_extraction_ask_for_the_cls_token_only():
     fast = method.embed(x)
     feats, _ = extract_features(method, [x], progress=False)
     assert seen == [3, 3]  # one CLS row per image through the last MLP, not every token
-    method.teacher_backbone.prune_cls_only = False
+    full_last_block(method.teacher_backbone)
     torch.testing.assert_close(method.embed(x), fast, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(feats, fast, rtol=1e-5, atol=1e-6)

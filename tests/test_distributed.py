@@ -169,7 +169,7 @@ def _draw(items):
 def _mask_draws(rank, monkeypatch, workers=0, seed=0):
     import dinokit.train.loader as loader
 
-    monkeypatch.setattr(loader, "_rank_world", lambda: (rank, 2))
+    monkeypatch.setattr(loader, "rank_world", lambda: (rank, 2))
     ds = loader.SeededViews(list(torch.arange(16.0)), lambda x: x + torch.rand(()), seed=seed)
     torch.manual_seed(0)  # every process starts from the same global RNG (pl.seed_everything)
     dl = loader.ResumableDataLoader(ds, batch_size=2, seed=seed, collate_fn=_draw, num_workers=workers)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import full_last_block
 from dinokit.data import MultiCropCollate
 from dinokit.masking import make_mask_generator
 from dinokit.train.optim import clip_per_module_, clip_per_parameter_
@@ -48,7 +49,7 @@ def _method():
         # FSDP2's hooked blocks run the full last block, so the 1-process reference does too: the
         # key bias has an analytically zero gradient, and AdamW turns its rounding noise into
         # lr-sized steps, so both sides must round alike (the CLS-only block is tested elsewhere)
-        method.student_backbone.prune_cls_only = method.teacher_backbone.prune_cls_only = False
+        full_last_block(method.student_backbone, method.teacher_backbone)
         return method
     return DINOv2("vit_tiny_patch16_224", encoder_kwargs=vit, n_patch_prototypes=16, koleo_all_processes=True,
                   **common)

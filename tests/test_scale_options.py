@@ -168,7 +168,7 @@ def test_global_koleo_equals_koleo_of_the_concatenated_batch(tmp_path):
 def _loader(monkeypatch, rank: int, world: int, batch: int):
     import dinokit.train.loader as loader
 
-    monkeypatch.setattr(loader, "_rank_world", lambda: (rank, world))
+    monkeypatch.setattr(loader, "rank_world", lambda: (rank, world))
     ds = loader.SeededViews(list(range(40)), lambda x: x, seed=0)
     return loader.ResumableDataLoader(ds, batch_size=batch, seed=5, collate_fn=lambda b: [x for x, _ in b])
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-import dinokit.train.loader as loader_mod
+import dinokit.data.streaming as streaming_mod
 from dinokit.cli import main
 from dinokit.data.streaming import ShardStream, StreamLoader, list_shards
 
@@ -48,7 +48,7 @@ def test_shard_command_writes_webdataset_tars_and_an_index(shards, tmp_path):
 
 
 def _loader(shards, rank, monkeypatch, *, workers=2, iterations=3, shuffle=4, batch=2):
-    monkeypatch.setattr(loader_mod, "_rank_world", lambda: (rank, 2))
+    monkeypatch.setattr(streaming_mod, "_rank_world", lambda: (rank, 2))
     stream = ShardStream(shards, batch_size=batch, collate=_labels, seed=3, shuffle=shuffle)
     return StreamLoader(stream, iterations, num_workers=workers)
 
@@ -87,7 +87,7 @@ def test_resume_continues_the_stream_exactly(shards, monkeypatch):
 
 
 def test_too_few_shards_for_the_slots_is_one_clear_error(shards, monkeypatch):
-    monkeypatch.setattr(loader_mod, "_rank_world", lambda: (0, 2))
+    monkeypatch.setattr(streaming_mod, "_rank_world", lambda: (0, 2))
     dl = StreamLoader(ShardStream(list_shards(shards)[:1], batch_size=2, collate=_labels), 2)
     with pytest.raises(ValueError, match="1 shard.*2 process"):
         next(iter(dl))
@@ -101,7 +101,7 @@ def _pixels_and_masks(items):
 def test_crops_follow_the_sample_and_masks_the_slot(shards, monkeypatch):
     """A sample's crops depend on (seed, pass, key) only; each slot draws its own masks."""
     def run(rank, workers):
-        monkeypatch.setattr(loader_mod, "_rank_world", lambda: (rank, 2))
+        monkeypatch.setattr(streaming_mod, "_rank_world", lambda: (rank, 2))
         stream = ShardStream(shards, batch_size=3, transform=lambda im: torch.rand(()),
                              collate=_pixels_and_masks, seed=5, shuffle=2)
         dl = StreamLoader(stream, 1, num_workers=workers)

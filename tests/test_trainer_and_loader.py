@@ -7,7 +7,8 @@ import torch
 
 from conftest import step_settings
 from dinokit import DINO, build_backbone
-from dinokit.train.loader import EpochSampler, ResumableDataLoader, SeededViews, sample_seed
+from dinokit.seeding import sample_seed
+from dinokit.train.loader import EpochSampler, ResumableDataLoader, SeededViews
 from dinokit.train.trainer import DINOTrainer
 from dinokit.weights import WeightsError, backbone_state_dict, load_backbone_file, read_file
 
@@ -86,7 +87,7 @@ def test_sampler_shards_over_processes(monkeypatch):
 
     shards = []
     for rank in range(3):
-        monkeypatch.setattr(loader, "_rank_world", lambda r=rank: (r, 3))
+        monkeypatch.setattr(loader, "rank_world", lambda r=rank: (r, 3))
         shards.append([i % 10 for i in EpochSampler(10, seed=0)])
     assert all(len(x) == 3 for x in shards)
     assert len(set(shards[0]) | set(shards[1]) | set(shards[2])) == 9  # disjoint, tail dropped

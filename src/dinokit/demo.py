@@ -1,4 +1,4 @@
-"""The main job of the README: pretrain the main-job preset, then show what it learned.
+"""``dinokit demo``: pretrain the demo preset, then show what it learned.
 
 Trains on the small real dataset (Fashion-MNIST, else digits), then prints the k-NN and
 linear-probe accuracy of the trained teacher next to the same backbone at random initialisation
@@ -18,9 +18,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from dinokit.config import Config, load_config
+from dinokit.eval.features import extract_features
+from dinokit.eval.knn import knn_evaluate
+from dinokit.eval.linear import linear_probe
+from dinokit.train.build import build_dataset, build_method, build_preprocessing
+from dinokit.train.fit import fit
+from dinokit.viz.attention import cls_attention_maps, plot_attention
+from dinokit.viz.curves import read_metrics
+from dinokit.viz.embedding import plot_embedding_2d
+from dinokit.viz.pca import pca_patch_maps, plot_pca
 
-#: The preset the README's main job trains (``dinokit demo`` without ``--config``): the best recipe
-#: found to fit 10 minutes on 2 CPU cores (BENCHMARKS.md, "Recipes for small budgets").
+#: The preset ``dinokit demo`` trains without ``--config``: DINO with a small CNN on a small real
+#: dataset, sized to train in minutes on a laptop's CPU.
 MAIN_JOB_PRESET = "demo_cnn"
 #: The linear probe's learning-rate sweep (SGD on standardised features; the best sits near 1).
 PROBE_LRS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -56,8 +65,6 @@ class DemoReport:
 
 
 def _final_loss(run_dir: Path) -> float | None:
-    from dinokit.viz.curves import read_metrics
-
     try:
         series = read_metrics(run_dir).get("train/loss", [])
     except (FileNotFoundError, ValueError):
@@ -71,8 +78,6 @@ def linear_top1(f_bank: torch.Tensor, y_bank: torch.Tensor, f_test: torch.Tensor
     """Linear-probe top-1 (%): the learning rate is picked from :data:`PROBE_LRS` on the last fifth
     of the bank (a held-out part of the training split), then the probe is retrained on the whole
     bank and scored once on the test split."""
-    from dinokit.eval.linear import linear_probe
-
     order = torch.randperm(len(f_bank), generator=torch.Generator().manual_seed(seed))
     cut = len(order) * 4 // 5
     tr, va = order[:cut], order[cut:]
@@ -86,10 +91,6 @@ def evaluate(cfg: Config, trained: torch.nn.Module, *, k: int = 20, bank_limit: 
              test_limit: int = 2000, probe_epochs: int = 30) -> tuple[dict[str, float], dict[str, float]]:
     """k-NN and linear-probe top-1 (row name -> %) of the trained teacher, a randomly initialised
     twin and raw pixels, all in the run's one preprocessing; ``probe_epochs=0`` skips the probe."""
-    from dinokit.eval.features import extract_features
-    from dinokit.eval.knn import knn_evaluate
-    from dinokit.train.build import build_dataset, build_method, build_preprocessing
-
     tf = build_preprocessing(cfg).eval_transform()
     bank_cfg = copy.deepcopy(cfg)
     bank_cfg.data.limit = min(bank_limit, cfg.data.limit or bank_limit)
@@ -133,12 +134,6 @@ def _pixels(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
 
 def draw_pictures(cfg: Config, method: torch.nn.Module, run_dir: Path, n_images: int = 6) -> list[Path]:
     """Attention maps, PCA maps and a t-SNE plot of the trained teacher."""
-    from dinokit.eval.features import extract_features
-    from dinokit.train.build import build_dataset, build_preprocessing
-    from dinokit.viz.attention import cls_attention_maps, plot_attention
-    from dinokit.viz.embedding import plot_embedding_2d
-    from dinokit.viz.pca import pca_patch_maps, plot_pca
-
     out = run_dir / "pictures"
     out.mkdir(parents=True, exist_ok=True)
     prep = build_preprocessing(cfg)
@@ -172,9 +167,7 @@ def draw_pictures(cfg: Config, method: torch.nn.Module, run_dir: Path, n_images:
 
 def run_demo(overrides: list[str] | None = None, config: str | None = None, *,
              probe_epochs: int = 30) -> DemoReport:
-    """Train the main-job preset (or ``config``) and report; ``overrides`` are ``key=value`` strings."""
-    from dinokit.train.fit import fit
-
+    """Train the demo preset (or ``config``) and report; ``overrides`` are ``key=value`` strings."""
     cfg = load_config(config or MAIN_JOB_PRESET, overrides)
     result = fit(cfg)
     method = result.method.cpu().eval()

@@ -1,4 +1,4 @@
-"""Cross-process reductions used by centring, Sinkhorn-Knopp and KoLeo.
+"""The process layout and the cross-process reductions used by centring, Sinkhorn-Knopp and KoLeo.
 
 Each helper is a no-op in a single process, so the same code runs on a laptop and on many nodes.
 They never move data to the host, so they add no host-device synchronisation to the step.
@@ -14,6 +14,13 @@ from torch import Tensor
 def is_distributed() -> bool:
     """True when a default process group with more than one process is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (``(0, 1)`` without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def world_size() -> int:

@@ -18,6 +18,11 @@ import copy
 import torch
 from torch import Tensor, nn
 
+try:  # FSDP2's public API (torch >= 2.6); older torch has no FSDP2 module to reshard
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover - older torch
+    FSDPModule = None
+
 
 def make_teacher(student: nn.Module) -> nn.Module:
     """A frozen deep copy of ``student`` (no gradients ever reach it)."""
@@ -132,9 +137,7 @@ def _reshard(module: nn.Module) -> None:
     """Register the sharded parameters of FSDP2 modules (``FSDPModule.reshard``, a no-op when they
     already are): a root module keeps its gathered parameters after a forward pass without a
     backward one (the teacher's, an evaluation pass), and the EMA must update the shards."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
+    if FSDPModule is None:  # pragma: no cover - older torch
         return
     for m in module.modules():
         if isinstance(m, FSDPModule):
@@ -142,12 +145,9 @@ def _reshard(module: nn.Module) -> None:
 
 
 def _local(tensors: list[Tensor]) -> list[Tensor]:
-    """The local shards of DTensor parameters (FSDP2), updated in place; other tensors as they are."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch < 2.4
-        return tensors
-    return [x.to_local() if isinstance(x, DTensor) else x for x in tensors]
+    """The local shards of DTensor parameters (FSDP2, recognised by their ``to_local``), updated in
+    place; other tensors as they are."""
+    return [x.to_local() if callable(getattr(x, "to_local", None)) else x for x in tensors]
 
 
 @torch.no_grad()

@@ -246,10 +246,21 @@ def _version() -> str:
     return __version__
 
 
+def _export_path(path: str | Path) -> Path:
+    """``path``, or the export folder when ``path`` is its ``model.safetensors`` (with no
+    ``model.json`` beside it): the folder's ``config.json`` describes that file."""
+    p = Path(path)
+    in_folder = p.name == "model.safetensors" and (p.parent / "config.json").is_file()
+    if in_folder and p.is_file() and not _base(p).with_suffix(".json").is_file():
+        return p.parent
+    return p
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata of an export: ``<path>.json`` beside a single file, or a folder's
-    ``dinokit.json`` (for a timm folder without one, what its ``config.json`` says)."""
-    p = Path(path)
+    ``dinokit.json`` (for a timm folder without one, what its ``config.json`` says); the weights
+    file inside a folder gives the folder's."""
+    p = _export_path(path)
     if p.is_dir():
         if (p / META_NAME).is_file():
             return json.loads((p / META_NAME).read_text())
@@ -286,7 +297,7 @@ def load_backbone(path: str | Path, *, model: nn.Module | None = None, device: s
     """
     import timm
 
-    p = Path(path)
+    p = _export_path(path)
     meta = read_metadata(p)
     if p.is_dir():
         if model is None:

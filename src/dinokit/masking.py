@@ -3,8 +3,7 @@
 * :class:`BlockMaskGenerator`: BEiT's block-wise masking (Bao et al. ICLR 2022, Alg. 1), as the
   official iBOT/DINOv2/DINOv3 ``MaskingGenerator``: random rectangles with a log-uniform aspect
   ratio are added until the target count is reached, never exceeding it.
-* :func:`random_mask`: independent uniform masking with an exact count per image (seed 004's
-  masking), vectorised.
+* :func:`random_mask`: independent uniform masking with an exact count per image, vectorised.
 * :func:`make_mask_generator`: either kind behind one callable that the collate uses.
 
 Masks are made in the data pipeline (the collate), not in the forward pass; ``True`` = masked.

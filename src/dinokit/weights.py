@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+from timm.models import eva, vision_transformer
 from torch import Tensor, nn
 
 #: Prefixes of the backbone inside a Lightning checkpoint of :class:`~dinokit.train.DINOModule`.
@@ -40,8 +42,6 @@ def read_file(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise WeightsError(f"weights file {str(p)!r} does not exist")
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return dict(load_file(str(p)))
         except Exception as e:
@@ -173,10 +173,7 @@ def to_timm_layout(state: Mapping[str, Tensor], backbone: nn.Module) -> dict[str
     if layout != "timm":
         # Meta's training checkpoints chunk the blocks (``blocks.<chunk>.<index>.``; index is global)
         state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state.items()}
-        if layout == "meta_dinov3":
-            from timm.models.eva import checkpoint_filter_fn
-        else:
-            from timm.models.vision_transformer import checkpoint_filter_fn
+        checkpoint_filter_fn = (eva if layout == "meta_dinov3" else vision_transformer).checkpoint_filter_fn
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # timm prints keys it skips
                 state = dict(checkpoint_filter_fn(dict(state), model))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import timm
+import torchvision
 from torch import nn
 
 from dinokit.backbones.base import Backbone, BackboneOutput, check_crop_sizes
@@ -47,8 +49,6 @@ def _strip_classifier(model: nn.Module) -> nn.Module:
 
 
 def _timm_model(name: str, pretrained: bool, num_registers: int, kwargs: dict[str, Any]) -> nn.Module:
-    import timm
-
     if not timm.list_models(name) and not timm.is_model(name) and not name.startswith("hf"):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise ValueError(f"unknown timm model name {name!r}; similar names: {close}")
@@ -76,8 +76,6 @@ def _timm_model(name: str, pretrained: bool, num_registers: int, kwargs: dict[st
 
 def timm_family(name: str) -> str | None:
     """The timm module that defines ``name`` ("vision_transformer", "eva", "convnext", ...)."""
-    import timm
-
     try:
         fn = timm.models.model_entrypoint(name)
     except Exception:
@@ -138,8 +136,6 @@ def build_backbone(
         return encoder
     if isinstance(encoder, str):
         if encoder.startswith(_TORCHVISION_PREFIX):
-            import torchvision
-
             name = encoder[len(_TORCHVISION_PREFIX) :]
             if name not in torchvision.models.list_models():
                 raise ValueError(f"unknown torchvision model {name!r}")

@@ -51,7 +51,7 @@ class Backbone(nn.Module):
     preprocessing: dict | None = None
     #: whether the blocks recompute activations in backward (see :meth:`set_grad_checkpointing`).
     grad_checkpointing: bool = False
-    #: multi-crop in one sequence-packed pass: True, False or "auto" (where it measured faster);
+    #: multi-crop in one sequence-packed pass: True, False or "auto" (wherever the backbone can);
     #: read by :func:`~dinokit.methods.base.forward_views` for backbones with ``forward_packed``.
     packed_crops: bool | str = "auto"
 

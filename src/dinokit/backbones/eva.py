@@ -11,6 +11,7 @@ position embedding and returns the rotary embedding that each block takes.
 from __future__ import annotations
 
 import torch
+from timm.models.eva import Eva
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -20,10 +21,6 @@ from dinokit.backbones.vit import ViTBackbone
 
 def is_timm_eva(model: nn.Module) -> bool:
     """Whether ``model`` is a timm ``Eva`` (DINOv3 ``*_dinov3*``, ``eva02_*``, ``vit_*_rope_*``)."""
-    try:
-        from timm.models.eva import Eva
-    except ImportError:  # pragma: no cover - very old timm
-        return False
     return isinstance(model, Eva)
 
 

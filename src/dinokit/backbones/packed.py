@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from dinokit.backbones.stochastic_depth import (
@@ -33,11 +35,6 @@ from dinokit.backbones.stochastic_depth import (
 def packable_block(block: nn.Module) -> bool:
     """Whether ``block`` is a plain timm pre-norm ``Block`` with a plain ``Attention`` (what
     :func:`packed_block` reproduces); other block types run unpacked."""
-    try:
-        from timm.layers import Attention
-        from timm.models.vision_transformer import Block
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return False
     attn = getattr(block, "attn", None)
     # exact types: FSDP-wrapped or otherwise subclassed blocks run unpacked, and so do blocks
     # whose hooks the packed path would bypass

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
+from timm.layers import DropPath
 from torch import Tensor, nn
 
 #: ``drop_path_mode`` values a backbone accepts: timm's per-sample ``DropPath`` or the subset form.
@@ -176,8 +177,6 @@ def set_uniform_drop_path(blocks: Iterable[nn.Module], rate: float) -> int:
     ``rate`` (DINOv2's ``drop_path_uniform``, DINOv3's only rule) instead of timm's
     ``linspace(0, rate, depth)``; slots timm left as ``Identity`` (rate 0) get a ``DropPath``.
     Returns the number of slots set."""
-    from timm.layers import DropPath
-
     n = 0
     for blk in blocks:
         for name in ("drop_path", "drop_path1", "drop_path2"):

@@ -68,9 +68,6 @@ class ViTBackbone(Backbone):
     drop_path_mode: str = "sample"
     #: with ``"subset"``: only branches whose rate is above this take it (DINOv3 0; DINOv2 0.1).
     drop_path_subset_above: float = 0.0
-    #: whether a ``cls_only`` call runs the last block for the CLS rows only (exact; False: the
-    #: full forward, e.g. to measure what it saves).
-    prune_cls_only: bool = True
 
     def __init__(self, model: nn.Module, extra_registers: int = 0, timm_name: str | None = None):
         super().__init__()
@@ -186,12 +183,12 @@ class ViTBackbone(Backbone):
         return type(self).forward is ViTBackbone.forward
 
     def _cls_only_block(self) -> nn.Module | None:
-        """The last block, when a ``cls_only`` call may run it for the CLS rows only: with
-        :attr:`prune_cls_only`, a class token (the CLS output is token 0), a plain timm block
+        """The last block, when a ``cls_only`` call may run it for the CLS rows only: with a class
+        token (the CLS output is token 0), a plain timm block
         (:func:`~dinokit.backbones.packed.packable_block`) and no hooks on this backbone, the
         blocks, the last block or the final norm (hooks see the full forward, as always)."""
         blocks = self.model.blocks
-        if not (self.prune_cls_only and self.has_cls_token and len(blocks)):
+        if not (self.has_cls_token and len(blocks)):
             return None
         last, norm = blocks[-1], self.model.norm
         if has_hooks(self) or has_hooks(blocks) or any(has_hooks(m) for m in norm.modules()):

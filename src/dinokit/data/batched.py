@@ -20,12 +20,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import permutations
 from typing import Any
 
 import torch
 import torch.nn.functional as nnf
+from PIL import Image
 from torch import Tensor
 from torchvision.ops import roi_align
+from torchvision.transforms.v2 import functional as F
 
 from dinokit.data.multicrop import LUMA, SOLARIZE_THRESHOLD, MultiCropConfig, to_image_tensor, to_l_or_rgb
 from dinokit.data.preprocessing import Preprocessing
@@ -308,8 +311,6 @@ class BatchedMultiCrop:
             rois = torch.stack([rows.double(), left, top, left + w, top + h], 1).to(src.device, src.dtype)
             x = roi_align(src, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
             return x.mul_(1.0 / 255.0).clamp_(0.0, 1.0)
-        from torchvision.transforms.v2 import functional as F
-
         mode = F.InterpolationMode(self.config.interpolation)
         x = torch.empty(n, src.shape[1], size, size, dtype=torch.uint8, device=src.device)
         for r, (img, (i, j, h, w)) in enumerate(zip(rows.tolist(), boxes.tolist())):
@@ -369,13 +370,7 @@ class BatchedMultiCrop:
                 f"channels={c.channels}, device={self.device or 'of the images'})")
 
 
-def _all_perms() -> list[tuple[int, ...]]:
-    from itertools import permutations
-
-    return list(permutations(range(4)))
-
-
-_PERMS = _all_perms()
+_PERMS = list(permutations(range(4)))
 _PERM_CODE = {perm: i for i, perm in enumerate(_PERMS)}
 
 
@@ -403,9 +398,6 @@ class DecodeUInt8:
         self.channels, self.max_short_side = channels, max_short_side
 
     def __call__(self, img: Any) -> Tensor:
-        from PIL import Image
-        from torchvision.transforms.v2 import functional as F
-
         if isinstance(img, Image.Image):
             img = to_l_or_rgb(img)
             img = img.convert("L" if self.channels == 1 else "RGB")

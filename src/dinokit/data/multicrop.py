@@ -123,8 +123,7 @@ def _probability(name: str, p: Any) -> float:
     return float(p)
 
 
-def _per_channel(name: str, value: Any, channels: int, owner: str = "MultiCropConfig.",
-                 ) -> tuple[float, ...]:
+def per_channel(name: str, value: Any, channels: int, owner: str = "MultiCropConfig.") -> tuple[float, ...]:
     """One value per channel: 1 value is repeated, 3 values are averaged for one channel."""
     try:
         vals = tuple(float(v) for v in value)
@@ -202,8 +201,8 @@ class MultiCropConfig:
         if not _is_int(self.channels) or self.channels not in (1, 3):
             raise _field_error("channels", "1 or 3", self.channels)
         self.blur_kernel, self.channels = int(self.blur_kernel), int(self.channels)
-        self.mean = _per_channel("mean", self.mean, self.channels)
-        self.std = _per_channel("std", self.std, self.channels)
+        self.mean = per_channel("mean", self.mean, self.channels)
+        self.std = per_channel("std", self.std, self.channels)
         if min(self.std) <= 0:
             raise _field_error("std", "positive", self.std)
 
@@ -340,6 +339,15 @@ class MultiCropTransform:
         )
 
 
+def eval_resize_size(input_size: int, crop_fraction: float) -> int:
+    """The short side DINO's evaluation view resizes to before its centre crop of ``input_size``:
+    ``round(input_size / crop_fraction)`` (timm's ``crop_pct``; 224 -> 256 at 0.875)."""
+    if isinstance(crop_fraction, bool) or not isinstance(crop_fraction, (int, float)) or not (
+            0.0 < crop_fraction <= 1.0):
+        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction!r}")
+    return round(input_size / crop_fraction)
+
+
 class EvalTransform:
     """Deterministic evaluation view: bicubic resize of the short side to ``resize_size``, centre
     crop of ``crop_size``, same channel handling and normalisation as training.
@@ -362,8 +370,8 @@ class EvalTransform:
                              f"got {interpolation!r}")
         self.crop_size, self.resize_size = int(crop_size), int(resize_size)
         self.channels, self.interpolation = channels, interpolation
-        self.mean = _per_channel("mean", mean, channels, owner="")
-        self.std = _per_channel("std", std, channels, owner="")
+        self.mean = per_channel("mean", mean, channels, owner="")
+        self.std = per_channel("std", std, channels, owner="")
         if min(self.std) <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
         mode = InterpolationMode(interpolation)
@@ -378,10 +386,8 @@ class EvalTransform:
     def for_config(cls, config: MultiCropConfig, crop_fraction: float = 0.875) -> EvalTransform:
         """The eval view matching a training config: crop = ``global_size``, resize =
         ``round(global_size / crop_fraction)`` (0.875: 224 -> 256, 28 -> 32); 1.0 keeps borders."""
-        from dinokit.data.preprocessing import Preprocessing
-
-        p = Preprocessing.from_multicrop(config, crop_fraction)
-        return cls(p.input_size, p.resize_size, p.mean, p.std, p.channels, p.interpolation)
+        return cls(config.global_size, eval_resize_size(config.global_size, crop_fraction), config.mean,
+                   config.std, config.channels, config.interpolation)
 
     def __call__(self, img: Any) -> Tensor:
         return self._pipeline(to_image_tensor(img, self.channels))

@@ -16,14 +16,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")
+from dinokit.data.multicrop import (
+    INTERPOLATIONS,
+    EvalTransform,
+    MultiCropConfig,
+    eval_resize_size,
+    per_channel,
+)
 
 
 def _values(name: str, value: Any, channels: int) -> tuple[float, ...]:
     """One value per channel (the rule :class:`~dinokit.data.MultiCropConfig` applies)."""
-    from dinokit.data.multicrop import _per_channel
-
-    return _per_channel(name, value, channels, owner="Preprocessing.")
+    return per_channel(name, value, channels, owner="Preprocessing.")
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class Preprocessing:
     @property
     def resize_size(self) -> int:
         """Short side before the centre crop: ``round(input_size / crop_fraction)`` (224 -> 256)."""
-        return round(self.input_size / self.crop_fraction)
+        return eval_resize_size(self.input_size, self.crop_fraction)
 
     @classmethod
     def from_multicrop(cls, config: Any, crop_fraction: float = 0.875) -> Preprocessing:
@@ -72,8 +76,6 @@ class Preprocessing:
     def default_for(cls, image_size: int, channels: int) -> Preprocessing:
         """For exports written before the preprocessing was stored: the crop preset dinokit trains
         such a backbone with (``small`` up to 64 px, else ImageNet's)."""
-        from dinokit.data.multicrop import MultiCropConfig
-
         mc = (MultiCropConfig.small(image_size, channels=channels) if image_size <= 64
               else MultiCropConfig(global_size=image_size, channels=channels))
         return cls.from_multicrop(mc)
@@ -97,10 +99,8 @@ class Preprocessing:
             raise ValueError(f"Preprocessing needs the fields {missing}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
-    def eval_transform(self) -> Any:
+    def eval_transform(self) -> EvalTransform:
         """The deterministic evaluation view (an :class:`~dinokit.data.EvalTransform`)."""
-        from dinokit.data.multicrop import EvalTransform
-
         return EvalTransform(self.input_size, self.resize_size, self.mean, self.std, self.channels,
                              self.interpolation)
 

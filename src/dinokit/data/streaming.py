@@ -33,6 +33,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dinokit.distributed import rank_world as _rank_world
+from dinokit.seeding import sample_seed
+
 INDEX_FILE = "index.json"
 _MASK_SALT = 0x5EED_0F_3A5C
 
@@ -184,8 +187,6 @@ class ShardStream(IterableDataset):
         return iter(samples)
 
     def _view(self, sample: dict[str, Any], pass_: int) -> tuple[Any, int]:
-        from dinokit.train.loader import sample_seed
-
         image, label = decode_sample(sample)
         if self.transform is None:
             return image, label
@@ -194,8 +195,6 @@ class ShardStream(IterableDataset):
             return self.transform(image), label
 
     def __iter__(self) -> Iterator[tuple[Any, int, int, int]]:
-        from dinokit.train.loader import sample_seed
-
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         n_slots = self.world * n_workers
@@ -256,8 +255,6 @@ class StreamLoader:
         return self.iterations
 
     def _start(self) -> Iterator[Any]:
-        from dinokit.train.loader import _rank_world
-
         rank, world = _rank_world()
         workers = max(self.num_workers, 1)
         if self.positions and self.slots not in (None, world * workers):

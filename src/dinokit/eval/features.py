@@ -11,9 +11,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
 from dinokit.backbones.base import cls_embedding
+from dinokit.distributed import rank_world
 
 KINDS = ("cls", "avgpool", "cls+avgpool", "last_blocks", "last_blocks+avgpool")
 
@@ -56,8 +60,6 @@ def extract_features(model: Any, loader: Iterable[Any], *, kind: str = "cls", n_
         kind: ``cls`` | ``avgpool`` (mean patch token) | ``cls+avgpool`` | ``last_blocks`` (CLS of
             the last ``n_last_blocks`` blocks, DINO's linear-eval input) | ``last_blocks+avgpool``.
     """
-    from tqdm.auto import tqdm
-
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     backbone = _backbone(model)
@@ -83,14 +85,6 @@ def extract_features(model: Any, loader: Iterable[Any], *, kind: str = "cls", n_
     return torch.cat(feats), (None if bool((y_all < 0).all()) else y_all)
 
 
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def shard_indices(n: int, rank: int, world: int) -> list[int]:
     """The samples process ``rank`` of ``world`` reads: ``rank, rank + world, ...`` (each once)."""
     return list(range(rank, n, world))
@@ -99,9 +93,7 @@ def shard_indices(n: int, rank: int, world: int) -> list[int]:
 def gather_shards(x: Tensor, n: int) -> Tensor:
     """The per-process results ``x`` (rows of :func:`shard_indices` order) of every process, put
     back in dataset order ``[n, ...]`` on every process (a collective; identity in one process)."""
-    import torch.distributed as dist
-
-    _, world = _rank_world()
+    _, world = rank_world()
     if world == 1:
         return x
     rows = -(-n // world)  # ceil: the largest share; smaller shares are padded for all_gather
@@ -126,9 +118,7 @@ def extract_share(model: Any, dataset: Any, *, batch_size: int = 256, num_worker
     one, so an extra batch on one process would wait forever): a smaller share is padded with a
     repeat of its first sample, whose rows are dropped from the result.
     """
-    from torch.utils.data import DataLoader, Subset
-
-    rank, world = _rank_world()
+    rank, world = rank_world()
     n = len(dataset)
     own = shard_indices(n, rank, world)
     mine = Subset(dataset, own + own[:1] * (-(-n // world) - len(own))) if world > 1 else dataset
@@ -146,9 +136,7 @@ def extract_features_sharded(model: Any, dataset: Any, *, batch_size: int = 256,
     :func:`shard_indices`, the features are gathered in dataset order on every process. Items
     are images or ``(image, label, ...)``. Under gloo the gather runs on the CPU, under NCCL on the
     model's device."""
-    import torch.distributed as dist
-
-    _, world = _rank_world()
+    _, world = rank_world()
     n = len(dataset)
     if n == 0:
         raise ValueError("the dataset is empty")

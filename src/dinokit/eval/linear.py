@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 #: The default sweep: half-decades from 1e-3 to 10.
 DEFAULT_LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -85,8 +86,6 @@ def _probe(train_features: Tensor, train_labels: Tensor, val_features: Tensor, v
         return _logistic(xtr, ytr, xva, yva, lrs, n_classes)
     if mode != "sgd":
         raise ValueError(f"mode must be 'sgd' or 'logistic', got {mode!r}")
-    from tqdm.auto import tqdm
-
     device = torch.device(device or "cpu")
     xtr, ytr, xva, yva = xtr.to(device), ytr.to(device), xva.to(device), yva.to(device)
     per_lr: dict[float, dict[str, float | None]] = {}
@@ -119,6 +118,7 @@ def _probe(train_features: Tensor, train_labels: Tensor, val_features: Tensor, v
 
 
 def _logistic(xtr, ytr, xva, yva, cs, n_classes) -> LinearProbeResult:
+    # scikit-learn takes about a second to import; only this non-default mode needs it
     from sklearn.linear_model import LogisticRegression
 
     per: dict[float, dict[str, float | None]] = {}

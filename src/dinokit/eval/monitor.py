@@ -15,7 +15,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from dinokit.eval.features import extract_features_sharded
+from dinokit.distributed import all_reduce_sum
+from dinokit.eval.features import extract_features_sharded, extract_share
 from dinokit.eval.knn import knn_correct
 
 
@@ -45,8 +46,6 @@ class KNNMonitor(pl.Callback):
     def evaluate(self, backbone: torch.nn.Module) -> dict[str, float | None]:
         """k-NN top-1/top-5 (%) for ``ks[0]`` over the whole validation set (a collective when
         distributed: every process must call it)."""
-        from dinokit.distributed import all_reduce_sum
-
         device = next(backbone.parameters()).device
         feats = []
         for dataset, batch_size, workers in (self.train_data, self.val_data):
@@ -63,8 +62,6 @@ class KNNMonitor(pl.Callback):
 
     def _extract(self, backbone: Any, dataset: Any, batch_size: int, workers: int, device: Any,
                  gather: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from dinokit.eval.features import extract_share
-
         if gather:
             return extract_features_sharded(backbone, dataset, batch_size=batch_size, num_workers=workers,
                                             kind=self.kind, out_device=None)

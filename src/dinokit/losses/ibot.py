@@ -88,7 +88,7 @@ class IBOTPatchLoss(nn.Module):
 
     def forward(self, student_patch_logits: Tensor, teacher_patch_probs: Tensor, weights: Tensor,
                 n_crops: int | Tensor | None = None) -> Tensor:
-        """:func:`ibot_patch_loss`. Also accepts the older ``(s, t, masks [n_crops, N] bool)`` with
+        """:func:`ibot_patch_loss`. Also accepts ``(s, t, masks [n_crops, N] bool)`` with
         the tokens in ``masks.nonzero()`` order (weights derived, ``n_crops = masks.shape[0]``)."""
         if n_crops is None:
             if weights.ndim != 2 or weights.dtype != torch.bool:

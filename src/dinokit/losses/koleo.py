@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.nn.functional import all_gather
 
-from dinokit.distributed import is_distributed
+from dinokit.distributed import is_distributed, rank_world
 
 #: ``eps`` of the official ``nn.PairwiseDistance(2, eps=1e-8)``.
 PDIST_EPS = 1e-8
@@ -43,11 +44,8 @@ def koleo_loss(x: Tensor, eps: float = 1e-8, all_processes: bool = False) -> Ten
     z = F.normalize(x.float(), p=2, dim=-1, eps=eps)
     offset, pool = 0, z
     if all_processes and is_distributed():
-        import torch.distributed as dist
-        from torch.distributed.nn.functional import all_gather
-
         pool = torch.cat(all_gather(z), dim=0)
-        offset = dist.get_rank() * z.shape[0]
+        offset = rank_world()[0] * z.shape[0]
     if pool.shape[0] < 2:
         return x.sum() * 0.0
     with torch.no_grad():

@@ -17,6 +17,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 
 def _raw(optimizer: Any) -> torch.optim.Optimizer:
@@ -59,20 +65,12 @@ class FSDP2Strategy(ModelParallelStrategy):
                          save_distributed_checkpoint=False, **kwargs)
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
         assert self.model is not None
         state = get_optimizer_state_dict(self.model, _raw(optimizer),
                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return to_index_keys(state) if state else state  # empty on processes other than the first
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
         assert self.model is not None and self.lightning_module is not None
         path = Path(self.broadcast(str(checkpoint_path)))
         checkpoint = torch.load(path, map_location="cpu", mmap=True,

@@ -21,25 +21,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-_MIX = 0x9E3779B97F4A7C15
+from dinokit.config import ConfigError
+from dinokit.distributed import rank_world
+from dinokit.seeding import sample_seed
+
 _MASK_SALT = 0x5EED_0F_3A5C
 _ITEM_MASK_SALT = 0x5A3F_1E_77D1
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed for one sample's augmentation, well mixed from its three inputs."""
-    x = (seed * 1_000_003 + epoch) * _MIX + index * 0xBF58476D1CE4E5B9
-    x ^= x >> 31
-    return x & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class EpochSampler(Sampler[int]):
@@ -61,7 +50,7 @@ class EpochSampler(Sampler[int]):
         self.epoch = epoch
 
     def _indices(self) -> list[int]:
-        rank, world = _rank_world()
+        rank, world = rank_world()
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
@@ -78,7 +67,7 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         # The full epoch, also when resuming: Lightning counts the batches already done itself.
-        _, world = _rank_world()
+        _, world = rank_world()
         return self.n // world if self.drop_last else math.ceil(self.n / world)
 
 
@@ -172,7 +161,7 @@ class ResumableDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         sampler: EpochSampler = self.sampler  # type: ignore[assignment]
-        rank, _ = _rank_world()
+        rank, _ = rank_world()
         self.collate_fn.rank = rank  # type: ignore[attr-defined]  (before the workers start)
         if self.generator is not None:  # worker seeds: per process and epoch, same after a resume
             self.generator.manual_seed(sample_seed(self.seed, sampler.epoch, 2**40 + rank))
@@ -186,7 +175,7 @@ class ResumableDataLoader(DataLoader):
         """The epoch, the batches this process has taken in it, and the global batch they made
         (``batch_size`` per process x ``world`` processes)."""
         sampler: EpochSampler = self.sampler  # type: ignore[assignment]
-        _, world = _rank_world()
+        _, world = rank_world()
         return {"epoch": sampler.epoch, "batches": self._yielded, "batch_size": int(self.batch_size or 0),
                 "world": world}
 
@@ -194,11 +183,9 @@ class ResumableDataLoader(DataLoader):
         """Continue where ``state`` stopped, also at another world size when the global batch is
         the same (each global batch is ``order[k * G : (k + 1) * G]`` of the epoch's permutation,
         dealt over the processes); a different global batch is refused (ConfigError)."""
-        from dinokit.config import ConfigError
-
         sampler: EpochSampler = self.sampler  # type: ignore[assignment]
         if "world" in state and "batch_size" in state:
-            _, world = _rank_world()
+            _, world = rank_world()
             saved, now = int(state["world"]) * int(state["batch_size"]), world * int(self.batch_size or 0)
             if saved != now:
                 procs = lambda n: f"{n} process" + ("es" if n != 1 else "")  # noqa: E731

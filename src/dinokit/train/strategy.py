@@ -21,6 +21,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import re
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -28,8 +31,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
 
 from dinokit.train.optim import local_shard
+
+try:  # FSDP2's public API (torch >= 2.6); older torch runs everything but the sharding
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - older torch
+    fully_shard = DTensor = distribute_tensor = None
 
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -89,8 +99,6 @@ def _blocks(module: nn.Module) -> list[nn.Module]:
 
 def device_mesh(device_type: str | None = None) -> Any:
     """A 1-D mesh over all processes (``cuda`` when available, else ``cpu``)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("FSDP needs a process group: launch with torchrun / srun, or "
                            "torch.distributed.init_process_group first")
@@ -108,8 +116,8 @@ def shard_method(method: nn.Module, mesh: Any = None, **fsdp_kwargs: Any) -> Any
     has: its EMA update would then write to a gathered copy that is thrown away). Its EMA update
     reads the local shards of both networks. Call before building the optimiser.
     """
-    from torch.distributed.fsdp import fully_shard
-
+    if fully_shard is None:  # pragma: no cover - older torch
+        raise RuntimeError(f"FSDP2 sharding needs torch >= 2.6 (fully_shard), not {torch.__version__}")
     mesh = mesh if mesh is not None else device_mesh()
     for name in ("student", "teacher"):
         pair: nn.ModuleDict = getattr(method, name)
@@ -156,15 +164,14 @@ def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
 def _shard_like(ref: Any, src: Any) -> Any:
     """``src`` (a full tensor) cut as the DTensor ``ref`` is (every process holds ``src``: no
     communication); anything else as it is."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if isinstance(ref, DTensor) and isinstance(src, Tensor) and not isinstance(src, DTensor):
-        if tuple(src.shape) != tuple(ref.shape):
-            raise ValueError(f"full tensor of shape {tuple(src.shape)} for a parameter of shape "
-                             f"{tuple(ref.shape)}")
-        return distribute_tensor(src.to(device=ref.device, dtype=ref.dtype), ref.device_mesh,
-                                 ref.placements, src_data_rank=None)
-    return src
+    sharded = DTensor is not None and isinstance(ref, DTensor)
+    if not sharded or not isinstance(src, Tensor) or isinstance(src, DTensor):
+        return src
+    if tuple(src.shape) != tuple(ref.shape):
+        raise ValueError(f"full tensor of shape {tuple(src.shape)} for a parameter of shape "
+                         f"{tuple(ref.shape)}")
+    return distribute_tensor(src.to(device=ref.device, dtype=ref.dtype), ref.device_mesh,
+                             ref.placements, src_data_rank=None)
 
 
 @torch.no_grad()
@@ -230,9 +237,6 @@ def load_full_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Opt
 def launcher_world(env: dict[str, str] | None = None) -> tuple[int, int] | None:
     """``(processes per node, nodes)`` set by ``torchrun`` (``LOCAL_WORLD_SIZE``, ``WORLD_SIZE``) or
     by ``srun`` (``SLURM_NTASKS``, ``SLURM_NNODES``), or None when not launched by either."""
-    import os
-    import re
-
     env = dict(os.environ) if env is None else env
     if "LOCAL_WORLD_SIZE" in env and "WORLD_SIZE" in env:
         local, world = int(env["LOCAL_WORLD_SIZE"]), int(env["WORLD_SIZE"])
@@ -250,8 +254,6 @@ def with_launcher_env(cfg: Any, env: dict[str, str] | None = None) -> Any:
     """``cfg`` with ``trainer.devices`` / ``trainer.num_nodes`` taken from the launcher's environment
     when they are left at ``auto`` / 1 (so ``torchrun ... dinokit train`` and ``srun dinokit train``
     need no matching flags). Explicit values are kept (Lightning checks them against the world)."""
-    import dataclasses
-
     found = launcher_world(env)
     t = cfg.trainer
     if found is None or (t.devices != "auto" and t.num_nodes != 1):

@@ -6,16 +6,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor
 
 
-def new_figure(width: float, height: float) -> Any:
-    from matplotlib.figure import Figure
-
+def new_figure(width: float, height: float) -> Figure:
+    """A figure of ``width`` x ``height`` inches at 100 dpi, outside pyplot's figure manager."""
     return Figure(figsize=(width, height), dpi=100)
 
 
-def save(fig: Any, path: str | Path) -> Path:
+def save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")

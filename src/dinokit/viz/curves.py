@@ -6,16 +6,24 @@ import csv
 import math
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from dinokit.viz._figure import new_figure, save
 
+#: ``(title, metrics)`` of each panel, drawn when the run logged any of its metrics. The teacher
+#: temperature (about 0.04) has its own panel: on the momentum's 0-1 axis it would read as zero.
 PANELS = [
     ("loss", ["train/loss", "val/loss"]),
     ("k-NN top-1 (%)", ["val/knn_top1"]),
     ("teacher entropy (nats)", ["train/teacher_entropy"]),
     ("learning rate", ["train/lr"]),
-    ("EMA momentum / teacher temperature", ["train/momentum", "train/teacher_temp"]),
-    ("DINOv2/v3 terms", ["train/loss_cls", "train/loss_patch", "train/loss_koleo", "train/loss_gram"]),
+    ("EMA momentum", ["train/momentum"]),
+    ("teacher temperature", ["train/teacher_temp"]),
 ]
+#: The panel of the loss terms (``train/loss_<term>``), drawn when the run has more than one term:
+#: with a single term (DINO's ``loss_cls``) it would repeat the loss panel.
+TERMS_TITLE = "loss terms (unweighted)"
+TERM_PREFIX = "train/loss_"
 
 
 def _metrics_file(source: str | Path) -> Path:
@@ -57,11 +65,21 @@ def read_metrics(source: str | Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def plot_training_curves(source: str | Path, path: str | Path, n_prototypes: int | None = None) -> Path:
-    """One panel per available group of metrics; a dashed line at ln K marks uniform collapse."""
-    series = read_metrics(source)
+def curve_panels(series: dict[str, list[tuple[int, float]]]) -> list[tuple[str, list[str]]]:
+    """``(title, metrics)`` of each panel worth drawing for ``series`` (what :func:`read_metrics`
+    gives): the :data:`PANELS` with a logged metric, then the loss terms when there are several."""
     panels = [(title, [k for k in keys if k in series]) for title, keys in PANELS]
     panels = [(t, ks) for t, ks in panels if ks]
+    terms = sorted(k for k in series if k.startswith(TERM_PREFIX))
+    if len(terms) > 1:
+        panels.append((TERMS_TITLE, terms))
+    return panels
+
+
+def training_curves_figure(source: str | Path, n_prototypes: int | None = None) -> Figure:
+    """One panel per :func:`curve_panels` entry; a dashed line at ln K marks uniform collapse."""
+    series = read_metrics(source)
+    panels = curve_panels(series)
     if not panels:
         raise ValueError(f"no known metric in {_metrics_file(source)} (found {sorted(series)})")
     cols = min(3, len(panels))
@@ -79,4 +97,9 @@ def plot_training_curves(source: str | Path, path: str | Path, n_prototypes: int
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return save(fig, path)
+    return fig
+
+
+def plot_training_curves(source: str | Path, path: str | Path, n_prototypes: int | None = None) -> Path:
+    """:func:`training_curves_figure` of a run directory or CSV, saved to ``path``."""
+    return save(training_curves_figure(source, n_prototypes), path)

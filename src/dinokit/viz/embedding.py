@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
 from torch import Tensor
 
 from dinokit.viz._figure import new_figure, save
@@ -25,13 +27,9 @@ def plot_embedding_2d(features: Tensor, labels: Tensor | None, path: str | Path,
         x = x[idx]
         y = None if y is None else y[idx]
     if method == "tsne":
-        from sklearn.manifold import TSNE
-
         perplexity = min(30.0, max(2.0, len(x) / 4))
         xy = TSNE(2, init="pca", random_state=seed, perplexity=perplexity).fit_transform(x)
     else:
-        from sklearn.decomposition import PCA
-
         xy = PCA(2, random_state=seed).fit_transform(x)
     fig = new_figure(6.5, 5.5)
     ax = fig.add_subplot(1, 1, 1)
