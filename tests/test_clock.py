@@ -116,10 +116,11 @@ def test_the_lr_can_be_held_per_epoch():
     assert [clock.at(s).lr for s in range(EPOCHS * SPE)] == pytest.approx(np.repeat(per_epoch, SPE))
 
 
-def test_manual_time_needs_the_epoch_length_for_a_per_step_warm_up():
+def test_manual_time_needs_the_epoch_length_for_a_per_step_warm_up_and_says_so():
     t = ManualTime(teacher("step"))
-    with pytest.raises(ValueError, match="set_run_length"):
-        t.teacher_temperature()
+    t.epoch = 1
+    with pytest.warns(UserWarning, match="set_run_length"):  # says so, then follows the epochs
+        assert t.teacher_temperature() == pytest.approx(0.055)
     t.set_run_length(30, 5)
     t.step = 7
     assert t.teacher_temperature() == pytest.approx(np.linspace(0.04, 0.07, 15)[7])

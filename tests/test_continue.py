@@ -130,9 +130,11 @@ def _method():
     import dinokit
 
     torch.manual_seed(0)
-    return dinokit.DINOv3("vit_small_patch16_dinov3", encoder_kwargs=TINY_V3, n_prototypes=16,
-                          n_patch_prototypes=16, projector_hidden_dim=16, projector_bottleneck_dim=8,
-                          gram_weight=1.0)
+    from conftest import settings
+
+    return dinokit.DINOv3("vit_small_patch16_dinov3", n_cls_prototypes=16, n_patch_prototypes=16,
+                          projector_hidden_dim=16, projector_bottleneck_dim=8,
+                          settings=settings(gram={"weight": 1.0}, backbone={"kwargs": TINY_V3}))
 
 
 def test_wrong_size_names_keys_and_shapes_and_loads_nothing(tmp_path):

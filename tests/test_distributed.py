@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import tiny_cnn
+from conftest import settings, tiny_cnn
 from dinokit.distributed import all_gather_cat
 from dinokit.losses import EMACenter, koleo_loss, sinkhorn_knopp
 
@@ -135,7 +135,7 @@ def test_sync_batchnorm_converts_student_and_teacher_keeping_the_ema_pairing():
 
     torch.manual_seed(0)
     method = DINO(build_backbone(tiny_cnn()), projector_hidden_dim=16, projector_bottleneck_dim=8,
-                  n_prototypes=8, projector_batch_norm=True)
+                  n_prototypes=8, settings=settings(heads={"batch_norm": True}))
     ids = [id(p) for p in method.student.parameters()]
 
     class _Trainer:  # what prepare_for_strategy reads from a Lightning Trainer

@@ -90,7 +90,7 @@ def test_fit_on_a_loader_of_view_lists():
     assert est.transform(plain).shape == (4, 8)
     assert len(seen) == 3 and set(seen[0]) == {"loss", "z_student", "z_teacher", "y"}
     assert seen[0]["z_student"].shape == (3, 8, 16) and seen[0]["z_teacher"].shape == (2, 8, 16)
-    assert est.method_.step == 3  # one EMA update per optimiser step
+    assert est.trainer_.global_step == 3  # one optimiser step per batch
 
 
 @pytest.mark.parametrize(("opt", "cls"), [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),

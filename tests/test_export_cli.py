@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import dinokit
+from conftest import settings
 from dinokit.cli import main
 
 TINY = ["data.dataset=digits", "data.limit=128", "data.batch_size=32", "data.num_workers=0",
@@ -149,9 +150,10 @@ def _tiny_method(kind):
                             embed_dim=32, num_heads=2, in_chans=1), n_prototypes=16, projector_hidden_dim=16,
                             projector_bottleneck_dim=8)
     if kind == "dinov3":
-        return dinokit.DINOv3("vit_small_patch16_dinov3", encoder_kwargs=dict(depth=1, embed_dim=32, num_heads=2),
-                              n_prototypes=16, n_patch_prototypes=16, projector_hidden_dim=16,
-                              projector_bottleneck_dim=8)
+        tiny = dict(depth=1, embed_dim=32, num_heads=2)
+        return dinokit.DINOv3("vit_small_patch16_dinov3", n_cls_prototypes=16, n_patch_prototypes=16,
+                              projector_hidden_dim=16, projector_bottleneck_dim=8,
+                              settings=settings(backbone={"kwargs": tiny}))
     return dinokit.DINO("resnet18", encoder_kwargs=dict(in_chans=1), n_prototypes=16, projector_hidden_dim=16,
                         projector_bottleneck_dim=8)
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import full_last_block
+from conftest import full_last_block, settings
 from dinokit.data import MultiCropCollate
 from dinokit.masking import make_mask_generator
 from dinokit.train.optim import clip_per_module_, clip_per_parameter_
@@ -43,16 +43,20 @@ def _method():
     torch.manual_seed(0)
     vit = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=2)
     common = dict(projector_hidden_dim=32, projector_bottleneck_dim=16, n_prototypes=16, ema_decay_start=0.8,
-                  ema_decay_end=1.0, total_steps=STEPS, warmup_epochs_temperature_teacher=0)
+                  ema_decay_end=1.0)
     if METHOD == "dino":
-        method = DINO(build_backbone("vit_tiny_patch16_224", encoder_kwargs=vit), **common)
+        method = DINO(build_backbone("vit_tiny_patch16_224", encoder_kwargs=vit), **common,
+                      warmup_epochs_temperature_teacher=0)
+        method.set_run_length(STEPS)
         # FSDP2's hooked blocks run the full last block, so the 1-process reference does too: the
         # key bias has an analytically zero gradient, and AdamW turns its rounding noise into
         # lr-sized steps, so both sides must round alike (the CLS-only block is tested elsewhere)
         full_last_block(method.student_backbone, method.teacher_backbone)
         return method
-    return DINOv2("vit_tiny_patch16_224", encoder_kwargs=vit, n_patch_prototypes=16, koleo_all_processes=True,
-                  **common)
+    method = DINOv2("vit_tiny_patch16_224", encoder_kwargs=vit, n_patch_prototypes=16, **common,
+                    settings=settings(koleo={"all_processes": True}, teacher={"warmup_epochs": 0}))
+    method.set_run_length(STEPS)
+    return method
 
 
 def _batch(step: int, rows: slice) -> dict:

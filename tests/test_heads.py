@@ -21,7 +21,7 @@ def test_default_architecture_is_the_papers():
     """Linear(d, 2048)-GELU-Linear(2048, 2048)-GELU-Linear(2048, 256), then K = 65536 prototypes."""
     defaults = {k: v.default for k, v in inspect.signature(DINOHead).parameters.items()}
     assert (defaults["out_dim"], defaults["hidden_dim"], defaults["bottleneck_dim"]) == (65536, 2048, 256)
-    assert (defaults["n_layers"], defaults["use_bn"], defaults["norm_last_layer"]) == (3, False, True)
+    assert (defaults["layers"], defaults["batch_norm"], defaults["norm_last_layer"]) == (3, False, True)
 
     head = DINOHead(384, out_dim=64)  # K kept small: the default 65536 x 256 layer is slow to build
     assert _layers(head) == ["Linear", "GELU", "Linear", "GELU", "Linear"]
@@ -32,11 +32,11 @@ def test_default_architecture_is_the_papers():
 
 
 def test_batch_norm_after_each_hidden_linear():
-    """use_bn (for CNN backbones): Linear-BN-GELU for each hidden layer, none after the last."""
-    head = DINOHead(8, out_dim=16, hidden_dim=32, bottleneck_dim=8, use_bn=True)
+    """batch_norm (for CNN backbones): Linear-BN-GELU for each hidden layer, none after the last."""
+    head = DINOHead(8, out_dim=16, hidden_dim=32, bottleneck_dim=8, batch_norm=True)
     assert _layers(head) == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]
     assert [m.num_features for m in head.mlp if isinstance(m, nn.BatchNorm1d)] == [32, 32]
-    assert _layers(DINOHead(8, 16, 32, 8, n_layers=1)) == ["Linear"]
+    assert _layers(DINOHead(8, 16, 32, 8, layers=1)) == ["Linear"]
 
 
 def test_logits_are_cosines_between_bottleneck_and_prototypes():
@@ -131,9 +131,9 @@ def test_without_cancelling_the_last_layer_moves():
     assert not torch.equal(head.last_layer.weight_g, before["last_layer.weight_g"])
 
 
-@pytest.mark.parametrize("arg", ["in_dim", "out_dim", "hidden_dim", "bottleneck_dim", "n_layers"])
+@pytest.mark.parametrize("arg", ["in_dim", "out_dim", "hidden_dim", "bottleneck_dim", "layers"])
 def test_sizes_below_one_name_the_argument(arg):
-    kwargs = dict(in_dim=4, out_dim=3, hidden_dim=8, bottleneck_dim=4, n_layers=3)
+    kwargs = dict(in_dim=4, out_dim=3, hidden_dim=8, bottleneck_dim=4, layers=3)
     kwargs[arg] = 0
     with pytest.raises(ValueError, match=f"{arg} must be >= 1"):
         DINOHead(**kwargs)

@@ -28,10 +28,9 @@ def _batches(n, nan_at=(), b=4):
 
 def _fit(batches, max_nonfinite_steps=3):
     torch.manual_seed(0)
-    method = DINO(tiny_vit(), n_prototypes=24, projector_hidden_dim=32, projector_bottleneck_dim=16,
-                  total_steps=len(batches))
-    module = DINOModule(method, step_settings(lr=1e-3, lr_scaling="none", warmup_epochs=0, freeze_last_layer_epochs=0,
-                        max_nonfinite_steps=max_nonfinite_steps))
+    method = DINO(tiny_vit(), n_prototypes=24, projector_hidden_dim=32, projector_bottleneck_dim=16)
+    module = DINOModule(method, step_settings(lr=1e-3, lr_scaling="none", warmup_epochs=0,
+                                              freeze_last_layer_epochs=0, max_nonfinite_steps=max_nonfinite_steps))
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
     loader = torch.utils.data.DataLoader(batches, batch_size=None)

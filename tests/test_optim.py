@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import step_settings
+from conftest import settings, step_settings
 from dinokit import DINO, build_backbone
 from dinokit.train import DINOModule
 from dinokit.train.optim import (
@@ -96,13 +96,14 @@ def _batches(n=8, b=4):
 
 class Recorder(pl.Callback):
     def __init__(self):
-        self.lr, self.wd, self.last_layer, self.mlp = [], [], [], []
+        self.lr, self.wd, self.last_layer, self.mlp, self.momentum = [], [], [], [], []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         g = next(g for g in optimizer.param_groups if g["wd_scale"] == 1.0)
         self.lr.append(g["lr"])
         self.wd.append(g["weight_decay"])
         m = pl_module.method
+        self.momentum.append(pl_module.step_fn.values(trainer.global_step).momentum)
         self.last_layer.append(m.student_head.last_layer.weight_v.detach().clone())
         self.mlp.append(m.student_head.mlp[0].weight.detach().clone())
 
@@ -132,14 +133,14 @@ def test_schedules_are_applied_every_step():
     assert rec.lr == pytest.approx(expected_lr, abs=1e-9)
     assert rec.wd == pytest.approx(expected_wd, abs=1e-9)
     # EMA momentum followed its cosine and the step counter matches optimiser steps
-    assert method.step == total and method.total_steps == total
-    assert method.momentum(0) == pytest.approx(0.996) and method.momentum(total) == 1.0
-    # teacher temperature was set per epoch
-    assert method.epoch == 1
+    # EMA momentum followed its cosine: the clock's values, logged each step
+    clock = module.step_fn.clock
+    assert clock.total_steps == total and rec.momentum[0] == pytest.approx(0.996)
+    assert rec.momentum == pytest.approx([clock.at(s).momentum for s in range(total)])
 
 
 def test_last_layer_frozen_for_the_first_epoch_only():
-    method = _tiny_dino(norm_last_layer=False)
+    method = _tiny_dino(settings=settings(heads={"norm_last_layer": False}))
     module = DINOModule(method, step_settings(lr=0.01, warmup_epochs=0, freeze_last_layer_epochs=1))
     rec = Recorder()
     _fit(module, epochs=2, callbacks=[rec])
@@ -214,7 +215,7 @@ def test_skip_step_if_on_a_first_step_resets_new_state():
 
 
 def test_last_layer_lr_multiplier_freezes_flagged_groups():
-    method = _tiny_dino(norm_last_layer=False)
+    method = _tiny_dino(settings=settings(heads={"norm_last_layer": False}))
     groups = param_groups(method.student.named_parameters())  # official: names with "last_layer"
     flagged = {n for g in groups if g["is_last_layer"] for n in g["names"]}
     assert flagged == {"head.last_layer.weight_v", "head.last_layer.weight_g"}

@@ -137,12 +137,13 @@ def test_hooks_are_never_bypassed():
 def test_method_loss_and_gradients_equal_with_packed_crops(cls):
     def run(packed: bool):
         seed_all(0)
-        kw = dict(projector_hidden_dim=32, projector_bottleneck_dim=16, n_prototypes=64, check_finite=False,
+        kw = dict(projector_hidden_dim=32, projector_bottleneck_dim=16, n_prototypes=64,
                   encoder_kwargs=dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=2))
         if cls == "DINOv2":
             kw.update(n_patch_prototypes=64, n_register_tokens=2)
         m = getattr(dinokit, cls)("vit_tiny_patch16_224", **kw)
         m.student_backbone.packed_crops = packed
+        m.check_finite = False
         glob, loc = _views()
         extra = {}
         if cls == "DINOv2":
@@ -193,11 +194,11 @@ def test_config_key_model_packed_crops(value, expected):
     from dinokit.config import ConfigError, from_dict
     from dinokit.train.build import build_method
 
-    model = {"backbone": "vit_tiny_patch16_224", "n_prototypes": 64, "head_hidden_dim": 32,
-             "head_bottleneck_dim": 16, "backbone_kwargs": dict(img_size=32, patch_size=8, depth=1, embed_dim=48,
-                                                                num_heads=2)}
-    data = {"dataset": "demo", "global_size": 32, "local_size": 16}
-    cfg = from_dict({"data": data, "model": {**model, "packed_crops": value}})
+    backbone = {"name": "vit_tiny_patch16_224",
+                "kwargs": dict(img_size=32, patch_size=8, depth=1, embed_dim=48, num_heads=2)}
+    base = {"data": {"dataset": "demo"}, "crops": {"global_size": 32, "local_size": 16},
+            "dino": {"n_prototypes": 64}, "heads": {"hidden_dim": 32, "bottleneck_dim": 16}}
+    cfg = from_dict({**base, "backbone": {**backbone, "packed_crops": value}})
     assert build_method(cfg).student_backbone.packed_crops == expected
     with pytest.raises(ConfigError, match="backbone.packed_crops"):
-        from_dict({"data": data, "model": {**model, "packed_crops": "yes"}})
+        from_dict({**base, "backbone": {**backbone, "packed_crops": "yes"}})

@@ -18,6 +18,7 @@ step of the run. A method used without a training loop keeps its own :class:`Man
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -201,7 +202,7 @@ class ManualTime:
 
     ``set_run_length`` gives the momentum cosine its length and the per-step temperature warm-up
     its epoch length; without it the momentum stays at its start value, and a per-step warm-up
-    raises, naming the call to make.
+    follows :meth:`set_epoch` instead, with a warning (once) naming the call to make.
     """
 
     def __init__(self, teacher: TeacherSettings, temperature_endpoint: bool = True):
@@ -211,6 +212,7 @@ class ManualTime:
         self.step, self.epoch = 0, 0
         self.total_steps: int | None = None
         self.steps_per_epoch: int | None = None
+        self._warned = False
 
     def set_run_length(self, total_steps: int | None, steps_per_epoch: int | None = None) -> None:
         for name, v in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
@@ -233,10 +235,13 @@ class ManualTime:
             return TeacherTemperature(t.warmup_temperature, t.temperature, t.warmup_epochs,
                                       endpoint=self.endpoint)(self.epoch)
         if not self.steps_per_epoch:
-            raise ValueError("the teacher temperature warms up per step (teacher.warmup_unit='step'): call "
-                             "set_run_length(total_steps, steps_per_epoch) first, or use "
-                             "teacher.warmup_unit='epoch' or teacher.warmup_epochs=0 in the method's "
-                             "settings")
+            if not self._warned:
+                warnings.warn("the teacher temperature warms up per step (teacher.warmup_unit='step') but the "
+                              "method does not know the epoch length: it follows set_epoch() until "
+                              "set_run_length(total_steps, steps_per_epoch) is called", stacklevel=3)
+                self._warned = True
+            return TeacherTemperature(t.warmup_temperature, t.temperature, t.warmup_epochs,
+                                      endpoint=self.endpoint)(self.epoch)
         length = round(t.warmup_epochs * self.steps_per_epoch)
         schedule = TeacherTemperature(t.warmup_temperature, t.temperature, length, endpoint=self.endpoint)
         return schedule(self.step)
