@@ -100,13 +100,14 @@ def test_a_multi_stage_run_gives_each_stage_its_overrides():
         assert v.wd == pytest.approx(cosine_scheduler(0.04, 0.4, EPOCHS, SPE)[step])  # not staged
 
 
-def test_stages_that_end_early_give_the_rest_to_the_last_and_empty_stages_fail():
+def test_stages_that_end_early_give_the_rest_to_the_last_and_stages_past_the_end_are_empty():
     assert [(s.start, s.end) for s in place_stages([StageSettings(name="a", steps=3),
                                                    StageSettings(name="b", steps=4)], 10, 5)] == [(0, 3), (3, 10)]
     assert [(s.start, s.end) for s in place_stages([], 10, 5)] == [(0, 10)]
-    with pytest.raises(ValueError, match="no steps left"):
-        place_stages([StageSettings(name="a", steps=10), StageSettings(name="b", steps=2),
-                      StageSettings(name="c")], 10, 5)
+    with pytest.warns(UserWarning, match="stage 'b' starts after the run's 10 steps"):
+        cut = place_stages([StageSettings(name="a", steps=10), StageSettings(name="b", steps=2),
+                            StageSettings(name="c")], 10, 5)
+    assert [(s.start, s.end) for s in cut] == [(0, 10), (10, 10), (10, 10)]
 
 
 def test_the_lr_can_be_held_per_epoch():

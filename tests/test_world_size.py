@@ -106,14 +106,20 @@ LENGTH_FREE = ["optim.warmup_epochs=0", "optim.min_lr=0.0005", "optim.lr=0.0005"
                "teacher.momentum=0.996", "teacher.final_momentum=0.996"]
 
 
+#: A head warm-up stage (the backbone frozen) for 2 steps, then everything trains.
+TWO_STAGES = ["stages=[{name: heads, steps: 2, frozen: [backbone]}, {name: all}]"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("first", [2, 1], ids=["2-to-1-processes", "1-to-2-processes"])
-def test_resume_at_another_world_size_continues_exactly(tmp_path, first):
+@pytest.mark.parametrize("first, stages", [(2, []), (1, []), (2, TWO_STAGES)],
+                         ids=["2-to-1-processes", "1-to-2-processes", "2-to-1-processes-at-a-stage-boundary"])
+def test_resume_at_another_world_size_continues_exactly(tmp_path, first, stages):
     """2 steps with ``first`` processes, resumed with the other count to step 4 (trainer.resume=last,
     data.batch_size changed so the global batch stays 8) ends where 4 uninterrupted 1-process steps
     end: the loader's position is counted in global batches, so the resumed run takes the epoch's
-    order from sample 16 on; the checkpoint records the global batch it was taken with."""
-    extra = ["model.method=dino", *LENGTH_FREE]
+    order from sample 16 on; the checkpoint records the global batch it was taken with. With two
+    stages, the cut falls on their boundary: the resumed run starts the second stage."""
+    extra = ["model.method=dino", *LENGTH_FREE, *stages]
     run = {1: _one_process, 2: _two_processes}
     cut = run[first](tmp_path, [*extra, "trainer.max_steps=2"], "cut")
     assert cut["global_step"] == 2

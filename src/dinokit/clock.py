@@ -82,15 +82,12 @@ class StepValues:
 
 def place_stages(stages: Sequence[StageSettings], total_steps: int, steps_per_epoch: int) -> list[Stage]:
     """The stages on ``[0, total_steps)``: each lasts its ``steps`` (or ``round(epochs x
-    steps_per_epoch)``), the last one to the end of the run (a stage that would start after the end
-    is an error); no stages means one stage, ``all``."""
+    steps_per_epoch)``), the last one to the end of the run; a stage that would start after the end
+    is empty (with a warning); no stages means one stage, ``all``."""
     if not stages:
         return [Stage(0, "all", 0, total_steps)]
     placed, start = [], 0
     for i, s in enumerate(stages):
-        if start >= total_steps:
-            raise ValueError(f"stage {s.name!r} has no steps left: the stages before it fill the run's "
-                             f"{total_steps} steps")
         if s.steps is not None:
             length = int(s.steps)
         elif s.epochs is not None:
@@ -98,9 +95,12 @@ def place_stages(stages: Sequence[StageSettings], total_steps: int, steps_per_ep
         else:
             length = total_steps - start
         end = total_steps if i == len(stages) - 1 else min(total_steps, start + length)
-        placed.append(Stage(i, s.name, start, end, tuple(s.frozen), float(s.lr_mult),
+        if start >= total_steps:
+            warnings.warn(f"stage {s.name!r} starts after the run's {total_steps} steps: it does not run "
+                          "(a longer trainer.epochs or trainer.max_steps reaches it)", stacklevel=2)
+        placed.append(Stage(i, s.name, start, max(start, end), tuple(s.frozen), float(s.lr_mult),
                             max(0, round(s.warmup_epochs * steps_per_epoch)), dict(s.weights)))
-        start = end
+        start = max(start, end)
     return placed
 
 

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dinokit.backbones import check_crop_sizes
+from dinokit.clock import frozen_prefixes
 from dinokit.config import Config, ConfigError
 from dinokit.data import (
     ImageFolderDataset,
@@ -54,6 +55,10 @@ def build_method(cfg: Config) -> SelfDistillationMethod:
         raise
     present = set(method.term_timings())
     for i, stage in enumerate(cfg.stages):
+        try:
+            frozen_prefixes(stage.frozen, method.head_names)
+        except ValueError as e:
+            raise ConfigError(f"stages[{i}].frozen: {e}") from None
         for term in stage.weights:
             if term not in present:
                 raise ConfigError(f"stages[{i}].weights.{term}: the run has no {term} term (its weight "
