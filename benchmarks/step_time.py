@@ -25,13 +25,15 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BF16_PEAK, cpu_name, median, serve
+from common import BF16_PEAK, cpu_name, make_views, median, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_PY = ROOT / ".bench-venv" / "bin" / "python"
@@ -58,12 +60,13 @@ PEERS = {"dino": ["stable-pretraining", "lightly", "nidl", "lightly-example"],
 
 
 # ---------------------------------------------------------------------------------------- dinokit
-def dinokit_step(method: str, variant: str, a: dict):
+def dinokit_method(method: str, a: dict, variant: str = ""):
+    """dinokit's DINO / DINOv2 / DINOv3 at the benchmark's sizes (``a``) on ``a["device"]``, with
+    ``variant``'s switches (see :data:`VARIANTS`; not ``compile``, which the caller applies)."""
     import dinokit
     from dinokit.backbones.generic import use_channels_last
-    from dinokit.train.optim import build_optimizer
 
-    packed, compiled, channels_last, prune = VARIANTS[variant]
+    packed, _, channels_last, prune = VARIANTS[variant]
     vit = "vit" in a["model"]
     kw = dict(projector_hidden_dim=a["hidden"], projector_bottleneck_dim=a["bottleneck"],
               n_prototypes=a["prototypes"], check_finite=False,
@@ -78,9 +81,15 @@ def dinokit_step(method: str, variant: str, a: dict):
             bb.prune_cls_only = prune
     if channels_last:
         use_channels_last(model)
-    opt = build_optimizer("adamw", [{"params": model.student_parameters(), "lr": 1e-4, "weight_decay": 0.04}])
-    from common import make_views
+    return model
 
+
+def dinokit_step(method: str, variant: str, a: dict):
+    from dinokit.train.optim import build_optimizer
+
+    compiled = VARIANTS[variant][1]
+    model = dinokit_method(method, a, variant)
+    opt = build_optimizer("adamw", [{"params": model.student_parameters(), "lr": 1e-4, "weight_decay": 0.04}])
     glob, loc = make_views(a["batch"], a["n_global"], a["n_local"], a["gsize"], a["lsize"], a["device"])
     autocast = torch.autocast(a["device"], dtype=torch.bfloat16, enabled=a["precision"] == "bf16")
     if compiled:  # what trainer.compile=true does: the step's tensor work, per-step scalars as inputs
@@ -106,6 +115,10 @@ class Worker:
         self.label = label
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, cwd=Path(__file__).parent)
+        # drained all along: a chatty library must not fill the pipe and stall the worker
+        self.stderr_lines: deque[str] = deque(maxlen=200)
+        self._drain = threading.Thread(target=self._read_stderr, daemon=True)
+        self._drain.start()
         self.error: str | None = None
         self.rounds: list[dict] = []
         self.flops: float | None = None
@@ -125,9 +138,15 @@ class Worker:
             self.error = r["error"]
         return r
 
+    def _read_stderr(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line.rstrip("\n"))
+
     def _stderr_tail(self) -> str:
         self.proc.kill()
-        lines = [ln for ln in (self.proc.stderr.read() or "").strip().splitlines() if ln.strip()]
+        self.proc.wait()
+        self._drain.join(timeout=5)
+        lines = [ln for ln in self.stderr_lines if ln.strip()]
         return (lines or ["worker died"])[-1][:400]
 
     def close(self) -> None:
