@@ -81,10 +81,10 @@ DRY = dict(model="vit_tiny_patch16_224", batch=2, n_global=2, n_local=2, gsize=3
 #: per part: seconds (full run, dry run). The full budgets sum to 7.25 minutes, which leaves the
 #: set-up (installing the carried wheels) inside 8 minutes.
 #: The dry run's are caps for slow, shared machines: on two idle cores it takes under a minute.
-BUDGETS = {"env": (25, 30), "step": (210, 120), "data_path": (40, 45), "sync": (45, 60),
-           "gpu_tests": (45, 60), "precision": (30, 45), "fsdp2": (40, 45)}
+BUDGETS = {"env": (20, 30), "step": (235, 120), "data_path": (40, 45), "sync": (40, 60),
+           "gpu_tests": (40, 60), "precision": (25, 45), "fsdp2": (35, 45)}
 #: timing of the step part (full, dry): warm-up steps, timed blocks, steps per block
-STEP_TIMING = {"full": (5, 3, 10), "dry": (1, 2, 1)}
+STEP_TIMING = {"full": (3, 3, 10), "dry": (1, 2, 1)}
 
 
 # ------------------------------------------------------------------------------------ results
@@ -240,7 +240,10 @@ def run_step(part: Part) -> dict:
             if lib != "dinokit" and missing[lib]:
                 entries.append({"method": method, "library": lib, "skipped": missing[lib]})
                 continue
-            share = (part.left() - margin) / max(1, len(runnable))
+            # up to 1.5 equal shares of what is left: a slow import need not cost a library its
+            # figures; when the budget runs short, the last method's last peers go first
+            left = part.left() - margin
+            share = min(left, 1.5 * left / max(1, len(runnable)))
             runnable.remove((method, lib))
             if share < 3:
                 entries.append({"method": method, "library": lib,
@@ -808,24 +811,37 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, under a minute (a check, not figures)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
-                   help="folder for gpu_suite[_dry].json, .md and .log (default benchmarks/results)")
+    p.add_argument("--out", type=Path,
+                   help="folder for gpu_suite.json, .md and .log (gpu_suite_dry.* in a dry run); default "
+                        "benchmarks/results, or a folder in the temporary directory for a dry run")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--peer-python", default=sys.executable,
                    help="the Python that runs the peers (default this one, as on the GPU machine; "
                         "e.g. .bench-venv/bin/python here)")
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every part's budget")
+    p.add_argument("--budget", action="append", default=[], metavar="PART=SECONDS",
+                   help="one part's budget in seconds (after --budget-scale); repeatable")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="one process per part (default: on, except in a dry run)")
     args = p.parse_args(argv)
     mode = "dry" if args.dry_run else "full"
     args.isolate = (not args.dry_run) if args.isolate is None else args.isolate
     budgets = {n: BUDGETS[n][0 if mode == "full" else 1] * args.budget_scale for n in PARTS}
+    for item in args.budget:
+        name, _, value = item.partition("=")
+        try:
+            if name not in PARTS:
+                raise ValueError
+            budgets[name] = float(value)
+        except ValueError:
+            p.error(f"--budget {item!r}: expected PART=SECONDS with PART one of {', '.join(PARTS)}")
     args.total_budget = sum(budgets[n] for n in args.parts) + 5
     t0 = time.monotonic()
     args.deadline = t0 + args.total_budget
     stem = "gpu_suite_dry" if args.dry_run else "gpu_suite"
+    if args.out is None:
+        args.out = Path(tempfile.gettempdir()) / "dinokit-gpu-suite" if args.dry_run else ROOT / "benchmarks" / "results"
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu_suite.") as tmp, open(args.out / f"{stem}.log", "w") as log:
         settings = {"dry_run": args.dry_run, "config": DRY if args.dry_run else FULL, "methods": args.methods,
