@@ -32,10 +32,11 @@ here says ``skipped: <reason>`` (no GPU, no peer package, no NCCL), one that bre
 - ``fsdp2``: two training steps with student and teacher sharded by FSDP2 (``fully_shard``) in a
   one-process group (NCCL on the GPU, gloo on the CPU), DINO and DINOv2.
 
-The parts run in a runner process (``--isolate``, the default on a GPU: one process per part);
-the driver reads its progress and kills a part's process group when the part's budget runs out,
-then goes on with the next part in a fresh runner. Each part imports its libraries itself, inside
-its budget, so that a missing package becomes that part's skip line rather than the suite's end.
+The parts run in runner processes (one per part with ``--isolate``, the default except in a dry
+run, where one runner saves the imports); the driver reads a runner's progress, kills its process
+group when the running part's budget runs out, and goes on with the next part in a fresh runner.
+Each part imports its libraries itself, inside its budget, so that a missing package becomes that
+part's skip line rather than the suite's end.
 
 ``--dry-run``: the same parts on the CPU at toy sizes (12-block ViT-Tiny on 32-px crops, 256
 prototypes, batch 2): a check that the suite runs, not a figure.
@@ -220,7 +221,6 @@ def probe_peers(python: str) -> dict[str, str | None]:
 def run_step(part: Part) -> dict:
     from argparse import Namespace
 
-    import step_time
     from step_time import Worker, summarise
 
     if (reason := no_cuda_reason(part)) is not None:
@@ -264,7 +264,7 @@ def run_step(part: Part) -> dict:
              f"crops, {a['prototypes']} prototypes (CLS and patch heads), head {a['hidden']}/{a['bottleneck']}, "
              f"{a['precision']}; {warmup} warm-up step(s), then {blocks} blocks of {steps} step(s), "
              f"synchronised at each block's ends only",
-             f"dinokit step: {step_time.__name__}.dinokit_step (fused AdamW); peers: peer_step.py",
+             "dinokit's step: step_time.dinokit_step (fused AdamW); the peers': peer_step.py",
              f"images/s: batch / median step time (each image with its {a['n_global'] + a['n_local']} crops)",
              "peak memory: " + ("torch.cuda.max_memory_allocated over the timed block, reset before it" if part.cuda
                                 else "the worker's maximum resident set size (CPU)"),
