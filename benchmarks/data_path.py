@@ -11,6 +11,8 @@ what one DataLoader worker gets):
   ToImage, ToDtype, Normalize), then ``torch.stack`` per crop (the default collate);
 - dinokit: per image, PIL decode to a uint8 tensor (:class:`DecodeUInt8`, the worker's half), then
   one :class:`BatchedMultiCrop` call per batch (``--device cuda`` runs that call on the GPU).
+- augment_only: the :class:`BatchedMultiCrop` call alone, on images decoded beforehand and already
+  on the device (what the batched path gives once decoding keeps up).
 
 The two run interleaved, round after round, in one process; wall time and the process's CPU time
 are both reported so contention from other processes shows. ``--write-md`` puts the table into
