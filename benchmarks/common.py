@@ -56,6 +56,24 @@ def time_steps(step: Callable[[], None], steps: int, device: str) -> tuple[list[
     return wall, cpu
 
 
+def time_block(step: Callable[[], None], steps: int, device: str) -> tuple[float, float]:
+    """Wall and process-CPU milliseconds per step of ``steps`` back-to-back calls of ``step``: the
+    device is synchronised before and after the block only, so the host runs ahead between steps
+    as in a training loop (a step that waits for the device shows it; one that does not, does not)."""
+    _sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1000 / steps, (time.process_time() - c0) * 1000 / steps
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start a new CUDA peak (no-op on CPU, where the maximum RSS cannot be reset)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory_mb(device: str) -> float:
     """Peak CUDA memory allocated, or this process's maximum resident set size on CPU."""
     if device == "cuda":
@@ -73,8 +91,10 @@ def count_flops(step: Callable[[], None]) -> float:
 
 
 def serve(build: Callable[[], Callable[[], None]], a: dict) -> None:
-    """Worker loop: build the step, say ``ready``, then answer ``warmup N`` / ``time N`` /
-    ``flops`` / ``quit`` lines on stdin with one JSON line each on stdout."""
+    """Worker loop: build the step, say ``ready``, then answer ``warmup N`` / ``time N`` (each
+    step synchronised) / ``block N`` (N steps synchronised once, see :func:`time_block`) /
+    ``flops`` / ``quit`` lines on stdin with one JSON line each on stdout. The peak memory of a
+    ``time`` or ``block`` reply is that of its own steps (the CUDA peak is reset before them)."""
     torch.manual_seed(0)
     torch.set_num_threads(a["threads"])
     out = sys.stdout
@@ -96,8 +116,13 @@ def serve(build: Callable[[], Callable[[], None]], a: dict) -> None:
                 time_steps(step, int(rest[0]), a["device"])
                 reply: dict = {"ok": True}
             elif cmd == "time":
+                reset_peak_memory(a["device"])
                 wall, cpu = time_steps(step, int(rest[0]), a["device"])
                 reply = {"wall_ms": wall, "cpu_ms": cpu, "peak_mb": peak_memory_mb(a["device"])}
+            elif cmd == "block":
+                reset_peak_memory(a["device"])
+                wall_ms, cpu_ms = time_block(step, int(rest[0]), a["device"])
+                reply = {"wall_ms": [wall_ms], "cpu_ms": [cpu_ms], "peak_mb": peak_memory_mb(a["device"])}
             elif cmd == "flops":
                 reply = {"flops": count_flops(step)}
             else:

@@ -11,6 +11,8 @@ what one DataLoader worker gets):
   ToImage, ToDtype, Normalize), then ``torch.stack`` per crop (the default collate);
 - dinokit: per image, PIL decode to a uint8 tensor (:class:`DecodeUInt8`, the worker's half), then
   one :class:`BatchedMultiCrop` call per batch (``--device cuda`` runs that call on the GPU).
+- augment_only: the :class:`BatchedMultiCrop` call alone, on images decoded beforehand and already
+  on the device (what the batched path gives once decoding keeps up).
 
 The two run interleaved, round after round, in one process; wall time and the process's CPU time
 are both reported so contention from other processes shows. ``--write-md`` puts the table into
@@ -115,10 +117,64 @@ def run_batched(paths: list[Path], decode: DecodeUInt8, aug: BatchedMultiCrop, g
     return views
 
 
+def run_augment(decoded: list[torch.Tensor], aug: BatchedMultiCrop, gen: torch.Generator,
+                device: str) -> list[torch.Tensor]:
+    """The batched augmentation alone, on images already decoded and on the device."""
+    out = aug(decoded, gen)
+    views = out["global_views"] + out["local_views"]
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return views
+
+
 def timed(fn) -> tuple[float, float]:
     w0, c0 = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - w0, time.process_time() - c0
+
+
+def measure(batch: int, rounds: int, device: str = "cpu", resize: str = "auto") -> dict:
+    """Images/s of the three paths (interleaved rounds after one warm-up each) on ``batch`` JPEGs;
+    ``resize`` is :class:`BatchedMultiCrop`'s (``auto``: ``roi_align`` on CUDA, ``resize`` on CPU).
+    Also times the batched augmentation alone on images already decoded and on ``device``
+    (``augment_only``: the on-device path's ceiling once decoding keeps up)."""
+    cfg = MultiCropConfig()  # DINO's ImageNet recipe: 2 x 224 + 8 x 96
+    pipes = textbook_pipeline()
+    aug = BatchedMultiCrop(cfg, device=device, resize=resize)
+    decode = DecodeUInt8(channels=3)
+    gen = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_jpegs(Path(tmp), batch)
+        shapes_t = [tuple(v.shape) for v in run_textbook(paths, pipes, cfg.n_local)]  # warm-up
+        shapes_b = [tuple(v.shape) for v in run_batched(paths, decode, aug, gen, device)]
+        assert shapes_t == shapes_b, (shapes_t, shapes_b)
+        per_sample = MultiCropTransform(cfg)
+        run_per_sample(paths[:2], per_sample)
+        decoded = []
+        for p in paths:
+            with Image.open(p) as f:
+                decoded.append(decode(f).to(device))
+        names = ("textbook", "per_sample", "dinokit", "augment_only")
+        res: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in names}
+        for _ in range(rounds):  # interleaved: every path sees the same machine state
+            for name, fn in (("textbook", lambda: run_textbook(paths, pipes, cfg.n_local)),
+                             ("per_sample", lambda: run_per_sample(paths, per_sample)),
+                             ("dinokit", lambda: run_batched(paths, decode, aug, gen, device)),
+                             ("augment_only", lambda: run_augment(decoded, aug, gen, device))):
+                wall, cpu = timed(fn)
+                res[name]["wall"].append(wall)
+                res[name]["cpu"].append(cpu)
+    rows = {}
+    for name, r in res.items():
+        wall, cpu = statistics.median(r["wall"]), statistics.median(r["cpu"])
+        rows[name] = {"images_per_s_wall": batch / wall, "images_per_cpu_s": batch / cpu, "wall_s": r["wall"],
+                      "cpu_s": r["cpu"]}
+    for r in rows.values():
+        r["ratio_wall"] = r["images_per_s_wall"] / rows["textbook"]["images_per_s_wall"]
+        r["ratio_cpu"] = r["images_per_cpu_s"] / rows["textbook"]["images_per_cpu_s"]
+    return {"batch": batch, "rounds": rounds, "device": device,
+            "resize": resize if resize != "auto" else ("roi_align" if device == "cuda" else "resize"),
+            "results": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,36 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = MultiCropConfig()  # DINO's ImageNet recipe: 2 x 224 + 8 x 96
-    pipes = textbook_pipeline()
-    aug = BatchedMultiCrop(cfg, device=args.device)
-    decode = DecodeUInt8(channels=3)
-    gen = torch.Generator().manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = make_jpegs(Path(tmp), args.batch)
-        shapes_t = [tuple(v.shape) for v in run_textbook(paths, pipes, cfg.n_local)]  # warm-up
-        shapes_b = [tuple(v.shape) for v in run_batched(paths, decode, aug, gen, args.device)]
-        assert shapes_t == shapes_b, (shapes_t, shapes_b)
-        per_sample = MultiCropTransform(cfg)
-        run_per_sample(paths[:2], per_sample)
-        names = ("textbook", "per_sample", "dinokit")
-        res: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in names}
-        for _ in range(args.rounds):  # interleaved: both paths see the same machine state
-            for name, fn in (("textbook", lambda: run_textbook(paths, pipes, cfg.n_local)),
-                             ("per_sample", lambda: run_per_sample(paths, per_sample)),
-                             ("dinokit", lambda: run_batched(paths, decode, aug, gen, args.device))):
-                wall, cpu = timed(fn)
-                res[name]["wall"].append(wall)
-                res[name]["cpu"].append(cpu)
-    n = args.batch
-    rows = {}
-    for name, r in res.items():
-        wall, cpu = statistics.median(r["wall"]), statistics.median(r["cpu"])
-        rows[name] = {"images_per_s_wall": n / wall, "images_per_cpu_s": n / cpu, "wall_s": r["wall"],
-                      "cpu_s": r["cpu"]}
-    for r in rows.values():
-        r["ratio_wall"] = r["images_per_s_wall"] / rows["textbook"]["images_per_s_wall"]
-        r["ratio_cpu"] = r["images_per_cpu_s"] / rows["textbook"]["images_per_cpu_s"]
     info = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{cpu_name()} ({os.cpu_count()} cores visible), {torch.get_num_threads()} torch thread(s)"
@@ -168,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
                     f"Pillow {Image.__version__}, Python {platform.python_version()}",
         "command": "benchmarks/data_path.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "batch": n, "rounds": args.rounds, "device": args.device,
-        "results": rows,
+        **measure(args.batch, args.rounds, args.device),
     }
     out = ROOT / "benchmarks" / "results" / f"data_path_{args.device}.json"
     out.parent.mkdir(exist_ok=True)
@@ -194,8 +219,11 @@ def markdown(info: dict) -> str:
     ]
     labels = {"textbook": "textbook torchvision v2 on PIL, per sample",
               "per_sample": "dinokit `MultiCropTransform` (float tensors, per sample)",
-              "dinokit": "dinokit `DecodeUInt8` + `BatchedMultiCrop`"}
+              "dinokit": "dinokit `DecodeUInt8` + `BatchedMultiCrop`",
+              "augment_only": "dinokit `BatchedMultiCrop` alone (decoded images on the device)"}
     for name, label in labels.items():
+        if name not in r:
+            continue
         lines.append(f"| {label} | {r[name]['images_per_s_wall']:.1f} | {r[name]['images_per_cpu_s']:.1f} | "
                      f"{r[name]['ratio_wall']:.2f}x / {r[name]['ratio_cpu']:.2f}x |")
     return "\n".join(lines)

@@ -47,7 +47,14 @@ collate = (MultiCropCollate() if name == "dino"
 items = lambda: [({"global_views": [torch.randn(3, 64, 64, generator=g) for _ in range(2)],
                    "local_views": [torch.randn(3, 32, 32, generator=g) for _ in range(4)]}, 0) for _ in range(8)]
 batches = [collate(items()) for _ in range(steps)]
-trainer = DINOTrainer(method, batches, epochs=10_000, device="cpu", freeze_last_layer_epochs=0)
+try:  # the settings objects (this tree); older trees took the step's keywords directly
+    from dinokit.settings import OptimSettings
+    from dinokit.train.step import StepSettings
+
+    settings = StepSettings(optim=OptimSettings(freeze_last_layer_epochs=0))
+    trainer = DINOTrainer(method, batches, settings=settings, epochs=10_000, device="cpu")
+except ImportError:
+    trainer = DINOTrainer(method, batches, epochs=10_000, device="cpu", freeze_last_layer_epochs=0)
 trainer.train_epoch()  # warm-up
 print("ready", flush=True)
 for line in sys.stdin:

@@ -25,13 +25,15 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BF16_PEAK, cpu_name, median, serve
+from common import BF16_PEAK, cpu_name, make_views, median, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_PY = ROOT / ".bench-venv" / "bin" / "python"
@@ -63,29 +65,38 @@ def _sees_every_token(module, args, output):
     the full last block (the ``full_tokens`` variant)."""
 
 
-def dinokit_step(method: str, variant: str, a: dict):
+def dinokit_method(method: str, a: dict, variant: str = ""):
+    """dinokit's DINO / DINOv2 / DINOv3 at the benchmark's sizes (``a``) on ``a["device"]``, with
+    ``variant``'s switches (see :data:`VARIANTS`; not ``compile``, which the caller applies)."""
     import dinokit
     from dinokit.backbones.generic import use_channels_last
-    from dinokit.train.optim import build_optimizer
+    from dinokit.settings import BackboneSettings, DinoSettings, HeadSettings, IBOTSettings, MethodSettings
 
-    packed, compiled, channels_last, prune = VARIANTS[variant]
+    packed, _, channels_last, prune = VARIANTS[variant]
     vit = "vit" in a["model"]
-    kw = dict(projector_hidden_dim=a["hidden"], projector_bottleneck_dim=a["bottleneck"],
-              n_prototypes=a["prototypes"], check_finite=False,
-              encoder_kwargs={"img_size": a["gsize"]} if vit else {})
-    if method != "dino":
-        kw["n_patch_prototypes"] = a["prototypes"]
+    backbone = BackboneSettings(name=a["model"], kwargs={"img_size": a["gsize"]} if vit else {},
+                                channels_last=False)
+    settings = MethodSettings(backbone=backbone, heads=HeadSettings(hidden_dim=a["hidden"], bottleneck_dim=a["bottleneck"]),
+                              dino=DinoSettings(n_prototypes=a["prototypes"]),
+                              ibot=IBOTSettings(n_prototypes=a["prototypes"]))
     cls = {"dino": dinokit.DINO, "dinov2": dinokit.DINOv2, "dinov3": dinokit.DINOv3}[method]
-    model = cls(a["model"], **kw).to(a["device"])
+    model = cls(settings=settings).to(a["device"])
+    model.check_finite = False
     model.student_backbone.packed_crops = packed
     for bb in (model.student_backbone, model.teacher_backbone):  # ViTs: CLS-only last block (DINO)
         if not prune and hasattr(bb, "supports_cls_only"):  # a hook on the final norm needs every token
             bb.model.norm.register_forward_hook(_sees_every_token)
     if channels_last:
         use_channels_last(model)
-    opt = build_optimizer("adamw", [{"params": model.student_parameters(), "lr": 1e-4, "weight_decay": 0.04}])
-    from common import make_views
+    return model
 
+
+def dinokit_step(method: str, variant: str, a: dict):
+    from dinokit.train.optim import build_optimizer
+
+    compiled = VARIANTS[variant][1]
+    model = dinokit_method(method, a, variant)
+    opt = build_optimizer("adamw", [{"params": model.student_parameters(), "lr": 1e-4, "weight_decay": 0.04}])
     glob, loc = make_views(a["batch"], a["n_global"], a["n_local"], a["gsize"], a["lsize"], a["device"])
     autocast = torch.autocast(a["device"], dtype=torch.bfloat16, enabled=a["precision"] == "bf16")
     if compiled:  # what trainer.compile=true does: the step's tensor work, per-step scalars as inputs
@@ -111,6 +122,10 @@ class Worker:
         self.label = label
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, cwd=Path(__file__).parent)
+        # drained all along: a chatty library must not fill the pipe and stall the worker
+        self.stderr_lines: deque[str] = deque(maxlen=200)
+        self._drain = threading.Thread(target=self._read_stderr, daemon=True)
+        self._drain.start()
         self.error: str | None = None
         self.rounds: list[dict] = []
         self.flops: float | None = None
@@ -130,9 +145,15 @@ class Worker:
             self.error = r["error"]
         return r
 
+    def _read_stderr(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line.rstrip("\n"))
+
     def _stderr_tail(self) -> str:
         self.proc.kill()
-        lines = [ln for ln in (self.proc.stderr.read() or "").strip().splitlines() if ln.strip()]
+        self.proc.wait()
+        self._drain.join(timeout=5)
+        lines = [ln for ln in self.stderr_lines if ln.strip()]
         return (lines or ["worker died"])[-1][:400]
 
     def close(self) -> None:

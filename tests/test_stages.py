@@ -73,7 +73,7 @@ def test_the_stage_is_logged_and_checkpointed(tmp_path):
     assert _train(tmp_path, "log", "trainer.max_steps=6") == 0
     import csv
 
-    rows = list(csv.DictReader(open(tmp_path / "log" / "logs" / "metrics.csv")))
+    rows = list(csv.DictReader((tmp_path / "log" / "logs" / "metrics.csv").read_text().splitlines()))
     stages = [float(r["train/stage"]) for r in rows if r.get("train/stage")]
     assert stages[0] == 0.0 and stages[-1] == 1.0
     cfg = _ckpt(tmp_path / "log" / "checkpoints" / "last.ckpt")["dinokit"]["config"]

@@ -236,8 +236,8 @@ class ManualTime:
                                       endpoint=self.endpoint)(self.epoch)
         if not self.steps_per_epoch:
             if not self._warned:
-                warnings.warn("the teacher temperature warms up per step (teacher.warmup_unit='step') but the "
-                              "method does not know the epoch length: it follows set_epoch() until "
+                warnings.warn("the teacher temperature warms up per step (teacher.warmup_unit='step') but "
+                              "the method does not know the epoch length: it follows set_epoch() until "
                               "set_run_length(total_steps, steps_per_epoch) is called", stacklevel=3)
                 self._warned = True
             return TeacherTemperature(t.warmup_temperature, t.temperature, t.warmup_epochs,
