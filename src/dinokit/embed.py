@@ -116,7 +116,13 @@ def _dataset(data: str | Path, transform: Any, split: str,
 def embed(source: str | Path | Backbone, data: str | Path, *, pool: str = "cls", batch_size: int = 64,
           which: str = "teacher", device: str | None = None, split: str = "train",
           limit: int | None = None, num_workers: int = 0, progress: bool = True) -> Embeddings:
-    """Embed every image of ``data`` (a folder, recursive, or ``demo``/``digits``/``fashion-mnist``)."""
+    """Embed every image of ``data`` (a folder, recursive, or ``demo``/``digits``/``fashion-mnist``);
+    ``source`` may also be an exported ``.onnx`` file, run with onnxruntime on the CPU."""
+    if isinstance(source, (str, Path)) and Path(source).suffix == ".onnx":  # onnxruntime, no torch model
+        from dinokit.interop.onnx import embed_onnx
+
+        return embed_onnx(source, data, pool=pool, batch_size=batch_size, split=split, limit=limit,
+                          num_workers=num_workers, progress=progress)
     if pool not in ("cls", "mean"):
         raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
     if batch_size < 1:
