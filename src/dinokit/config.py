@@ -126,9 +126,10 @@ class ModelConfig:
 class DataConfig:
     """Where the images come from and how they are cropped."""
 
-    dataset: Literal["folder", "shards", "fashion-mnist", "digits", "demo"] = _f(
+    dataset: Literal["folder", "shards", "fashion-mnist", "digits", "demo", "multiband"] = _f(
         "folder", "folder = your images under data.path; shards = WebDataset tar shards under "
-        "data.path (dinokit data shard); demo = Fashion-MNIST, else digits"
+        "data.path (dinokit data shard); demo = Fashion-MNIST, else digits; multiband = GeoTIFF/TIFF "
+        "or .npy images with data.channels bands under data.path"
     )
     path: str | None = _f(None, "image folder (recursive; class sub-folders give labels), or for "
                           "shards: their folder, index.json or brace pattern")
@@ -150,7 +151,8 @@ class DataConfig:
     n_local: int = _f(8, "local crops per image", min=0, max=64)
     global_scale: tuple = _f((0.4, 1.0), "RandomResizedCrop scale of global crops", scale=True)
     local_scale: tuple = _f((0.05, 0.4), "RandomResizedCrop scale of local crops", scale=True)
-    channels: int = _f(3, "channels fed to the network (1 or 3)", min=1, max=3)
+    channels: int = _f(3, "channels fed to the network: 1 or 3 (images), any count (data.dataset=multiband; "
+                       "equal to model.backbone_kwargs.in_chans)", min=1, max=4096)
     mean: tuple | None = _f(None, "per-channel normalisation mean (1 or `channels` values; preset if unset)")
     std: tuple | None = _f(None, "per-channel normalisation std (1 or `channels` values; preset if unset)")
     augment_on: Literal["workers", "device"] = _f(
@@ -253,11 +255,22 @@ class Config:
     def validate(self) -> Config:
         """Check cross-field rules; returns self."""
         d, m = self.data, self.model
-        if d.dataset in ("folder", "shards") and not d.path:
+        if d.dataset in ("folder", "shards", "multiband") and not d.path:
             raise ConfigError(f"data.path: required when data.dataset is '{d.dataset}'")
         if d.dataset == "shards" and d.augment_on == "device":
             raise ConfigError("data.augment_on: 'device' reads an image folder or a demo set; with "
                               "data.dataset=shards the multi-crop runs in the loader workers")
+        if d.channels not in (1, 3) or d.dataset == "multiband":
+            in_chans = (m.backbone_kwargs or {}).get("in_chans", 3)
+            if d.dataset != "multiband":
+                raise ConfigError(f"data.channels: {d.channels} channels need data.dataset=multiband (images "
+                                  "have 1 or 3)")
+            if in_chans != d.channels:
+                raise ConfigError(f"model.backbone_kwargs.in_chans: {in_chans} but data.channels is "
+                                  f"{d.channels}; set model.backbone_kwargs.in_chans={d.channels}")
+            if d.augment_on == "device":
+                raise ConfigError("data.augment_on: 'device' crops uint8 images; multi-band data is "
+                                  "cropped in the loader workers (data.augment_on=workers)")
         if d.n_global + d.n_local < 2:
             raise ConfigError(
                 "data.n_local: the DINO loss needs at least two crops per image "
