@@ -293,6 +293,26 @@ def hf_model_parts(backbone: Backbone, input_size: int) -> tuple[Any, dict[str, 
     raise _refuse(f"a {type(model or backbone).__name__} backbone")
 
 
+#: DINOv2 attention key names of transformers before version 5 (``attention.attention.query``,
+#: ``attention.output.dense``), for the installed version's own class.
+_DINOV2_V4_NAMES = {"attention.q_proj.": "attention.attention.query.",
+                    "attention.k_proj.": "attention.attention.key.",
+                    "attention.v_proj.": "attention.attention.value.",
+                    "attention.o_proj.": "attention.output.dense."}
+
+
+def _installed_key_names(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
+    """``state`` under the key names of the installed transformers' class (4.x DINOv2 names its
+    attention projections otherwise)."""
+    out = {}
+    for k, v in state.items():
+        if k not in expected and k.startswith("encoder."):
+            for new, old in _DINOV2_V4_NAMES.items():
+                k = k.replace(new, old)
+        out[k] = v
+    return out
+
+
 def image_processor_config(preprocessing: dict[str, Any]) -> dict[str, Any]:
     """``BitImageProcessor`` settings that repeat dinokit's evaluation view: resize the short side to
     ``round(input_size / crop_fraction)`` (bicubic), centre crop ``input_size``, scale to [0, 1],
@@ -320,6 +340,7 @@ def export_hf_folder(source: Any, folder: str | Path, *, which: str = "teacher",
     e = _resolve(source, which, timm_name=None, timm_kwargs=None, preprocessing=preprocessing)
     config, state, name = hf_model_parts(e.backbone, int(e.preprocessing.get("input_size") or 224))
     model = getattr(t, name)(config).eval()
+    state = _installed_key_names(state, set(model.state_dict()))
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     missing = [k for k in missing if not k.endswith("inv_freq")]
     if missing or unexpected:  # a mapping bug, never the user's input
