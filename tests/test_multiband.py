@@ -262,3 +262,11 @@ def test_config_mismatches_are_one_line_exit_2(folders, tmp_path, capsys):
     _one_line_exit_2(capsys, code, "data.augment_on")
     code = _train(root, 13, tmp_path)  # the folder has 4 bands
     _one_line_exit_2(capsys, code, "has 4 band(s) but data.channels is 13")
+
+
+def test_missing_geo_extra_is_one_line_exit_2(folders, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tifffile", None)  # as if the extra were not installed
+    root, _ = folders[4]
+    _one_line_exit_2(capsys, main(["data", "stats", str(root), "--no-progress"]), 'pip install "dinokit[geo]"')
