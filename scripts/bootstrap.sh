@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or reuse) .venv at the repository root and install dinokit with its dev tools into it.
+# Create (or reuse) .venv at the repository root and install dinokit with its dev tools and its
+# optional groups (onnx, hf, geo: the tests exercise them) into it.
 # Torch is pinned to the release this project is tested with; override with DINOKIT_TORCH, e.g.
 #   DINOKIT_TORCH="torch torchvision" bash scripts/bootstrap.sh
 set -euo pipefail
@@ -19,6 +20,6 @@ fi
 stamp=.venv/.dinokit-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "[bootstrap] installing dinokit and its dependencies"
-  "${pip[@]}" install -e ".[dev]"
+  "${pip[@]}" install -e ".[dev,onnx,hf,geo]"
   touch "$stamp"
 fi

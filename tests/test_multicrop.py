@@ -187,7 +187,7 @@ def test_bad_images_are_rejected_with_the_argument_named():
     ("global_scale", (0.5, 1.5)), ("global_scale", (0.6, 0.4)), ("local_scale", (0.0, 0.4)),
     ("flip_p", 1.1), ("jitter_p", -0.1), ("grayscale_p", 2), ("solarize_p", 2.0),
     ("blur_p", (1.0, 0.1)), ("blur_p", (1.0, 0.1, 1.5)), ("blur_sigma", (2.0, 0.1)),
-    ("blur_kernel", 4), ("jitter", (0.4, 0.4, 0.2, 0.9)), ("channels", 2),
+    ("blur_kernel", 4), ("jitter", (0.4, 0.4, 0.2, 0.9)), ("channels", 0),
     ("mean", (0.1, 0.2)), ("std", (0.2, 0.0, 0.2)), ("interpolation", "lanczos"),
     ("crop_ratio", (1.5, 0.5)),
 ])

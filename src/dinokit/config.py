@@ -71,11 +71,22 @@ class Config:
     def validate(self) -> Config:
         """Check cross-field rules; returns self."""
         d, c = self.data, self.crops
-        if d.dataset in ("folder", "shards") and not d.path:
+        if d.dataset in ("folder", "shards", "multiband") and not d.path:
             raise ConfigError(f"data.path: required when data.dataset is '{d.dataset}'")
         if d.dataset == "shards" and d.augment_on == "device":
             raise ConfigError("data.augment_on: 'device' reads an image folder or a demo set; with "
                               "data.dataset=shards the multi-crop runs in the loader workers")
+        if d.channels not in (1, 3) or d.dataset == "multiband":
+            in_chans = (self.backbone.kwargs or {}).get("in_chans", 3)
+            if d.dataset != "multiband":
+                raise ConfigError(f"data.channels: {d.channels} channels need data.dataset=multiband (images "
+                                  "have 1 or 3)")
+            if in_chans != d.channels:
+                raise ConfigError(f"backbone.kwargs.in_chans: {in_chans} but data.channels is "
+                                  f"{d.channels}; set backbone.kwargs.in_chans={d.channels}")
+            if d.augment_on == "device":
+                raise ConfigError("data.augment_on: 'device' crops uint8 images; multi-band data is "
+                                  "cropped in the loader workers (data.augment_on=workers)")
         if c.n_global + c.n_local < 2:
             raise ConfigError(
                 "crops.n_local: the DINO loss needs at least two crops per image "

@@ -37,8 +37,9 @@ class Embeddings:
 class _Images(Dataset):
     """Images by path; an unreadable file gives ``ok=False`` instead of an error."""
 
-    def __init__(self, paths: list[Path], labels: list[int], transform: Any):
+    def __init__(self, paths: list[Path], labels: list[int], transform: Any, read: Any = None):
         self.paths, self.labels, self.transform = paths, labels, transform
+        self.read = read
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -47,7 +48,7 @@ class _Images(Dataset):
         from dinokit.data import ImageReadError, read_image
 
         try:
-            x = self.transform(read_image(self.paths[i]))
+            x = self.transform((self.read or read_image)(self.paths[i]))
         except (ImageReadError, OSError, ValueError):
             return torch.zeros(()), i, False
         return x, i, True
@@ -102,21 +103,29 @@ def _dataset(data: str | Path, transform: Any, split: str,
         n = len(ds)
         labels = [int(ds[i][1]) for i in range(n)] if n and isinstance(ds[0][1], int) else [-1] * n
         return _Indexed(ds), [f"{data}/{split}/{i}" for i in range(n)], labels
-    from dinokit.data import ImageFolderDataset
+    from dinokit.data.datasets import folder_dataset
+    from dinokit.data.multiband import MultiBandFolderDataset, load_image
 
-    folder = ImageFolderDataset(data)
+    folder: Any = folder_dataset(data, channels=getattr(transform, "channels", 3))
+    read = load_image if isinstance(folder, MultiBandFolderDataset) else None
     paths, labels = folder.paths, folder.targets
     if limit:
         paths, labels = paths[:limit], labels[:limit]
     names = [str(q.relative_to(folder.root)) for q in paths]
-    return _Images(list(paths), list(labels), transform), names, list(labels)
+    return _Images(list(paths), list(labels), transform, read), names, list(labels)
 
 
 @torch.no_grad()
 def embed(source: str | Path | Backbone, data: str | Path, *, pool: str = "cls", batch_size: int = 64,
           which: str = "teacher", device: str | None = None, split: str = "train",
           limit: int | None = None, num_workers: int = 0, progress: bool = True) -> Embeddings:
-    """Embed every image of ``data`` (a folder, recursive, or ``demo``/``digits``/``fashion-mnist``)."""
+    """Embed every image of ``data`` (a folder, recursive, or ``demo``/``digits``/``fashion-mnist``);
+    ``source`` may also be an exported ``.onnx`` file, run with onnxruntime on the CPU."""
+    if isinstance(source, (str, Path)) and Path(source).suffix == ".onnx":  # onnxruntime, no torch model
+        from dinokit.interop.onnx import embed_onnx
+
+        return embed_onnx(source, data, pool=pool, batch_size=batch_size, split=split, limit=limit,
+                          num_workers=num_workers, progress=progress)
     if pool not in ("cls", "mean"):
         raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
     if batch_size < 1:

@@ -187,9 +187,10 @@ class CropSettings:
 class DataSettings:
     """Where the images come from and how they are read."""
 
-    dataset: Literal["folder", "shards", "fashion-mnist", "digits", "demo"] = setting(
+    dataset: Literal["folder", "shards", "fashion-mnist", "digits", "demo", "multiband"] = setting(
         "folder", "folder = your images under data.path; shards = WebDataset tar shards under "
-        "data.path (dinokit data shard); demo = Fashion-MNIST, else digits")
+        "data.path (dinokit data shard); demo = Fashion-MNIST, else digits; multiband = GeoTIFF/TIFF "
+        "or .npy images with data.channels bands under data.path")
     path: str | None = setting(None, "image folder (recursive; class sub-folders give labels), or for "
                                "shards: their folder, index.json or brace pattern")
     iterations_per_epoch: int | None = setting(None, "shards: batches per process per epoch (default: "
@@ -202,7 +203,8 @@ class DataSettings:
     batch_size: int = setting(64, "images per process per step", min=1, max=1 << 16)
     num_workers: int = setting(4, "DataLoader worker processes", min=0, max=256)
     strict_images: bool = setting(False, "fail on the first unreadable image instead of skipping it")
-    channels: int = setting(3, "channels fed to the network (1 or 3)", min=1, max=3)
+    channels: int = setting(3, "channels fed to the network: 1 or 3 (images), any count "
+                            "(data.dataset=multiband; equal to backbone.kwargs.in_chans)", min=1, max=4096)
     mean: tuple | None = setting(None, "per-channel normalisation mean (1 or `channels` values; preset "
                                  "if unset)")
     std: tuple | None = setting(None, "per-channel normalisation std (1 or `channels` values; preset if "

@@ -224,10 +224,31 @@ def _map_to_backbone(backbone: nn.Module, state: Mapping[str, Tensor]) -> dict[s
     return {(k if k in target else f"model.{k}"): v for k, v in state.items()}
 
 
-def check_backbone_weights(backbone: nn.Module, state: Mapping[str, Tensor], *,
-                           source: str = "weights") -> dict[str, Tensor]:
-    """Convert and check ``state`` against ``backbone``; returns the keys to load, or raises."""
+def adapt_input_channels(backbone: nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Weights of another input channel count (RGB weights for a 4- or 13-band backbone): the first
+    convolution of the model (patch embedding, CNN stem) adapted as timm adapts published weights to
+    ``in_chans`` (``timm.models.adapt_input_conv``: summed for 1 channel, the RGB filters repeated
+    over the channels and scaled by 3 / channels otherwise); every other tensor unchanged."""
+    target = backbone.state_dict()
+    first = next((k for k, v in target.items() if v.ndim == 4 and k.endswith("weight")), None)
+    w = state.get(first) if first is not None else None
+    t = target[first] if first is not None else None
+    if w is None or t is None or w.ndim != 4 or w.shape[1] == t.shape[1] or w.shape[0] != t.shape[0] \
+            or w.shape[2:] != t.shape[2:]:
+        return dict(state)
+    from timm.models import adapt_input_conv
+
+    return {**state, first: adapt_input_conv(int(t.shape[1]), w)}
+
+
+def check_backbone_weights(backbone: nn.Module, state: Mapping[str, Tensor], *, source: str = "weights",
+                           adapt_channels: bool = False) -> dict[str, Tensor]:
+    """Convert and check ``state`` against ``backbone``; returns the keys to load, or raises.
+    ``adapt_channels``: weights of another input channel count are adapted
+    (:func:`adapt_input_channels`; starting weights), else they are a shape mismatch."""
     mapped = _map_to_backbone(backbone, to_timm_layout(state, backbone))
+    if adapt_channels:
+        mapped = adapt_input_channels(backbone, mapped)
     # A mask token the file lacks is fine: it is created fresh for masked training.
     problems = fit_problems(backbone, mapped, optional=("mask_token",), strip="model.")
     if problems:
@@ -259,9 +280,10 @@ def apply_init_weights(method: nn.Module, cfg: Any) -> None:
 
     A backbone file (timm, Meta DINOv2/DINOv3, dinokit export, or the teacher of an official
     training checkpoint) goes into the student, the teacher and, for DINOv3 with Gram anchoring,
-    the Gram teacher (unless ``gram.teacher_path`` names its own); the heads start fresh. A
-    dinokit training checkpoint also gives its heads. Everything is checked before anything is
-    copied.
+    the Gram teacher (unless ``gram.teacher_path`` names its own); the heads start fresh. RGB
+    weights for a backbone of other input channels are adapted as timm adapts them
+    (:func:`adapt_input_channels`). A dinokit training checkpoint also gives its heads. Everything
+    is checked before anything is copied.
     """
     path = cfg.model.init_weights
     gram = getattr(method, "gram_teacher", None)
@@ -273,7 +295,8 @@ def apply_init_weights(method: nn.Module, cfg: Any) -> None:
             _load_method_parts(method, obj, str(path), gram)
         else:
             state = backbone_state_dict(obj, "teacher")
-            mapped = check_backbone_weights(method.student_backbone, state, source=str(path))
+            mapped = check_backbone_weights(method.student_backbone, state, source=str(path),
+                                            adapt_channels=True)
             targets = [method.student_backbone, method.teacher_backbone]
             targets += [gram] if gram is not None else []
             for bb in targets:

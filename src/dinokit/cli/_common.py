@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from dinokit.backbones import Backbone
 from dinokit.config import ConfigError, from_dict, upgrade_saved
-from dinokit.data import EvalTransform, ImageFolderDataset, load_demo_dataset
+from dinokit.data import EvalTransform, load_demo_dataset
+from dinokit.data.datasets import folder_dataset
 from dinokit.data.preprocessing import Preprocessing
 from dinokit.weights import WeightsError
 
@@ -77,11 +78,12 @@ def export_preprocessing(meta: dict[str, Any]) -> Preprocessing:
 
 def dataset(spec: str, transform: Any, *, split: str, limit: int | None = None,
             need_labels: bool = False) -> Dataset:
-    """``demo``/``fashion-mnist``/``digits`` (train or test split) or an image folder."""
+    """``demo``/``fashion-mnist``/``digits`` (train or test split), an image folder or a folder of
+    multi-band files (for a transform of other than 1 or 3 channels)."""
     if spec in DEMO_NAMES:
         return load_demo_dataset("auto" if spec == "demo" else spec, split=split, transform=transform,
                                  limit=limit)
-    ds = ImageFolderDataset(spec, transform=transform)
+    ds = folder_dataset(spec, transform, channels=getattr(transform, "channels", 3))
     if need_labels and not ds.classes:
         raise ConfigError(f"k-NN and linear evaluation need labelled data: {spec} has no class sub-folders")
     if limit:

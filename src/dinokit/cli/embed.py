@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Embed every image under --data with a trained or exported backbone; unreadable "
                     "images are skipped and listed. Same as dinokit.embed.embed + save_embeddings.")
     p.add_argument("--checkpoint", required=True,
-                   help="run directory, training .ckpt, export folder or exported .safetensors")
+                   help="run directory, training .ckpt, export folder, exported .safetensors, or an "
+                        "exported .onnx (run with onnxruntime on the CPU; needs dinokit[onnx])")
     p.add_argument("--data", required=True, help="image folder (recursive) or demo/digits/fashion-mnist")
     p.add_argument("--output", required=True, help="output path without extension")
     p.add_argument("--pool", choices=("cls", "mean"), default="cls",

@@ -1,8 +1,11 @@
-"""``dinokit export --checkpoint RUN|CKPT --output PATH``: a timm/Hub folder and a single file."""
+"""``dinokit export --checkpoint RUN|CKPT --output PATH``: a timm/Hub folder and a single file (or
+``--format onnx|hf``: an ONNX graph, a transformers folder)."""
 
 from __future__ import annotations
 
 import argparse
+
+from dinokit.cli import interop_export
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,13 +17,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="output path without extension")
     p.add_argument("--which", choices=("teacher", "student"), default="teacher",
                    help="which backbone (default: the EMA teacher)")
-    p.add_argument("--format", choices=("both", "folder", "file"), default="both",
-                   help="timm/Hub folder, single file, or both (default)")
+    p.add_argument("--format", choices=("both", "folder", "file", *interop_export.FORMATS), default="both",
+                   help="timm/Hub folder, single file, or both (default); onnx = PATH.onnx (onnxruntime, "
+                        "needs dinokit[onnx]); hf = PATH/ for transformers' AutoModel (needs dinokit[hf])")
+    interop_export.add_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import json
+
+    if args.format in interop_export.FORMATS:
+        return interop_export.run(args)
 
     from dinokit.export import NotTimmLoadableError, export_backbone, export_timm_folder, read_metadata
 

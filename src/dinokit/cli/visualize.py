@@ -39,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _images(spec: str, transform, n: int) -> torch.Tensor:
     path = Path(spec)
+    if path.is_file() and getattr(transform, "channels", 3) not in (1, 3):  # one multi-band file
+        from dinokit.data.multiband import load_image
+
+        return transform(load_image(path)).unsqueeze(0)
     if path.is_file():
         from PIL import Image
 

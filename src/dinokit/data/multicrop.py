@@ -64,10 +64,21 @@ def to_image_tensor(img: Any, channels: int) -> Tensor:
 
     Tensors: ``[H, W]`` or ``[C, H, W]`` with C in 1 (grey), 2 (grey + alpha), 3 (RGB) or
     4 (RGBA); uint8 (0..255) or float/bool in [0, 1]. Alpha is composited on white; grey is repeated
-    to RGB for ``channels=3``, RGB is reduced to luma for ``channels=1``.
+    to RGB for ``channels=3``, RGB is reduced to luma for ``channels=1``. For any other ``channels``
+    (multi-band data, :mod:`~dinokit.data.multiband`) the tensor must be float ``[channels, H, W]``
+    and is kept as it is, in whatever range its bands have.
     """
+    if isinstance(img, Image.Image) and channels not in (1, 3):
+        raise TypeError(f"a PIL image has 1 or 3 channels, not channels={channels}: read multi-band files "
+                        "with dinokit.data.multiband")
     if isinstance(img, Image.Image):
         t = F.pil_to_tensor(to_l_or_rgb(img)).float().div_(255.0)
+    elif isinstance(img, Tensor) and channels not in (1, 3):
+        t = img.unsqueeze(0) if img.ndim == 2 else img
+        if t.ndim != 3 or t.shape[0] != channels:
+            raise ValueError(f"img tensor must be [{channels}, H, W] for channels={channels} (multi-band "
+                             f"data), got shape {tuple(img.shape)}")
+        return t.float().contiguous()
     elif isinstance(img, Tensor):
         t = img.unsqueeze(0) if img.ndim == 2 else img
         if t.ndim != 3 or t.shape[0] not in (1, 2, 3, 4):
@@ -145,7 +156,12 @@ class MultiCropConfig:
     ``blur_p`` holds the blur probabilities of (global crop 1, global crop 2, local crops); global
     crops past the second use global 2's blur and no solarisation. ``mean``/``std`` may hold one
     value (used for every channel) or three (averaged when ``channels=1``), so switching
-    ``channels`` on a config keeps it valid. ``channels``: 3 = RGB output (grey repeated), 1 = grey.
+    ``channels`` on a config keeps it valid. ``channels``: 3 = RGB output (grey repeated), 1 = grey,
+    any other count = multi-band images (float ``[channels, H, W]`` tensors, see
+    :mod:`~dinokit.data.multiband`): crops, flips and blur act on every band, brightness/contrast
+    jitter on each band alone (:class:`BandJitter`), nothing is clamped, and the RGB-only operations
+    (saturation/hue jitter, greyscale, solarisation) are refused, naming them (:meth:`for_bands`
+    switches them off).
     """
 
     global_size: int = 224
@@ -198,13 +214,33 @@ class MultiCropConfig:
             raise _field_error("blur_sigma", "ordered positive numbers", self.blur_sigma)
         if not _is_int(self.blur_kernel) or self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
             raise _field_error("blur_kernel", "an odd int >= 1", self.blur_kernel)
-        if not _is_int(self.channels) or self.channels not in (1, 3):
-            raise _field_error("channels", "1 or 3", self.channels)
+        if not _is_int(self.channels) or self.channels < 1:
+            raise _field_error("channels", "an int >= 1 (1 = grey, 3 = RGB, other = multi-band)",
+                               self.channels)
+        if self.channels not in (1, 3):
+            rgb_only = rgb_only_augmentations(self)
+            if rgb_only:
+                raise ValueError(
+                    f"MultiCropConfig: {', '.join(rgb_only)} assume RGB images and cannot be used with "
+                    f"channels={self.channels}; set them to 0 (MultiCropConfig.for_bands does; brightness "
+                    "and contrast jitter are applied per band)")
         self.blur_kernel, self.channels = int(self.blur_kernel), int(self.channels)
         self.mean = per_channel("mean", self.mean, self.channels)
         self.std = per_channel("std", self.std, self.channels)
         if min(self.std) <= 0:
             raise _field_error("std", "positive", self.std)
+
+    @classmethod
+    def for_bands(cls, channels: int, base: MultiCropConfig | None = None, **changes: Any) -> MultiCropConfig:
+        """``base`` (default: the ImageNet recipe) for ``channels``-band images: the operations that
+        assume RGB (saturation and hue jitter, greyscale, solarisation) set to 0; brightness and
+        contrast jitter stay and act on each band independently (:class:`BandJitter`). ``mean``/``std``
+        default to 0 and 1 (no normalisation): give the bands' own (``dinokit data stats``)."""
+        base = base or cls()
+        b, c, _, _ = base.jitter
+        fields = {**dataclasses.asdict(base), "channels": channels, "jitter": (b, c, 0.0, 0.0),
+                  "grayscale_p": 0.0, "solarize_p": 0.0, "mean": (0.0,), "std": (1.0,), **changes}
+        return cls(**fields)
 
     @classmethod
     def imagenet(cls, **changes: Any) -> MultiCropConfig:
@@ -257,7 +293,45 @@ class MultiCropConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+def rgb_only_augmentations(cfg: MultiCropConfig) -> list[str]:
+    """The fields of ``cfg`` that switch on an operation defined only for RGB images (named as
+    fields: ``jitter saturation``, ``jitter hue``, ``grayscale_p``, ``solarize_p``)."""
+    names = []
+    if cfg.jitter_p > 0 and cfg.jitter[2] > 0:
+        names.append("jitter saturation")
+    if cfg.jitter_p > 0 and cfg.jitter[3] > 0:
+        names.append("jitter hue")
+    if cfg.grayscale_p > 0:
+        names.append("grayscale_p")
+    if cfg.solarize_p > 0:
+        names.append("solarize_p")
+    return names
+
+
 # ------------------------------------------------------------------------------------ pipelines
+class BandJitter(torch.nn.Module):
+    """Brightness and contrast jitter of every band on its own, for multi-band images (where colour
+    jitter has no meaning): band ``c`` becomes ``m_c + k_c (b_c x_c - m_c)`` with ``b_c`` drawn from
+    ``[1 - brightness, 1 + brightness]``, ``k_c`` from ``[1 - contrast, 1 + contrast]`` and ``m_c``
+    the band's mean after the brightness change (torchvision's contrast blends with the grey mean
+    instead). No clamping: bands keep their own range."""
+
+    def __init__(self, brightness: float, contrast: float):
+        super().__init__()
+        self.brightness, self.contrast = float(brightness), float(contrast)
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = x.shape[-3]
+        shape = (c, 1, 1)
+        if self.brightness > 0:
+            x = x * torch.empty(shape).uniform_(1 - self.brightness, 1 + self.brightness).to(x)
+        if self.contrast > 0:
+            mean = x.mean(dim=(-2, -1), keepdim=True)
+            k = torch.empty(shape).uniform_(1 - self.contrast, 1 + self.contrast).to(x)
+            x = mean + k * (x - mean)
+        return x
+
+
 class _Clamp01(torch.nn.Module):
     """Clamp to [0, 1]: bicubic resizing overshoots, colour ops and solarisation expect [0, 1]."""
 
@@ -268,14 +342,19 @@ class _Clamp01(torch.nn.Module):
 def _crop_pipeline(cfg: MultiCropConfig, size: int, scale: tuple[float, float], blur_p: float,
                    solarize_p: float) -> v2.Compose:
     """One crop's steps on a float ``[C, H, W]`` image in [0, 1]; steps with p = 0 left out."""
+    bands = cfg.channels not in (1, 3)  # multi-band: no [0, 1] range, no colour operations
     steps: list[Any] = [
         v2.RandomResizedCrop(size, scale=scale, ratio=cfg.crop_ratio,
                              interpolation=InterpolationMode(cfg.interpolation), antialias=True),
-        _Clamp01(),
+        *([] if bands else [_Clamp01()]),
     ]
     if cfg.flip_p > 0:
         steps.append(v2.RandomHorizontalFlip(cfg.flip_p))
     brightness, contrast, saturation, hue = cfg.jitter
+    if bands:
+        if cfg.jitter_p > 0 and (brightness or contrast):
+            steps.append(v2.RandomApply([BandJitter(brightness, contrast)], p=cfg.jitter_p))
+        saturation = hue = brightness = contrast = 0.0
     if cfg.channels == 1:  # saturation and hue do not exist in grey
         saturation, hue = 0.0, 0.0
     if cfg.jitter_p > 0 and any((brightness, contrast, saturation, hue)):
@@ -363,8 +442,8 @@ class EvalTransform:
         if not _is_int(resize_size) or resize_size < crop_size:
             raise ValueError(f"resize_size must be an int >= crop_size ({crop_size}), "
                              f"got {resize_size!r}")
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+        if not _is_int(channels) or channels < 1:
+            raise ValueError(f"channels must be an int >= 1, got {channels!r}")
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {list(INTERPOLATIONS)}, "
                              f"got {interpolation!r}")
@@ -378,7 +457,7 @@ class EvalTransform:
         self._pipeline = v2.Compose([
             v2.Resize(self.resize_size, interpolation=mode, antialias=True),
             v2.CenterCrop(self.crop_size),
-            _Clamp01(),
+            *([_Clamp01()] if channels in (1, 3) else []),  # bands keep their own range
             v2.Normalize(list(self.mean), list(self.std)),
         ])
 

@@ -32,8 +32,9 @@ def _values(name: str, value: Any, channels: int) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """What a backbone's inputs look like: ``channels`` (1 = grey, 3 = RGB), per-channel ``mean`` and
-    ``std`` of pixels in [0, 1], the crop side ``input_size`` (the global crop size of training),
+    """What a backbone's inputs look like: ``channels`` (1 = grey, 3 = RGB, any other count =
+    multi-band images), per-channel ``mean`` and ``std`` of pixels in [0, 1] (of the float bands of
+    multi-band images), the crop side ``input_size`` (the global crop size of training),
     the eval view's ``crop_fraction`` (resize the short side to ``round(input_size / crop_fraction)``,
     then centre crop; timm's ``crop_pct``) and the ``interpolation`` of resizing. The keys of
     :meth:`to_dict` are those of an export's ``preprocessing`` metadata."""
@@ -46,8 +47,8 @@ class Preprocessing:
     interpolation: str = "bicubic"
 
     def __post_init__(self) -> None:
-        if self.channels not in (1, 3) or isinstance(self.channels, bool):
-            raise ValueError(f"Preprocessing.channels must be 1 or 3, got {self.channels!r}")
+        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
+            raise ValueError(f"Preprocessing.channels must be an int >= 1, got {self.channels!r}")
         object.__setattr__(self, "mean", _values("mean", self.mean, self.channels))
         object.__setattr__(self, "std", _values("std", self.std, self.channels))
         if min(self.std) <= 0:

@@ -6,6 +6,7 @@ translate a config into those arguments.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -78,6 +79,8 @@ def build_multicrop_config(cfg: Config) -> Any:
     """The augmentation config from ``cfg.data`` (preset + explicit overrides)."""
     d, c = cfg.data, cfg.crops
     base = MultiCropConfig.small(c.source_size) if c.preset == "small" else MultiCropConfig()
+    if d.channels not in (1, 3):  # multi-band: the preset without its RGB-only operations
+        base = MultiCropConfig.for_bands(d.channels, base)
     changes: dict[str, Any] = dict(
         n_global=c.n_global,
         n_local=c.n_local,
@@ -103,6 +106,25 @@ def build_multicrop_config(cfg: Config) -> Any:
         raise ConfigError(f"data.{key}: {e}") from None
 
 
+def with_band_statistics(cfg: Config) -> Config:
+    """``data.dataset=multiband`` without ``data.mean``/``data.std``: a copy of ``cfg`` with the
+    per-band statistics of ``data.path`` filled in (one streaming pass, as ``dinokit data stats``),
+    so that the run records them in its config (and every export of it in its preprocessing).
+    Other configs are returned as they are."""
+    d = cfg.data
+    if d.dataset != "multiband" or (d.mean is not None and d.std is not None):
+        return cfg
+    from dinokit.data.multiband import band_statistics
+
+    stats = band_statistics(d.path, channels=d.channels)
+    out = copy.deepcopy(cfg)
+    out.data.mean = tuple(stats.mean) if d.mean is None else d.mean
+    out.data.std = tuple(stats.std) if d.std is None else d.std
+    print(f"per-band statistics of {stats.images} images under {d.path} recorded in the run: "
+          f"{stats.overrides()}")
+    return out
+
+
 def build_batched_augment(cfg: Config, device: Any = None) -> Any:
     """For ``data.augment_on=device``: the :class:`~dinokit.data.batched.BatchedMultiCrop` that
     turns the loader's uint8 batches into multi-crop views on ``device``."""
@@ -123,10 +145,15 @@ def build_dataset(cfg: Config, split: str = "train", transform: Any = None) -> D
         raise ConfigError("data.dataset: shards are a stream, not a dataset to index: set "
                           "trainer.knn_every_n_epochs=0 and score checkpoints with `dinokit eval knn` "
                           "on labelled folders")
-    if d.dataset == "folder":
+    if d.dataset in ("folder", "multiband"):
         path = d.path if split == "train" else d.val_path
         if path is None:
-            raise ConfigError("data.val_path: needed for validation with data.dataset=folder")
+            raise ConfigError(f"data.val_path: needed for validation with data.dataset={d.dataset}")
+        if d.dataset == "multiband":
+            from dinokit.data.multiband import MultiBandFolderDataset
+
+            return MultiBandFolderDataset(path, transform=transform, channels=d.channels,
+                                          strict=d.strict_images)
         return ImageFolderDataset(path, transform=transform, strict=d.strict_images)
     name = {"demo": "auto"}.get(d.dataset, d.dataset)
     ds = load_demo_dataset(name, split="train" if split == "train" else "test", transform=transform,
@@ -199,7 +226,7 @@ def build_train_loader(cfg: Config, method: SelfDistillationMethod) -> DataLoade
     if d.dataset == "shards":
         return build_stream_loader(cfg, method)
     dataset = build_dataset(cfg, "train")
-    if d.dataset == "folder" and d.limit:
+    if d.dataset in ("folder", "multiband") and d.limit:
         dataset = torch.utils.data.Subset(dataset, range(min(d.limit, len(dataset))))
     views = SeededViews(dataset, MultiCropTransform(mc), seed=cfg.trainer.seed)
     collate = build_collate(cfg, method)

@@ -29,7 +29,13 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dinokit.config import Config, ConfigError, from_dict, upgrade_saved
-from dinokit.train.build import build_method, build_module, build_train_loader, resolved_precision
+from dinokit.train.build import (
+    build_method,
+    build_module,
+    build_train_loader,
+    resolved_precision,
+    with_band_statistics,
+)
 from dinokit.train.checkpoint_io import (
     CheckpointReadError,
     SafeCheckpointIO,
@@ -235,7 +241,7 @@ def _knn_monitor(cfg: Config) -> pl.Callback | None:
 
     tf = EvalTransform.for_config(build_multicrop_config(cfg))
     train = build_dataset(cfg, "train", transform=tf)
-    if cfg.data.dataset == "folder" and not cfg.data.val_path:
+    if cfg.data.dataset in ("folder", "multiband") and not cfg.data.val_path:
         raise ConfigError("trainer.knn_every_n_epochs needs data.val_path (labelled images)")
     val = build_dataset(cfg, "val", transform=tf)
     loader = dict(batch_size=256, num_workers=cfg.data.num_workers)
@@ -340,7 +346,7 @@ def fit(cfg: Config) -> FitResult:
     :class:`~dinokit.train.checkpoint_io.CheckpointWriteError` when a checkpoint cannot be
     written (earlier ones are kept).
     """
-    cfg = with_launcher_env(cfg.validate())  # torchrun / srun world (issue 12)
+    cfg = with_band_statistics(with_launcher_env(cfg.validate()))  # torchrun / srun world (issue 12)
     run_dir, ckpt = resolve_run_dir(cfg)
     if ckpt is not None:
         check_resume_compatible(ckpt, cfg)
