@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dinokit.cli import main
@@ -9,6 +11,7 @@ from dinokit.config import (
     Config,
     ConfigError,
     apply_overrides,
+    from_dict,
     help_text,
     load_config,
     preset_names,
@@ -32,15 +35,14 @@ def test_vit_small_imagenet_is_the_paper_recipe():
     global_batch = cfg.data.batch_size * int(cfg.trainer.devices)
     assert global_batch == 1024
     assert cfg.optim.lr == 0.0005 and cfg.optim.warmup_epochs == 10
-    assert cfg.model.norm_last_layer is False and cfg.data.n_local == 10
-    assert (cfg.model.temperature_teacher_warmup, cfg.model.temperature_teacher,
-            cfg.model.warmup_epochs_temperature_teacher) == (0.04, 0.07, 30)
+    assert cfg.heads.norm_last_layer is False and cfg.crops.n_local == 10
+    assert (cfg.teacher.warmup_temperature, cfg.teacher.temperature, cfg.teacher.warmup_epochs) == (0.04, 0.07, 30)
     assert cfg.trainer.epochs == 100
 
 
 def test_dinov3_preset_inherits_dinov2_and_adds_registers_and_gram():
     v2, v3 = load_config("dinov2_vit_small"), load_config("dinov3_vit_small")
-    assert v3.model.method == "dinov3" and v3.model.n_registers == 4 and v3.model.gram_weight > 0
+    assert v3.model.method == "dinov3" and v3.backbone.n_registers == 4 and v3.gram.weight > 0
     assert v3.optim.layer_decay == v2.optim.layer_decay == 0.9
 
 
@@ -48,8 +50,8 @@ def test_overrides_are_typed():
     cfg = apply_overrides(Config(data=Config().data.__class__(path="x")),
                           ["optim.lr=0.002", "crops.n_local=0", "heads.norm_last_layer=false",
                            "crops.local_scale=[0.1, 0.3]"])
-    assert cfg.optim.lr == 0.002 and cfg.data.n_local == 0
-    assert cfg.model.norm_last_layer is False and cfg.data.local_scale == (0.1, 0.3)
+    assert cfg.optim.lr == 0.002 and cfg.crops.n_local == 0
+    assert cfg.heads.norm_last_layer is False and cfg.crops.local_scale == (0.1, 0.3)
 
 
 @pytest.mark.parametrize(
@@ -93,7 +95,7 @@ def test_cross_field_rules():
         load_config(None, [])  # dataset=folder without a path
     with pytest.raises(ConfigError, match="at least two crops"):
         load_config("demo", ["crops.n_global=1", "crops.n_local=0"])
-    assert load_config("demo", ["crops.n_global=1", "crops.n_local=1"]).data.n_local == 1
+    assert load_config("demo", ["crops.n_global=1", "crops.n_local=1"]).crops.n_local == 1
 
 
 def test_yaml_round_trip(tmp_path):
@@ -179,3 +181,57 @@ def test_precision_auto_is_bf16_on_a_bf16_gpu_and_fp32_elsewhere(monkeypatch):
     assert resolved_precision(cfg) == "bf16-mixed"
     assert resolved_precision(load_config("demo", ["trainer.accelerator=cpu"])) == "32-true"
     assert resolved_precision(load_config("demo", ["trainer.precision=16-mixed"])) == "16-mixed"
+
+
+# ------------------------------------------------------------------ one vocabulary
+def test_every_old_flat_key_is_refused_with_its_new_name():
+    from dinokit.config import MOVED_KEYS, all_keys
+
+    for old, new in MOVED_KEYS.items():
+        with pytest.raises(ConfigError, match=re.escape(f"config key {old!r} is now {new}")):
+            load_config("demo", [f"{old}=1"])
+        assert new.split(" ")[0] in all_keys(), new
+    section, key = "model", "n_prototypes"  # and in a YAML file's sections
+    with pytest.raises(ConfigError, match="is now dino.n_prototypes"):
+        from_dict({"data": {"dataset": "demo"}, section: {key: 16}})
+
+
+def test_a_saved_flat_config_is_upgraded_to_the_sections():
+    from dinokit.config import upgrade_saved
+
+    old = {"model": {"method": "dinov2", "backbone": "resnet18", "n_prototypes": 16, "temperature_student": 0.2,
+                     "gram_weight": 0.0},
+           "data": {"dataset": "demo", "n_local": 3, "mask_mode": "random", "batch_size": 8}}
+    cfg = from_dict(upgrade_saved(old))
+    assert (cfg.backbone.name, cfg.dino.n_prototypes, cfg.crops.n_local, cfg.ibot.mask_mode) == (
+        "resnet18", 16, 3, "random")
+    assert cfg.dino.student_temperature == cfg.ibot.student_temperature == 0.2
+    assert cfg.data.batch_size == 8 and cfg.model.method == "dinov2"
+    assert upgrade_saved(cfg.to_dict()) == cfg.to_dict()  # the sections are left as they are
+
+
+def test_one_name_per_knob_across_yaml_python_and_the_seed_aliases():
+    """A seed keyword is an alias of the one name: it sets the same settings field as the config key."""
+    from conftest import tiny_vit
+    from dinokit import DINO, DINOv3
+    from dinokit.estimator import DINOEstimator
+    from dinokit.settings import DinoSettings, MethodSettings
+
+    by_key = DINO(tiny_vit(), settings=MethodSettings(dino=DinoSettings(n_prototypes=12)),
+                  projector_hidden_dim=16, projector_bottleneck_dim=8)
+    by_alias = DINO(tiny_vit(), n_prototypes=12, projector_hidden_dim=16, projector_bottleneck_dim=8)
+    assert by_key.settings == by_alias.settings
+    v3 = DINOv3(tiny_vit(num_registers=4), n_cls_prototypes=12, n_patch_prototypes=8, projector_hidden_dim=16,
+                projector_bottleneck_dim=8, ema_decay_start=0.99, n_register_tokens=4)
+    assert (v3.settings.dino.n_prototypes, v3.settings.teacher.momentum, v3.settings.backbone.n_registers) == (
+        12, 0.99, 4)
+    est = DINOEstimator(tiny_vit(), proj_output_dim=12, base_lambda=0.99, proj_hidden_dim=16, proj_bottleneck_dim=8)
+    s = est._method_settings()
+    assert (s.dino.n_prototypes, s.teacher.momentum) == (12, 0.99)
+    with pytest.raises(ValueError, match="n_prototypes=12 and settings.dino.n_prototypes=20 disagree"):
+        DINO(tiny_vit(), n_prototypes=12, settings=MethodSettings(dino=DinoSettings(n_prototypes=20)))
+
+
+def test_lr_scaling_none_is_a_choice_not_an_empty_value():
+    assert load_config("demo", ["optim.lr_scaling=none"]).optim.lr_scaling == "none"
+    assert from_dict({"data": {"dataset": "demo"}, "optim": {"lr_scaling": "none"}}).optim.lr_scaling == "none"

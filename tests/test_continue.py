@@ -119,11 +119,13 @@ def test_meta_dinov2_and_timm_files_load_alike(tmp_path):
 
 
 class _Cfg:
-    """A minimal stand-in for ``cfg`` with only ``model`` read by apply_init_weights."""
+    """A minimal stand-in for ``cfg`` with the sections apply_init_weights reads."""
 
-    def __init__(self, **kw):
-        self.model = type("M", (), {"init_weights": None, "freeze_patch_embed": False,
-                                    "gram_teacher_path": None, **kw})()
+    def __init__(self, init_weights=None, teacher_path=None, **backbone):
+        from dinokit.settings import BackboneSettings, GramSettings, ModelSettings
+
+        self.model = ModelSettings(init_weights=init_weights)
+        self.backbone, self.gram = BackboneSettings(**backbone), GramSettings(teacher_path=teacher_path)
 
 
 def _method():
@@ -254,7 +256,7 @@ def test_continue_presets_are_gentler_than_pretraining(name, patch):
 
     cfg = load_config(name)
     scratch = load_config(name.replace("continue_", "") + "_vit_small")
-    assert cfg.data.global_size % patch == 0 and cfg.data.local_size % patch == 0
+    assert cfg.crops.global_size % patch == 0 and cfg.crops.local_size % patch == 0
     assert cfg.optim.lr < scratch.optim.lr and cfg.optim.warmup_epochs < scratch.optim.warmup_epochs
-    assert cfg.model.ema_decay_start > scratch.model.ema_decay_start
+    assert cfg.teacher.momentum > scratch.teacher.momentum
     assert cfg.optim.layer_decay < 1 and cfg.optim.patch_embed_lr_mult < 1

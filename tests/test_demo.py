@@ -13,8 +13,8 @@ from dinokit.demo import MAIN_JOB_PRESET, DemoReport, run_demo
 def test_main_job_preset_is_the_small_cnn_recipe():
     cfg = load_config(MAIN_JOB_PRESET)
     assert MAIN_JOB_PRESET == "demo_cnn"
-    assert cfg.model.method == "dino" and cfg.model.backbone == "resnet10t"
-    assert cfg.model.backbone_kwargs == {"in_chans": 1} and cfg.model.head_batch_norm is True
+    assert cfg.model.method == "dino" and cfg.backbone.name == "resnet10t"
+    assert cfg.backbone.kwargs == {"in_chans": 1} and cfg.heads.batch_norm is True
     assert cfg.data.channels == 1 and cfg.data.dataset == "demo" and cfg.trainer.accelerator == "cpu"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import settings
 import dinokit
 from dinokit.backbones import EvaBackbone, ModuleBackbone, ViTBackbone, build_backbone
 
@@ -114,10 +115,10 @@ def test_activation_checkpointing_is_honoured(make, monkeypatch):
 def test_every_method_trains_a_dinov3_vit(cls):
     torch.manual_seed(0)
     extra = {} if cls is dinokit.DINO else dict(n_patch_prototypes=16)
-    if cls is dinokit.DINOv3:
-        extra["gram_weight"] = 1.0
-    m = cls("vit_small_patch16_dinov3", encoder_kwargs=TINY_V3, n_prototypes=16, projector_hidden_dim=16,
-            projector_bottleneck_dim=8, **extra)
+    gram = {"weight": 1.0} if cls is dinokit.DINOv3 else {}
+    extra["n_cls_prototypes" if cls is dinokit.DINOv3 else "n_prototypes"] = 16
+    m = cls("vit_small_patch16_dinov3", projector_hidden_dim=16, projector_bottleneck_dim=8,
+            settings=settings(backbone={"kwargs": TINY_V3}, gram=gram), **extra)
     assert isinstance(m.student_backbone, EvaBackbone)
     g = [torch.randn(2, 3, 32, 32) for _ in range(2)]
     loc = [torch.randn(2, 3, 16, 16) for _ in range(2)]

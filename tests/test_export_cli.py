@@ -217,7 +217,7 @@ def test_export_command_writes_a_timm_folder_with_the_runs_preprocessing(run_dir
 
 def test_export_of_a_checkpoint_whose_weights_do_not_match_its_config_fails(run_dir, tmp_path, capsys):
     obj = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    kwargs = obj["dinokit"]["config"]["model"]["backbone_kwargs"]
+    kwargs = obj["dinokit"]["config"]["backbone"]["kwargs"]
     kwargs["embed_dim"] = int(kwargs.get("embed_dim", 32)) + 16  # the config now says another width
     bad = tmp_path / "bad.ckpt"
     torch.save(obj, bad)

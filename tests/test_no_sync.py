@@ -39,7 +39,8 @@ class CountSyncs(TorchDispatchMode):
 
 
 def _method(cls):
-    kw = dict(n_prototypes=24, projector_hidden_dim=32, projector_bottleneck_dim=16)
+    kw = dict(projector_hidden_dim=32, projector_bottleneck_dim=16)
+    kw["n_cls_prototypes" if cls is DINOv3 else "n_prototypes"] = 24
     if cls is not DINO:
         kw["n_patch_prototypes"] = 12
     method = cls(tiny_vit(num_registers=4 if cls is DINOv3 else 0), **kw)

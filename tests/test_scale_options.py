@@ -41,7 +41,7 @@ def test_official_defaults_are_batch_masks_and_local_koleo():
     """The defaults are the official rules: masks spread over each batch (exactly
     ``int(n_global * B * p)`` masked crops), KoLeo within each process's batch."""
     cfg = Config()
-    assert cfg.data.mask_sampling == "batch" and cfg.model.koleo_all_processes is False
+    assert cfg.ibot.mask_sampling == "batch" and cfg.koleo.all_processes is False
     collate = MultiCropCollate(make_mask_generator("random", GRID), patch_size=4, mask_probability=0.5)
     assert collate.mask_sampling == "batch"
     torch.manual_seed(0)

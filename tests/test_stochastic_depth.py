@@ -245,11 +245,12 @@ def test_non_plain_blocks_keep_their_drop_path():
 def _cfg(method: str, **model):
     from dinokit.config import from_dict
 
-    base = {"method": method, "backbone": "vit_tiny_patch16_224", "n_prototypes": 64, "head_hidden_dim": 32,
-            "head_bottleneck_dim": 16, "n_patch_prototypes": 64,
-            "backbone_kwargs": dict(img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=2)}
-    return from_dict({"data": {"dataset": "demo", "global_size": 32, "local_size": 16},
-                      "model": {**base, **model}})
+    backbone = {"name": "vit_tiny_patch16_224",
+                "kwargs": dict(img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=2)}
+    return from_dict({"data": {"dataset": "demo"}, "crops": {"global_size": 32, "local_size": 16},
+                      "model": {"method": method}, "dino": {"n_prototypes": 64},
+                      "ibot": {"n_prototypes": 64} if method != "dino" else {},
+                      "heads": {"hidden_dim": 32, "bottleneck_dim": 16}, "backbone": {**backbone, **model}})
 
 
 def _rates(backbone):

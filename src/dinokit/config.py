@@ -355,7 +355,9 @@ def _unknown_key(key: str) -> ConfigError:
         return ConfigError(f"config key {key!r} is now {MOVED_KEYS[key]} (the config is grouped by "
                            "concern: model, backbone, heads, teacher, dino, ibot, koleo, gram, crops, data, "
                            "optim, trainer, stages)")
-    return ConfigError(f"unknown config key {key!r}{_suggest(key, all_keys())}")
+    close = difflib.get_close_matches(key, [*all_keys(), *MOVED_KEYS], n=1, cutoff=0.5)
+    hint = f"; did you mean {MOVED_KEYS.get(close[0], close[0]).split(' ')[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
 
 
 def upgrade_saved(data: dict[str, Any]) -> dict[str, Any]:

@@ -281,7 +281,9 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
 
     After ``fit``: ``encoder_`` (the teacher backbone), ``student``, ``teacher`` (backbones),
     ``student_head``, ``teacher_head``, ``loss`` (the DINO loss), ``optimizer_``, ``lr_scheduler_``
-    (the torch scheduler that drove the learning rate; None for ``"none"``), ``method_``,
+    (what drove the learning rate: the run's :class:`~dinokit.clock.Clock` for ``"warmup_cosine"``,
+    whose ``lr(step)`` is the schedule; the torch scheduler for a scheduler class, factory or
+    instance; None for ``"none"``), ``method_``,
     ``history_`` / ``val_history_`` (mean training / validation loss per epoch), and the run-time
     handles ``trainer_`` and ``module_``, which are not pickled. Seed 003 names the first of these
     ``encoder``/``optimizer``/``lr_scheduler``, but those are constructor parameters here, which
@@ -570,7 +572,7 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         self.student_head, self.teacher_head = method.student_head, method.teacher_head
         self.loss = method.dino_loss
         self.optimizer_ = trainer.optimizers[0] if trainer.optimizers else None
-        self.lr_scheduler_ = scheduler_cb.scheduler
+        self.lr_scheduler_ = module.step_fn.clock if clock_lr is not None else scheduler_cb.scheduler
         return self
 
     def transform_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor:

@@ -18,11 +18,13 @@ are dropped; register tokens added by dinokit to a ViT built elsewhere are kept 
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from dinokit.backbones import Backbone, build_backbone
@@ -101,7 +103,7 @@ def _resolve(source: Any, which: str, *, timm_name: str | None, timm_kwargs: dic
             backbone = getattr(build_method(cfg), f"{which}_backbone")
             load_backbone_weights(backbone, state, source=str(ckpt))
         steps = obj.get("global_step")
-        return _Export(backbone, config["model"]["backbone"], _kwargs_of(backbone),
+        return _Export(backbone, config["backbone"]["name"], _kwargs_of(backbone),
                        config["model"].get("method"), int(steps) if steps is not None else None,
                        {**run_preprocessing(config), **(preprocessing or {})})
     backbone = getattr(source, f"{which}_backbone", source)
@@ -223,6 +225,8 @@ def export_timm_folder(source: Any, folder: str | Path, *, which: str = "teacher
                    "interpolation": pre.get("interpolation", "bicubic"),
                    "crop_pct": float(pre.get("crop_fraction") or 0.875), "crop_mode": "center"}
     model_args = {k: v for k, v in e.kwargs.items() if k not in ("pretrained", "num_classes")}
+    if any(not p.is_contiguous() for p in model.parameters()):  # a channels-last CNN: saved contiguous
+        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     save_for_hf(model, str(out), model_args=model_args, safe_serialization=True, data_config=data_config)
     (out / META_NAME).write_text(json.dumps(_metadata(e, which), indent=2))
     return out
