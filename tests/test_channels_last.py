@@ -110,3 +110,23 @@ def test_estimator_fits_cnns_in_channels_last_unless_told_not_to():
 
 def _tiny_resnet_1ch() -> torch.nn.Module:
     return timm.create_model("resnet10t", num_classes=0, in_chans=1)
+
+
+def test_a_channels_last_method_exports_a_timm_folder_from_python(tmp_path):
+    """Python front doors default to channels-last CNNs too (``backbone.channels_last``): the timm
+    folder is written contiguous (safetensors refuses strided tensors) and gives the same features."""
+    import timm
+
+    import dinokit
+    from dinokit.export import export_timm_folder
+
+    torch.manual_seed(0)
+    method = dinokit.DINO("resnet18", encoder_kwargs=dict(in_chans=1), n_prototypes=16, projector_hidden_dim=16,
+                          projector_bottleneck_dim=8)
+    assert method.teacher_backbone.channels_last
+    folder = export_timm_folder(method, tmp_path / "hub")
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        got = model.forward_head(model.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(got, method.teacher_backbone.eval()(x).cls, rtol=1e-5, atol=1e-6)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import settings
 import dinokit
+from conftest import settings
 from dinokit.backbones import EvaBackbone, ModuleBackbone, ViTBackbone, build_backbone
 
 TINY_V3 = dict(depth=2, embed_dim=32, num_heads=2)

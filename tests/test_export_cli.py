@@ -154,8 +154,9 @@ def _tiny_method(kind):
         return dinokit.DINOv3("vit_small_patch16_dinov3", n_cls_prototypes=16, n_patch_prototypes=16,
                               projector_hidden_dim=16, projector_bottleneck_dim=8,
                               settings=settings(backbone={"kwargs": tiny}))
+    # timm's (contiguous) layout, so the export is compared bit for bit (channels-last rounds otherwise)
     return dinokit.DINO("resnet18", encoder_kwargs=dict(in_chans=1), n_prototypes=16, projector_hidden_dim=16,
-                        projector_bottleneck_dim=8)
+                        projector_bottleneck_dim=8, settings=settings(backbone={"channels_last": False}))
 
 
 @pytest.mark.parametrize("kind", ["vit", "cnn", "dinov3"])
