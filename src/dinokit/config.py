@@ -25,6 +25,39 @@ class ConfigError(ValueError):
     """A bad config key or value; the message names the dotted key."""
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping that names the same key twice (PyYAML would silently keep the last)."""
+
+    def __init__(self, key: Any, first_line: int, line: int):
+        self.key, self.first_line, self.line = key, first_line, line
+        super().__init__(f"{key!r} appears twice in the same mapping (lines {first_line} and {line}); "
+                         "only one may be given")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key named twice in one mapping. Keys merged in with ``<<``
+    may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base constructor reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise DuplicateKeyError(key, first, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that raises :class:`DuplicateKeyError` for a key named twice."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: plain data only
+
+
 #: Lightning accelerator names accepted by ``trainer.accelerator``.
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 #: Lightning precision names accepted by ``trainer.precision``.
@@ -141,7 +174,11 @@ class DataConfig:
     val_limit: int | None = _f(None, "use only the first N validation images", min=1)
     batch_size: int = _f(64, "images per process per step", min=1, max=1 << 16)
     num_workers: int = _f(4, "DataLoader worker processes", min=0, max=256)
-    strict_images: bool = _f(False, "fail on the first unreadable image instead of skipping it")
+    strict_images: bool = _f(False, "fail on the first unreadable image (or damaged shard) instead of "
+                             "skipping it (the rest of the shard) with a warning")
+    max_image_pixels: int = _f(
+        250_000_000, "images with more pixels are refused as decompression bombs, by their header "
+        "(Pillow's check; its own default, 89 Mpx, refuses genuine 100 Mpx photos)", min=1, max=1 << 40)
     crop_preset: Literal["imagenet", "small"] = _f("imagenet", "augmentation defaults")
     source_size: int = _f(28, "for crop_preset=small: size of the source images", min=4, max=1 << 14)
     global_size: int | None = _f(None, "global crop size (preset default if unset)", min=4, max=1 << 13)
@@ -459,7 +496,9 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=0.001)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = load_yaml(raw) if raw != "" else None
+        except DuplicateKeyError as e:
+            raise ConfigError(f"{key.strip()}: the key {e.key!r} appears twice in {raw!r}") from None
         except yaml.YAMLError:
             value = raw
         set_value(cfg, key.strip(), value)
@@ -537,7 +576,9 @@ def read_yaml(source: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config {str(source)!r} {what}{_suggest(str(source), preset_names())}; "
                           f"presets: {preset_names()}")
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{name}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{name}: invalid YAML: {e}") from None
     except RecursionError:

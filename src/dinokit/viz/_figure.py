@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dinokit.atomic import atomic_write
+
 
 def new_figure(width: float, height: float) -> Any:
     from matplotlib.figure import Figure
@@ -16,9 +18,13 @@ def new_figure(width: float, height: float) -> Any:
 
 
 def save(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` (format from its ending, PNG when it has none: ``.png`` is added),
+    atomically (:mod:`dinokit.atomic`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    with atomic_write(path) as f:
+        fig.savefig(f, format=path.suffix[1:].lower(), dpi=100, bbox_inches="tight")
     return path
 
 
