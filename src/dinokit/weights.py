@@ -39,10 +39,10 @@ def load_failure(e: BaseException) -> str:
     by the global it asks for, without torch's advice to load the file unsafely."""
     text = str(e)
     if "Weights only load failed" in text:
-        m = re.search(r"GLOBAL ([\w.]+)", text)
-        what = f" ({m.group(1)})" if m else ""
-        return (f"it holds pickled Python objects{what} that a weights-only load refuses; dinokit never "
-                "runs code from a file")
+        glob, op = re.search(r"GLOBAL ([\w.]+)", text), re.search(r"Unsupported operand (\d+)", text)
+        what = (f"pickled Python objects ({glob.group(1)})" if glob else
+                f"pickle operations (operand {op.group(1)})" if op else "pickled content")
+        return f"it holds {what} that a weights-only load refuses; dinokit never runs code from a file"
     return f"{type(e).__name__}: {' '.join(text.split())[:200]}"
 
 

@@ -27,6 +27,7 @@ Reading (:class:`ShardStream`, :class:`StreamLoader`), as DINOv2 does with its i
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import random
@@ -214,9 +215,13 @@ class ShardStream(IterableDataset):
         return [self.urls[i] for i in self._damaged.nonzero().flatten().tolist()]
 
     def _shard_samples(self, url: str) -> Iterator[dict[str, Any]]:
-        """Raw samples of one shard, up to the damage if it is damaged."""
+        """Raw samples of one shard, up to the damage if it is damaged; the file is closed when
+        the shard is done or the stream is dropped."""
+        wds = _wds()
         try:
-            yield from _wds().tariterators.tarfile_samples([{"url": url}])
+            with contextlib.closing(wds.gopen(url, "rb")) as stream:
+                files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
+                yield from wds.tariterators.group_by_keys(files)
         except _SHARD_ERRORS as e:
             if self.strict:
                 raise ShardReadError(f"damaged shard {url}: {_damage(e)} (data.strict_images=true "
