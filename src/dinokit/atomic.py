@@ -113,12 +113,11 @@ def writer_alive(name: str) -> bool:
 
 def remove_stale(path: Path) -> None:
     """Remove the temporary files and folders killed writers left for ``path``."""
-    prefix = f".{path.name}{TEMP_MARK}"
-    with contextlib.suppress(OSError):
-        for p in path.parent.iterdir():
-            if p.name.startswith(prefix) and not writer_alive(p.name):
-                with contextlib.suppress(OSError):
-                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    prefix, stale = f".{path.name}{TEMP_MARK}", []
+    with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
+        stale = [e.path for e in entries if e.name.startswith(prefix) and not writer_alive(e.name)]
+    for p in stale:
+        _discard(Path(p))
 
 
 def _fsync_file(path: Path) -> None:
