@@ -43,6 +43,39 @@ class ConfigError(ValueError):
     """A bad config key or value; the message names the dotted key."""
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping that names the same key twice (PyYAML would silently keep the last)."""
+
+    def __init__(self, key: Any, first_line: int, line: int):
+        self.key, self.first_line, self.line = key, first_line, line
+        super().__init__(f"{key!r} appears twice in the same mapping (lines {first_line} and {line}); "
+                         "only one may be given")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key named twice in one mapping. Keys merged in with ``<<``
+    may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base constructor reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise DuplicateKeyError(key, first, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that raises :class:`DuplicateKeyError` for a key named twice."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: plain data only
+
+
 @dataclass
 class Config:
     """A dinokit run: one settings object per concern (see :mod:`dinokit.settings`)."""
@@ -438,7 +471,9 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=0.001)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = load_yaml(raw) if raw != "" else None
+        except DuplicateKeyError as e:
+            raise ConfigError(f"{key.strip()}: the key {e.key!r} appears twice in {raw!r}") from None
         except yaml.YAMLError:
             value = raw
         set_value(cfg, key.strip(), value)
@@ -516,7 +551,9 @@ def read_yaml(source: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config {str(source)!r} {what}{_suggest(str(source), preset_names())}; "
                           f"presets: {preset_names()}")
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{name}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{name}: invalid YAML: {e}") from None
     except RecursionError:

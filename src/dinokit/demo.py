@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from dinokit import atomic
 from dinokit.config import Config, load_config
 from dinokit.eval.features import extract_features
 from dinokit.eval.knn import knn_evaluate
@@ -175,8 +176,6 @@ def run_demo(overrides: list[str] | None = None, config: str | None = None, *,
     pictures = draw_pictures(cfg, method, result.run_dir)
     report = DemoReport(result.run_dir, knn, 20, _final_loss(result.run_dir),
                         cfg.dino.n_prototypes, pictures, linear)
-    eval_dir = result.run_dir / "eval"
-    eval_dir.mkdir(exist_ok=True)
-    (eval_dir / "demo_knn.json").write_text(json.dumps({"k": 20, "top1": knn, "linear_top1": linear,
-                                                        "final_loss": report.final_loss}, indent=2))
+    summary = {"k": 20, "top1": knn, "linear_top1": linear, "final_loss": report.final_loss}
+    atomic.write_text(result.run_dir / "eval" / "demo_knn.json", json.dumps(summary, indent=2))
     return report

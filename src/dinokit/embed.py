@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dinokit.atomic import atomic_paths
 from dinokit.backbones import Backbone
 
 PRESET_DATASETS = ("demo", "digits", "fashion-mnist")
@@ -163,21 +164,29 @@ def embed(source: str | Path | Backbone, data: str | Path, *, pool: str = "cls",
 
 def save_embeddings(emb: Embeddings, output: str | Path) -> list[Path]:
     """Write ``<output>.npy`` (features), ``<output>.csv`` (row, name, label) and, with pyarrow,
-    ``<output>.parquet`` (name, label, feature); returns the paths written."""
+    ``<output>.parquet`` (name, label, feature); returns the paths written.
+
+    The files are written under temporary names and renamed together once all are complete
+    (:mod:`dinokit.atomic`): a full disk or a kill leaves the earlier files of that name intact.
+    """
     base = Path(output)
     base = base.with_suffix("") if base.suffix in (".npy", ".csv", ".parquet") else base
-    base.parent.mkdir(parents=True, exist_ok=True)
-    written = [base.with_suffix(".npy"), base.with_suffix(".csv")]
-    np.save(written[0], emb.features)
-    with written[1].open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["row", "name", "label"])
-        w.writerows((i, n, lab) for i, (n, lab) in enumerate(zip(emb.names, emb.labels)))
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        return written
-    table = pa.table({"name": emb.names, "label": emb.labels, "feature": list(emb.features)})
-    pq.write_table(table, base.with_suffix(".parquet"))
-    return [*written, base.with_suffix(".parquet")]
+        pa = pq = None
+    written = [base.with_suffix(".npy"), base.with_suffix(".csv")]
+    if pq is not None:
+        written.append(base.with_suffix(".parquet"))
+    with atomic_paths(written) as tmps:
+        with open(tmps[0], "xb") as f:
+            np.save(f, emb.features)
+        with open(tmps[1], "x", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["row", "name", "label"])
+            w.writerows((i, n, lab) for i, (n, lab) in enumerate(zip(emb.names, emb.labels)))
+        if pq is not None:
+            table = pa.table({"name": emb.names, "label": emb.labels, "feature": list(emb.features)})
+            pq.write_table(table, str(tmps[2]))
+    return written

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dinokit.atomic import atomic_folder, atomic_paths
 from dinokit.backbones import Backbone, build_backbone
 from dinokit.config import upgrade_saved
 from dinokit.methods.registry import method_spec
@@ -35,6 +36,9 @@ from dinokit.weights import WeightsError, backbone_state_dict, load_backbone_wei
 FORMAT = 1
 EXTRA_PREFIX = "dinokit."
 META_NAME = "dinokit.json"
+#: What an export folder holds (timm's Hub layout plus dinokit's metadata and a model card).
+EXPORT_FOLDER_FILES = frozenset({"config.json", "model.safetensors", "pytorch_model.bin", META_NAME,
+                                 "README.md"})
 
 
 class NotTimmLoadableError(WeightsError):
@@ -186,9 +190,9 @@ def export_backbone(source: Any, path: str | Path, *, which: str = "teacher", me
         state[EXTRA_PREFIX + "register_tokens"] = extra["register_tokens"]
     out = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     base = _base(path)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(base.with_suffix(".safetensors")))
-    base.with_suffix(".json").write_text(json.dumps(_metadata(e, which), indent=2))
+    with atomic_paths([base.with_suffix(".safetensors"), base.with_suffix(".json")]) as (weights, meta):
+        save_file(out, str(weights))
+        meta.write_text(json.dumps(_metadata(e, which), indent=2))
     return base.with_suffix(".safetensors")
 
 
@@ -199,6 +203,11 @@ def export_timm_folder(source: Any, folder: str | Path, *, which: str = "teacher
 
     Raises :class:`WeightsError` for backbones timm cannot rebuild (non-timm modules, register
     tokens added by dinokit): use :func:`export_backbone` for those.
+
+    The folder is built beside ``folder`` under a temporary name and renamed once complete, so an
+    interrupted export never leaves a half-written folder. An earlier export folder of that name
+    (only export files in it) is replaced in one step; any other existing folder is refused
+    (``FileExistsError``) rather than overwritten.
     """
     from timm.models import save_for_hf
 
@@ -217,7 +226,7 @@ def export_timm_folder(source: Any, folder: str | Path, *, which: str = "teacher
         raise NotTimmLoadableError(f"{type(model).__name__} is not a timm model: use export_backbone "
                                    "(single file)")
     out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_replaceable(out)
     pre = e.preprocessing
     chans = int(pre.get("channels") or e.backbone.in_chans or 3)
     data_config = {"mean": tuple(pre["mean"]), "std": tuple(pre["std"]),
@@ -227,9 +236,33 @@ def export_timm_folder(source: Any, folder: str | Path, *, which: str = "teacher
     model_args = {k: v for k, v in e.kwargs.items() if k not in ("pretrained", "num_classes")}
     if any(not p.is_contiguous() for p in model.parameters()):  # a channels-last CNN: saved contiguous
         model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-    save_for_hf(model, str(out), model_args=model_args, safe_serialization=True, data_config=data_config)
-    (out / META_NAME).write_text(json.dumps(_metadata(e, which), indent=2))
+    with atomic_folder(out) as tmp:
+        save_for_hf(model, str(tmp), model_args=model_args, safe_serialization=True, data_config=data_config)
+        (tmp / META_NAME).write_text(json.dumps(_metadata(e, which), indent=2))
     return out
+
+
+def _check_replaceable(folder: Path) -> None:
+    """Refuse to replace anything but an empty folder or an earlier export folder."""
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder; choose another export path")
+    if folder.is_dir():
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_FOLDER_FILES)
+        if foreign:
+            raise FileExistsError(f"{folder} exists and is not an export folder (it holds {foreign[:3]}); "
+                                  "choose another export path")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON file of an export; a damaged one fails naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(f"{path} is not valid JSON ({err}): the export is damaged; export it "
+                           "again") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path} holds a JSON {type(data).__name__}, not an export's metadata object")
+    return data
 
 
 def _vit_kwargs(model: nn.Module) -> dict[str, Any]:
@@ -267,10 +300,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     p = _export_path(path)
     if p.is_dir():
         if (p / META_NAME).is_file():
-            return json.loads((p / META_NAME).read_text())
+            return _read_json(p / META_NAME)
         if not (p / "config.json").is_file():
             raise WeightsError(f"{p} is not an export folder (no config.json)")
-        cfg = json.loads((p / "config.json").read_text())
+        cfg = _read_json(p / "config.json")
         pc = cfg.get("pretrained_cfg", {})
         size = (pc.get("input_size") or [3, 224, 224])
         return {"format": FORMAT, "architecture": cfg.get("architecture"),
@@ -286,7 +319,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             raise WeightsError(f"{p} holds {describe(read_file(p))}, with no metadata file {meta_path.name} "
                                "beside it; expected a dinokit export (dinokit export writes one)")
         raise WeightsError(f"no metadata file {meta_path} beside the export")
-    meta = json.loads(meta_path.read_text())
+    meta = _read_json(meta_path)
     if meta.get("format") != FORMAT:
         raise WeightsError(f"{meta_path} is not a dinokit export (format {meta.get('format')!r})")
     return meta
@@ -305,6 +338,7 @@ def load_backbone(path: str | Path, *, model: nn.Module | None = None, device: s
     meta = read_metadata(p)
     if p.is_dir():
         if model is None:
+            _read_json(p / "config.json")  # timm reads it next: a damaged one is named here
             model = timm.create_model(f"local-dir:{p.resolve()}", pretrained=True)
             backbone = build_backbone(model)
         else:

@@ -202,7 +202,11 @@ class DataSettings:
     val_limit: int | None = setting(None, "use only the first N validation images", min=1)
     batch_size: int = setting(64, "images per process per step", min=1, max=1 << 16)
     num_workers: int = setting(4, "DataLoader worker processes", min=0, max=256)
-    strict_images: bool = setting(False, "fail on the first unreadable image instead of skipping it")
+    strict_images: bool = setting(False, "fail on the first unreadable image (or damaged shard) instead of "
+                                  "skipping it (the rest of the shard) with a warning")
+    max_image_pixels: int = setting(
+        250_000_000, "images with more pixels are refused as decompression bombs, by their header "
+        "(Pillow's check; its own default, 89 Mpx, refuses genuine 100 Mpx photos)", min=1, max=1 << 40)
     channels: int = setting(3, "channels fed to the network: 1 or 3 (images), any count "
                             "(data.dataset=multiband; equal to backbone.kwargs.in_chans)", min=1, max=4096)
     mean: tuple | None = setting(None, "per-channel normalisation mean (1 or `channels` values; preset "

@@ -36,6 +36,18 @@ class WeightsError(ValueError):
     """A weights file that cannot be read or does not fit the model; the message says why."""
 
 
+def load_failure(e: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, on one line. A refused pickle is named
+    by the global it asks for, without torch's advice to load the file unsafely."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        glob, op = re.search(r"GLOBAL ([\w.]+)", text), re.search(r"Unsupported operand (\d+)", text)
+        what = (f"pickled Python objects ({glob.group(1)})" if glob else
+                f"pickle operations (operand {op.group(1)})" if op else "pickled content")
+        return f"it holds {what} that a weights-only load refuses; dinokit never runs code from a file"
+    return f"{type(e).__name__}: {' '.join(text.split())[:200]}"
+
+
 def read_file(path: str | Path) -> dict[str, Any]:
     """Load a ``.safetensors`` file or a torch file (``weights_only=True``) into a dict."""
     p = Path(path)
@@ -51,10 +63,8 @@ def read_file(path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsError(
-            f"{p} is not a dinokit/timm checkpoint readable with weights_only=True: "
-            f"{type(e).__name__}: {str(e)[:200]}"
-        ) from None
+        raise WeightsError(f"{p} is not a dinokit/timm checkpoint readable with weights_only=True: "
+                           f"{load_failure(e)}") from None
     if not isinstance(obj, dict):
         raise WeightsError(f"{p} holds a {type(obj).__name__}, not a state dict or checkpoint")
     return obj
@@ -217,6 +227,33 @@ def fit_problems(module: nn.Module, state: Mapping[str, Tensor], *, optional: tu
     if shapes:
         parts.append(f"shape mismatches {shapes[:8]}{' ...' if len(shapes) > 8 else ''}")
     return parts
+
+
+def first_mismatch(module: nn.Module, state: Mapping[str, Any]) -> tuple[str | None, int]:
+    """The first key of ``state`` that a strict ``module.load_state_dict`` would reject (unexpected,
+    mis-shaped, or missing), in words, and how many keys are wrong in all."""
+    target = module.state_dict()
+    problems = []
+    for k, v in state.items():
+        if k not in target:
+            problems.append(f"unexpected key {k}")
+        elif isinstance(v, Tensor) and tuple(v.shape) != tuple(target[k].shape):
+            problems.append(f"{k}: {tuple(v.shape)} in the file, {tuple(target[k].shape)} in the model")
+    problems += [f"missing key {k}" for k in target if k not in state and not k.endswith("_extra_state")]
+    return (problems[0] if problems else None), len(problems)
+
+
+def check_checkpoint_fits(path: str | Path, module: nn.Module) -> None:
+    """Fail, on one line naming ``path`` and the first mismatching key, when a training
+    checkpoint's weights do not fit ``module`` (a model built from another config)."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise WeightsError(f"{path} does not load: {load_failure(e)}") from None
+    first, n = first_mismatch(module, obj.get("state_dict") or {})
+    if first is not None:
+        more = f" (and {n - 1} more)" if n > 1 else ""
+        raise WeightsError(f"{path} does not fit the model of this config: {first}{more}")
 
 
 def _map_to_backbone(backbone: nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor]:

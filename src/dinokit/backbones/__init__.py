@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import timm
@@ -16,9 +17,12 @@ from dinokit.backbones.vit import ViTBackbone, is_timm_vit
 __all__ = [
     "SUPPORTED_FAMILIES",
     "Backbone",
+    "BackboneArgumentError",
+    "BackboneError",
     "BackboneOutput",
     "EvaBackbone",
     "ModuleBackbone",
+    "UnknownBackboneError",
     "ViTBackbone",
     "build_backbone",
     "check_crop_sizes",
@@ -36,6 +40,29 @@ SUPPORTED_FAMILIES = (
 )
 
 _TORCHVISION_PREFIX = "torchvision/"
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be built as asked; the message names the model and the cause."""
+
+
+class UnknownBackboneError(BackboneError):
+    """A model name that neither timm nor torchvision knows."""
+
+
+class BackboneArgumentError(BackboneError):
+    """Keyword arguments the named model does not take."""
+
+
+def _create(builder: Any, name: str, kwargs: dict[str, Any], **kw: Any) -> nn.Module:
+    """``builder(name, **kwargs, **kw)``; an argument the model does not take becomes a
+    :class:`BackboneArgumentError` naming it."""
+    try:
+        return builder(name, **kwargs, **kw)
+    except TypeError as e:
+        if "argument" not in str(e):
+            raise
+        raise BackboneArgumentError(f"{name} does not take the arguments {kwargs}: {e}") from None
 _CLASSIFIER_ATTRS = ("fc", "classifier", "head", "heads")
 
 
@@ -50,8 +77,9 @@ def _strip_classifier(model: nn.Module) -> nn.Module:
 
 def _timm_model(name: str, pretrained: bool, num_registers: int, kwargs: dict[str, Any]) -> nn.Module:
     if not timm.list_models(name) and not timm.is_model(name) and not name.startswith("hf"):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise ValueError(f"unknown timm model name {name!r}; similar names: {close}")
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6) or \
+            timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise UnknownBackboneError(f"unknown timm model name {name!r}; similar names: {close}")
     family = timm_family(name)
     kw: dict[str, Any] = {"num_classes": 0, "pretrained": pretrained, **kwargs}
     if family in ("vision_transformer", "eva") or "vit" in name or "deit" in name:
@@ -66,7 +94,10 @@ def _timm_model(name: str, pretrained: bool, num_registers: int, kwargs: dict[st
     except TypeError as e:
         if "dynamic_img_size" in str(e) and "dynamic_img_size" not in kwargs:
             kw.pop("dynamic_img_size")
-            model = timm.create_model(name, **kw)
+            ours = {k: v for k, v in kw.items() if k not in kwargs}
+            model = _create(timm.create_model, name, kwargs, **ours)
+        elif "argument" in str(e):
+            raise BackboneArgumentError(f"{name} does not take the arguments {kwargs}: {e}") from None
         else:
             raise
     # What rebuilds this exact architecture (export records it).
@@ -138,9 +169,9 @@ def build_backbone(
         if encoder.startswith(_TORCHVISION_PREFIX):
             name = encoder[len(_TORCHVISION_PREFIX) :]
             if name not in torchvision.models.list_models():
-                raise ValueError(f"unknown torchvision model {name!r}")
+                raise UnknownBackboneError(f"unknown torchvision model {name!r}")
             weights = "DEFAULT" if pretrained else None
-            model = _strip_classifier(torchvision.models.get_model(name, weights=weights, **kwargs))
+            model = _strip_classifier(_create(torchvision.models.get_model, name, kwargs, weights=weights))
             if num_registers:
                 raise ValueError("num_registers needs a timm ViT, not a torchvision model")
             return ModuleBackbone(model)

@@ -124,6 +124,7 @@ def exit_code(e: BaseException) -> int:
 
     An exception may carry its own ``exit_code`` attribute (pre-emption, guards, write errors).
     """
+    from dinokit.backbones import BackboneError
     from dinokit.config import ConfigError
     from dinokit.weights import WeightsError
 
@@ -132,7 +133,7 @@ def exit_code(e: BaseException) -> int:
         return code
     if isinstance(e, KeyboardInterrupt):
         return 130
-    if isinstance(e, (ConfigError, WeightsError, OSError, EOFError, UnicodeError)):
+    if isinstance(e, (ConfigError, WeightsError, BackboneError, OSError, EOFError, UnicodeError)):
         return EXIT_USER
     try:
         from PIL import Image

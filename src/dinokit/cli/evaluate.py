@@ -1,11 +1,24 @@
-"""``dinokit eval knn|linear``: k-NN and linear-probe accuracy of a trained backbone."""
+"""``dinokit eval knn|linear``: k-NN and linear-probe accuracy of a trained backbone.
+
+The results of a run go to ``<run>/eval/knn.json`` (``linear.json``); an earlier result file is
+kept, renamed after the time it was written (``knn.2026-01-31T12-00-00.json``), and the command
+says so. A training bank of one class is refused (every vote would go to it), and a k larger
+than the bank is said to be clamped to the bank's size.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import sys
+from pathlib import Path
 
+import torch
+
+from dinokit import atomic
 from dinokit.cli._common import add_checkpoint_arg, dataset, load, loader
+from dinokit.config import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
         feats.append(extract_features(model.backbone, loader(ds, args.batch_size), kind=args.features,
                                       n_last_blocks=args.n_last_blocks))
     (f_tr, y_tr), (f_va, y_va) = feats
+    _check_bank(args.train_data, y_tr)
     if args.eval_kind == "knn":
+        _check_ks(args.ks, len(f_tr), args.train_data)
         res = knn_evaluate(f_tr, y_tr, f_va, y_va, ks=tuple(args.ks), temperature=args.temperature)
         print(f"k-NN ({args.features} features, T={args.temperature}):")
         print(f"  {'k':>5}  {'top-1':>7}  {'top-5':>7}")
@@ -67,7 +82,39 @@ def run(args: argparse.Namespace) -> int:
                    "top5": res.top5, "per_lr": {str(k): v for k, v in res.per_lr.items()}}
     if model.run_dir is not None:
         out = model.run_dir / "eval" / f"{args.eval_kind}.json"
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(payload, indent=2))
-        print(f"written: {out}")
+        kept = _keep_earlier(out)
+        atomic.write_text(out, json.dumps(payload, indent=2))
+        print(f"written: {out}" + (f" (the earlier results are kept as {kept.name})" if kept else ""))
     return 0
+
+
+def _check_bank(spec: str, labels: torch.Tensor) -> None:
+    """Refuse a training set of one class: every vote (and every probe output) goes to it."""
+    classes = torch.unique(torch.as_tensor(labels)[torch.as_tensor(labels) >= 0])
+    if len(classes) < 2:
+        raise ConfigError(f"--train-data {spec}: it has {len(classes)} class; k-NN and linear "
+                          "evaluation need at least 2 (with one, every prediction is right by construction)")
+
+
+def _check_ks(ks: list[int], bank: int, spec: str) -> None:
+    bad = [k for k in ks if k < 1]
+    if bad:
+        raise ConfigError(f"--ks: every k must be >= 1, got {bad[0]}")
+    over = [k for k in ks if k > bank]
+    if over:
+        print(f"dinokit eval: note: --ks {' '.join(map(str, over))}: more than the {bank} images of "
+              f"--train-data {spec}; clamped to k={bank} (all of them vote)", file=sys.stderr)
+
+
+def _keep_earlier(out: Path) -> Path | None:
+    """Rename an earlier result file after the time it was written; returns its new path."""
+    if not out.is_file():
+        return None
+    stamp = datetime.datetime.fromtimestamp(out.stat().st_mtime).strftime("%Y-%m-%dT%H-%M-%S")
+    kept = out.with_name(f"{out.stem}.{stamp}{out.suffix}")
+    n = 1
+    while kept.exists():
+        n += 1
+        kept = out.with_name(f"{out.stem}.{stamp}-{n}{out.suffix}")
+    out.rename(kept)
+    return kept

@@ -14,7 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Write PATH/ (config.json + model.safetensors, loadable with "
                     "timm.create_model('local-dir:PATH', pretrained=True)) and PATH.safetensors + PATH.json.")
     p.add_argument("--checkpoint", required=True, help="run directory or training .ckpt")
-    p.add_argument("--output", required=True, help="output path without extension")
+    p.add_argument("--output", required=True,
+                   help="output path without extension (an earlier export there is replaced once the new one "
+                        "is complete; a folder holding anything else is refused)")
     p.add_argument("--which", choices=("teacher", "student"), default="teacher",
                    help="which backbone (default: the EMA teacher)")
     p.add_argument("--format", choices=("both", "folder", "file", *interop_export.FORMATS), default="both",

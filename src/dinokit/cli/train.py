@@ -49,4 +49,6 @@ def run(args: argparse.Namespace) -> int:
         print(result.collapse)
     if result.skipped_images:
         print(f"unreadable images skipped: {result.skipped_images}")
+    if result.damaged_shards:
+        print(f"damaged shards cut short: {len(result.damaged_shards)} ({', '.join(result.damaged_shards)})")
     return 0

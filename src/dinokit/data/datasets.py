@@ -7,10 +7,11 @@ Every item is ``(image or views, label)``; unlabelled items have label ``-1``.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,11 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Sneaker", "Bag", "Ankle boot")
 
 Transform = Callable[[Any], Any]
+#: Default of ``data.max_image_pixels``: images with more pixels are refused as decompression
+#: bombs. Pillow's own default (89 Mpx) refuses genuine photos of today's 100 and 150 Mpx medium-
+#: format cameras; 250 Mpx admits them and 16k x 15k scans, while a refused file still costs no
+#: memory (the check reads the header only), and an admitted RGB image decodes to at most 750 MB.
+DEFAULT_MAX_IMAGE_PIXELS = 250_000_000
 
 
 class ImageReadError(OSError):
@@ -57,16 +63,29 @@ def _label(y: Any) -> int:
 
 
 # ---------------------------------------------------------------------------------- image folder
-def read_image(path: str | Path, mode: str | None = None) -> Image.Image:
+@contextlib.contextmanager
+def _pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's decompression-bomb limit (a module global) set to ``max_pixels`` for a block."""
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+
+
+def read_image(path: str | Path, mode: str | None = None, *,
+               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Fully decode ``path`` into a PIL image of mode L or RGB (or ``mode`` when given).
 
     Raises :class:`ImageReadError` naming the path for any undecodable or truncated file, and for
-    a decompression bomb (more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``, 89 Mpx by default,
-    refused before decoding: PIL's warning for 1 to 2 times that limit is treated as an error).
-    16-bit, palette, CMYK and alpha images are converted (see ``to_l_or_rgb``).
+    a decompression bomb: more than ``max_pixels`` pixels (``data.max_image_pixels``), refused by
+    Pillow's own check on the header, before anything is decoded (Pillow's warning for 1 to 2
+    times its limit is treated as an error). 16-bit, palette, CMYK and alpha images are converted
+    (see ``to_l_or_rgb``).
     """
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pixel_limit(max_pixels):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()  # decode now: truncated files fail here, not later in a transform
@@ -121,6 +140,7 @@ class ImageFolderDataset(Dataset):
             names are ``classes`` and the index of an image's sub-folder is its label (as
             torchvision's ImageFolder); otherwise unlabelled. ``"none"``: always unlabelled (-1).
         mode: None (keep L or RGB), ``"RGB"`` or ``"L"``.
+        max_pixels: images with more pixels are refused as decompression bombs (by their header).
 
     Attributes: ``paths`` (list of Path), ``classes`` (list, may be empty), ``targets`` (list of
     int), ``skipped`` (list of str paths found unreadable in this process).
@@ -128,8 +148,10 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: str | Path, transform: Transform | None = None, *,
                  strict: bool = False, extensions: Sequence[str] = IMAGE_EXTENSIONS,
-                 labels: str = "auto", mode: str | None = None):
+                 labels: str = "auto", mode: str | None = None,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.root = Path(root)
+        self.max_pixels = max_pixels
         if not self.root.exists():
             raise FileNotFoundError(f"data directory {str(self.root)!r} does not exist")
         if not self.root.is_dir():
@@ -166,7 +188,7 @@ class ImageFolderDataset(Dataset):
         errors = 0
         for i, path in enumerate(self.paths):
             try:
-                read_image(path, self.mode)
+                read_image(path, self.mode, max_pixels=self.max_pixels)
                 return
             except ImageReadError as e:
                 if self.strict:
@@ -200,7 +222,7 @@ class ImageFolderDataset(Dataset):
             if bool(self._bad[i]):
                 continue
             try:
-                img = read_image(path, self.mode)
+                img = read_image(path, self.mode, max_pixels=self.max_pixels)
             except ImageReadError as e:
                 if self.strict:
                     raise
@@ -223,7 +245,7 @@ class ImageFolderDataset(Dataset):
         bad: list[str] = []
         for i, path in enumerate(paths):
             try:
-                read_image(path)
+                read_image(path, max_pixels=self.max_pixels)
             except ImageReadError as e:
                 bad.append(str(path))
                 if not self.strict:

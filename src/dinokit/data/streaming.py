@@ -18,13 +18,21 @@ Reading (:class:`ShardStream`, :class:`StreamLoader`), as DINOv2 does with its i
   stream exactly (a resumed slot replays its pass up to the position without decoding).
 * Crops are drawn under a seed of ``(seed, pass, sample key)``, masks (in the collate) under a seed
   of ``(seed, slot, pass, position)``: every process and worker draws its own, reproducibly.
+* A damaged shard (truncated, unreadable, not a tar) is read up to the damage; the rest of it is
+  skipped with a warning naming it, once per run, and it is listed in ``damaged`` (over all
+  loader workers) for the end-of-run summary. With ``strict`` it stops the run with a
+  :class:`ShardReadError` naming it instead. What is read of a damaged shard is the same on
+  every pass, so positions and resumes stay exact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import random
+import tarfile
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -33,11 +41,18 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dinokit.atomic import atomic_write, write_text
 from dinokit.distributed import rank_world as _rank_world
 from dinokit.seeding import sample_seed
 
 INDEX_FILE = "index.json"
 _MASK_SALT = 0x5EED_0F_3A5C
+#: What reading a damaged shard raises (truncated or corrupt tar, unreadable or missing file).
+_SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error)
+
+
+class ShardReadError(OSError):
+    """A shard that cannot be read to its end; the message names it."""
 
 
 def _wds() -> Any:
@@ -56,7 +71,9 @@ def write_shards(root: str | Path, out_dir: str | Path, *, shard_size: int = 100
 
     Image bytes are stored as found (no re-encoding); ``seed`` shuffles the order first so that
     shards mix the classes (None keeps the sorted folder order). ``out_dir/index.json`` lists the
-    shards with their sample counts and the class names.
+    shards with their sample counts and the class names; it is written last. Each file is written
+    under a temporary name and renamed once complete (:mod:`dinokit.atomic`), so a killed writer
+    never leaves a truncated shard under a shard's name.
     """
     from dinokit.data.datasets import ImageFolderDataset
 
@@ -76,7 +93,7 @@ def write_shards(root: str | Path, out_dir: str | Path, *, shard_size: int = 100
     for start in range(0, len(order), shard_size):
         name = f"{prefix}-{len(shards):0{width}d}.tar"
         chunk = order[start:start + shard_size]
-        with wds.TarWriter(str(out / name), encoder=False) as sink:
+        with atomic_write(out / name) as f, wds.TarWriter(f, encoder=False) as sink:
             for i in chunk:
                 path = folder.paths[i]
                 ext = path.suffix.lower().lstrip(".")
@@ -86,7 +103,7 @@ def write_shards(root: str | Path, out_dir: str | Path, *, shard_size: int = 100
                 sink.write(sample)
         shards.append({"url": name, "count": len(chunk)})
     index = {"format": "webdataset", "total": len(order), "classes": folder.classes, "shards": shards}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=1))
+    write_text(out / INDEX_FILE, json.dumps(index, indent=1))
     return [out / s["url"] for s in shards]
 
 
@@ -120,15 +137,26 @@ def _key_hash(key: str) -> int:
     return zlib.crc32(key.encode())
 
 
-def decode_sample(sample: dict[str, Any]) -> tuple[Any, int]:
-    """``(PIL image, label)`` of one raw tar sample (label -1 when it has no ``cls``)."""
-    from dinokit.data.datasets import read_image
+def decode_sample(sample: dict[str, Any], max_pixels: int | None = None) -> tuple[Any, int]:
+    """``(PIL image, label)`` of one raw tar sample (label -1 when it has no ``cls``);
+    ``max_pixels``: see :func:`~dinokit.data.datasets.read_image`."""
+    from dinokit.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, read_image
 
     image_ext = next((k for k in sample if not k.startswith("__") and k != "cls"), None)
     if image_ext is None:
         raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no image")
     label = int(sample["cls"]) if "cls" in sample else -1
-    return read_image(io.BytesIO(sample[image_ext])), label  # type: ignore[arg-type]
+    image = read_image(io.BytesIO(sample[image_ext]),  # type: ignore[arg-type]
+                       max_pixels=max_pixels or DEFAULT_MAX_IMAGE_PIXELS)
+    return image, label
+
+
+def _damage(e: BaseException) -> str:
+    """What is wrong with a shard, without the stream objects webdataset appends to errors."""
+    first = str(e.args[0]) if e.args else ""
+    if isinstance(e, OSError) and e.strerror:
+        first = e.strerror
+    return first.split(" @ ")[0].strip() or type(e).__name__
 
 
 def shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -155,11 +183,16 @@ class ShardStream(IterableDataset):
         collate: list of ``(views, label)`` -> batch.
         seed: the global seed.
         shuffle: buffer size of the sample shuffle (0 = read order); shard order is always permuted.
+        strict: a damaged shard raises :class:`ShardReadError` (else the rest of it is skipped
+            with a warning, and it is listed in ``damaged``).
+        max_pixels: images with more pixels are refused as decompression bombs (see
+            :func:`~dinokit.data.datasets.read_image`; None = its default).
     """
 
     def __init__(self, shards: str | Path | Sequence[str], batch_size: int,
                  transform: Callable[[Any], Any] | None = None,
-                 collate: Callable[[list[Any]], Any] | None = None, seed: int = 0, shuffle: int = 1000):
+                 collate: Callable[[list[Any]], Any] | None = None, seed: int = 0, shuffle: int = 1000,
+                 *, strict: bool = False, max_pixels: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if shuffle < 0:
@@ -167,10 +200,39 @@ class ShardStream(IterableDataset):
         self.urls = list_shards(shards)
         self.batch_size, self.transform, self.seed, self.shuffle = batch_size, transform, seed, shuffle
         self.collate = collate if collate is not None else list
+        self.strict, self.max_pixels = strict, max_pixels
+        self._index = {u: i for i, u in enumerate(self.urls)}
+        # One flag per shard in shared memory: loader workers mark the damaged shards they find,
+        # so the main process can list them at the end of a run (and each is warned about once).
+        self._damaged = torch.zeros(len(self.urls), dtype=torch.bool).share_memory_()
         # Set by StreamLoader in the main process before workers start:
         self.rank, self.world = 0, 1
         self.starts: dict[int, tuple[int, int]] = {}  # slot -> (pass, position)
         self.rotate = 0  # worker w of this iterator plays slot (w + rotate) % num_workers
+
+    @property
+    def damaged(self) -> list[str]:
+        """Shards found damaged so far (the rest of each was skipped), in this process or its
+        loader workers."""
+        return [self.urls[i] for i in self._damaged.nonzero().flatten().tolist()]
+
+    def _shard_samples(self, url: str) -> Iterator[dict[str, Any]]:
+        """Raw samples of one shard, up to the damage if it is damaged; the file is closed when
+        the shard is done or the stream is dropped."""
+        wds = _wds()
+        try:
+            with contextlib.closing(wds.gopen(url, "rb")) as stream:
+                files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
+                yield from wds.tariterators.group_by_keys(files)
+        except _SHARD_ERRORS as e:
+            if self.strict:
+                raise ShardReadError(f"damaged shard {url}: {_damage(e)} (data.strict_images=true "
+                                     "stops here; without it the rest of the shard is skipped)") from None
+            i = self._index[url]
+            if not bool(self._damaged[i]):
+                self._damaged[i] = True
+                warnings.warn(f"damaged shard {url}: {_damage(e)}; the rest of this shard is skipped",
+                              stacklevel=2)
 
     def slot_of(self, worker: int, num_workers: int) -> int:
         return self.rank * num_workers + (worker + self.rotate) % num_workers
@@ -179,15 +241,14 @@ class ShardStream(IterableDataset):
         """Raw samples of ``slot`` in pass ``pass_``, shuffled, not decoded."""
         order = list(self.urls)
         random.Random(self.seed * 1_000_003 + pass_).shuffle(order)
-        mine = [{"url": u} for u in order[slot::n_slots]]
-        samples = _wds().tariterators.tarfile_samples(mine)
+        samples = (s for u in order[slot::n_slots] for s in self._shard_samples(u))
         if self.shuffle:
             rng = random.Random((self.seed * 1_000_003 + pass_) * 65_537 + slot)
             samples = shuffle_buffer(samples, self.shuffle, rng)
         return iter(samples)
 
     def _view(self, sample: dict[str, Any], pass_: int) -> tuple[Any, int]:
-        image, label = decode_sample(sample)
+        image, label = decode_sample(sample, self.max_pixels)
         if self.transform is None:
             return image, label
         with torch.random.fork_rng(devices=[]):

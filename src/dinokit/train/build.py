@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dinokit.backbones import check_crop_sizes
+from dinokit.backbones import BackboneArgumentError, BackboneError, check_crop_sizes
 from dinokit.clock import frozen_prefixes
 from dinokit.config import Config, ConfigError
 from dinokit.data import (
@@ -50,6 +50,9 @@ def build_method(cfg: Config) -> SelfDistillationMethod:
         raise ConfigError(f"model.method: {e.args[0]}") from None
     try:
         method = build_registered(cfg.model.method, MethodSettings.from_config(cfg))
+    except BackboneError as e:
+        key = "backbone.kwargs" if isinstance(e, BackboneArgumentError) else "backbone.name"
+        raise ConfigError(f"{key}: {e}") from None
     except ValueError as e:
         if str(e).startswith("backbone."):
             raise ConfigError(str(e)) from None
@@ -154,7 +157,8 @@ def build_dataset(cfg: Config, split: str = "train", transform: Any = None) -> D
 
             return MultiBandFolderDataset(path, transform=transform, channels=d.channels,
                                           strict=d.strict_images)
-        return ImageFolderDataset(path, transform=transform, strict=d.strict_images)
+        return ImageFolderDataset(path, transform=transform, strict=d.strict_images,
+                                  max_pixels=d.max_image_pixels)
     name = {"demo": "auto"}.get(d.dataset, d.dataset)
     ds = load_demo_dataset(name, split="train" if split == "train" else "test", transform=transform,
                            limit=limit)
@@ -189,6 +193,26 @@ def planned_world_size(cfg: Config) -> int:
     return max(1, n) * max(1, int(cfg.trainer.num_nodes))
 
 
+def check_devices(cfg: Config) -> None:
+    """Fail naming ``trainer.devices`` when it lists GPU indices this run cannot use (a list on
+    the CPU, or an index beyond the GPUs found); Lightning's own errors do not name the key."""
+    t = cfg.trainer
+    if "," not in str(t.devices) or t.accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        return
+    indices = [int(x) for x in str(t.devices).split(",") if x.strip()]
+    if t.accelerator == "auto" and not torch.cuda.is_available() and torch.backends.mps.is_available():
+        return  # Lightning's MPS accelerator takes index lists
+    if t.accelerator == "cpu" or not torch.cuda.is_available():
+        why = "trainer.accelerator=cpu" if t.accelerator == "cpu" else "no GPU was found"
+        raise ConfigError(f"trainer.devices: {indices} are GPU indices, but this run is on the CPU ({why}); "
+                          f"give a process count instead, e.g. trainer.devices={len(indices)}")
+    n = torch.cuda.device_count()
+    missing = [i for i in indices if i >= n]
+    if missing:
+        raise ConfigError(f"trainer.devices: GPU {missing[0]} does not exist; this machine has {n} GPU(s), "
+                          f"indices 0 to {n - 1}")
+
+
 def build_stream_loader(cfg: Config, method: SelfDistillationMethod) -> Any:
     """``data.dataset=shards``: a resumable :class:`~dinokit.data.streaming.StreamLoader` over
     WebDataset shards (every sample once per pass across processes and workers; an epoch is
@@ -201,7 +225,8 @@ def build_stream_loader(cfg: Config, method: SelfDistillationMethod) -> Any:
     try:
         stream = ShardStream(d.path, d.batch_size, transform=MultiCropTransform(build_multicrop_config(cfg)),
                              collate=build_collate(cfg, method), seed=cfg.trainer.seed,
-                             shuffle=d.shuffle_buffer)
+                             shuffle=d.shuffle_buffer, strict=d.strict_images,
+                             max_pixels=d.max_image_pixels)
     except FileNotFoundError as e:
         raise ConfigError(f"data.path: {e}") from None
     iterations = d.iterations_per_epoch

@@ -28,6 +28,9 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from dinokit import atomic
+from dinokit.weights import load_failure
+
 TEMP_MARK = ".tmp-"
 
 
@@ -38,7 +41,7 @@ class CheckpointWriteError(OSError):
 
     def __init__(self, path: str | Path, cause: BaseException):
         self.path, self.cause = Path(path), cause
-        reason = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
+        reason = atomic.reason(cause)  # torch reports ENOSPC as "[enforce fail at inline_container.cc]"
         super().__init__(f"could not write checkpoint {self.path}: {reason}; the earlier checkpoints "
                          f"in {self.path.parent} are intact")
 
@@ -165,7 +168,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, 0-byte file, pickle that is not plain data...
-        raise CheckpointReadError(f"{p} does not load ({type(e).__name__}: {str(e)[:160]})") from None
+        raise CheckpointReadError(f"{p} does not load ({load_failure(e)})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), Mapping):
         raise CheckpointReadError(f"{p} is not a training checkpoint (no state_dict)")
     bad = non_finite_tensors(obj["state_dict"])

@@ -19,7 +19,7 @@ import copy
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,13 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from dinokit import atomic
 from dinokit.config import Config, ConfigError, from_dict, upgrade_saved
 from dinokit.train.build import (
     build_method,
     build_module,
     build_train_loader,
+    check_devices,
     resolved_precision,
     with_band_statistics,
 )
@@ -49,6 +51,7 @@ from dinokit.train.guards import CollapseGuard
 from dinokit.train.preemption import Preempted, PreemptionCallback
 from dinokit.train.quiet import FIT_NOISE, LIGHTNING_NOISE, quiet_lightning
 from dinokit.train.strategy import prepare_for_strategy, with_launcher_env
+from dinokit.weights import check_checkpoint_fits
 
 #: Config keys that may change when resuming; any other change breaks exact continuation.
 RESUMABLE_CHANGES = {
@@ -56,7 +59,7 @@ RESUMABLE_CHANGES = {
     "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "trainer.knn_every_n_epochs",
     "trainer.output_dir", "trainer.run_name", "trainer.accelerator", "trainer.devices",
     "trainer.num_nodes", "trainer.strategy", "trainer.precision", "trainer.compile",
-    "data.num_workers", "data.strict_images", "data.val_path", "data.val_limit",
+    "data.num_workers", "data.strict_images", "data.max_image_pixels", "data.val_path", "data.val_limit",
     "trainer.stop_on_collapse", "trainer.collapse_window", "trainer.slurm_requeue",
 }
 
@@ -74,6 +77,8 @@ class FitResult:
     collapse: str = ""
     #: unreadable images skipped during the run (counted over all loader workers)
     skipped_images: int = 0
+    #: damaged shards whose rest was skipped (data.dataset=shards, over all loader workers)
+    damaged_shards: list[str] = field(default_factory=list)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -279,6 +284,7 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list[pl.Callback] | Non
     """The Lightning Trainer for ``cfg.trainer`` logging to ``run_dir``."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+    check_devices(cfg)
     t = cfg.trainer
     devices: Any = t.devices
     if isinstance(devices, str) and devices.isdigit():
@@ -334,7 +340,7 @@ def _prepare_run_dir(run_dir: Path) -> None:
         probe.unlink(missing_ok=True)
     except OSError as e:
         raise ConfigError(f"trainer.output_dir: cannot write checkpoints in {ckpt_dir}: "
-                          f"{getattr(e, 'cause', None) or e}") from None
+                          f"{atomic.reason(e)}") from None
     remove_stale_temp_files(ckpt_dir)
 
 
@@ -352,7 +358,7 @@ def fit(cfg: Config) -> FitResult:
         check_resume_compatible(ckpt, cfg)
     _prepare_run_dir(run_dir)
     kept = _keep_previous_metrics(run_dir) if ckpt is not None else None
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    atomic.write_text(run_dir / "config.yaml", cfg.to_yaml())
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
 
     build_cfg = cfg
@@ -362,6 +368,8 @@ def fit(cfg: Config) -> FitResult:
     method = build_method(build_cfg)
     loader = build_train_loader(cfg, method)
     module = build_module(cfg, method)
+    if ckpt is not None:
+        check_checkpoint_fits(ckpt, module)
     if cfg.trainer.compile:
         method.compile()  # the whole forward: student, teacher, heads and every loss term
     with quiet_lightning((*LIGHTNING_NOISE, *FIT_NOISE)):
@@ -383,7 +391,8 @@ def fit(cfg: Config) -> FitResult:
         _write_curves(run_dir, cfg.dino.n_prototypes)
     guard = next((c for c in trainer.callbacks if isinstance(c, CollapseGuard)), None)
     return FitResult(run_dir, newest_finite_checkpoint(trainer, run_dir), method, module, trainer,
-                     collapse=guard.status if guard else "", skipped_images=skipped)
+                     collapse=guard.status if guard else "", skipped_images=skipped,
+                     damaged_shards=list(getattr(loader.dataset, "damaged", [])))
 
 
 def newest_finite_checkpoint(trainer: pl.Trainer | None, run_dir: str | Path) -> Path | None:

@@ -9,16 +9,22 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from dinokit.atomic import atomic_write
+
 
 def new_figure(width: float, height: float) -> Figure:
     """A figure of ``width`` x ``height`` inches at 100 dpi, outside pyplot's figure manager."""
     return Figure(figsize=(width, height), dpi=100)
 
 
-def save(fig: Figure, path: str | Path) -> Path:
+def save(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` (format from its ending, PNG when it has none: ``.png`` is added),
+    atomically (:mod:`dinokit.atomic`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    with atomic_write(path) as f:
+        fig.savefig(f, format=path.suffix[1:].lower(), dpi=100, bbox_inches="tight")
     return path
 
 
