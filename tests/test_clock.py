@@ -53,7 +53,7 @@ def test_one_stage_run_follows_the_official_schedules_at_every_step():
     for step in range(EPOCHS * SPE):
         v = clock.at(step)
         assert v.lr == pytest.approx(lr[step], rel=1e-12, abs=1e-15)
-        assert v.wd == pytest.approx(wd[step], rel=1e-12)
+        assert v.weight_decay == pytest.approx(wd[step], rel=1e-12)
         assert v.momentum == pytest.approx(momentum[step], rel=1e-12)
         assert v.teacher_temperature == pytest.approx(temp[step // SPE], rel=1e-12)
         assert v.last_layer_frozen == (step // SPE < 1)  # DINO: epoch < freeze_last_layer
@@ -97,7 +97,7 @@ def test_a_multi_stage_run_gives_each_stage_its_overrides():
         assert v.stage.name == name and v.stage.frozen == frozen
         assert v.lr == pytest.approx(want_lr, rel=1e-12, abs=1e-15)
         assert v.weights == pytest.approx({"dino": 1.0, "gram": want_gram})
-        assert v.wd == pytest.approx(cosine_scheduler(0.04, 0.4, EPOCHS, SPE)[step])  # not staged
+        assert v.weight_decay == pytest.approx(cosine_scheduler(0.04, 0.4, EPOCHS, SPE)[step])  # not staged
 
 
 def test_stages_that_end_early_give_the_rest_to_the_last_and_stages_past_the_end_are_empty():

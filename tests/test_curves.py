@@ -8,7 +8,7 @@ import pytest
 
 import dinokit.viz.curves as curves
 
-DINO_CSV = ("epoch,step,train/loss,train/loss_cls,train/lr,train/momentum,train/teacher_temp\n"
+DINO_CSV = ("epoch,step,train/loss,train/loss_cls,train/lr,train/teacher_momentum,train/teacher_temperature\n"
             "0,0,5.0,5.0,0.1,0.996,0.04\n0,10,4.0,4.0,0.08,0.998,0.055\n0,20,3.0,3.0,0.05,1.0,0.07\n")
 DINOV2_CSV = ("epoch,step,train/loss,train/loss_cls,train/loss_patch,train/loss_koleo\n"
               "0,0,9.0,5.0,4.5,-0.5\n0,10,8.0,4.5,4.0,-0.5\n")
@@ -33,11 +33,11 @@ def drawn(tmp_path, monkeypatch):
 
 def test_the_teacher_temperature_has_its_own_axis(drawn):
     panels = drawn(DINO_CSV)
-    temperature = [t for t, lines in panels.items() if "train/teacher_temp" in lines]
-    momentum = [t for t, lines in panels.items() if "train/momentum" in lines]
+    temperature = [t for t, lines in panels.items() if "train/teacher_temperature" in lines]
+    momentum = [t for t, lines in panels.items() if "train/teacher_momentum" in lines]
     assert len(temperature) == len(momentum) == 1 and temperature != momentum
-    assert panels[temperature[0]]["train/teacher_temp"] == [0.04, 0.055, 0.07]
-    assert list(panels[temperature[0]]) == ["train/teacher_temp"]  # no 0-1 line beside it
+    assert panels[temperature[0]]["train/teacher_temperature"] == [0.04, 0.055, 0.07]
+    assert list(panels[temperature[0]]) == ["train/teacher_temperature"]  # no 0-1 line beside it
 
 
 def test_the_terms_panel_only_when_the_run_has_several_terms(drawn):

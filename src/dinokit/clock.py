@@ -60,7 +60,7 @@ class StepValues:
     Attributes:
         step, epoch: the optimiser step and the epoch it falls in.
         lr: the learning rate (None when the caller's scheduler owns it: ``optim.lr_schedule=none``).
-        wd: the weight decay.
+        weight_decay: the weight decay.
         last_layer_frozen: the prototypes stay fixed this step (their LR is 0, or their gradients
             are dropped, by ``optim.freeze_last_layer_mode``).
         momentum: the teacher's EMA momentum after this step.
@@ -72,7 +72,7 @@ class StepValues:
     step: int
     epoch: int
     lr: float | None
-    wd: float
+    weight_decay: float
     last_layer_frozen: bool
     momentum: float
     teacher_temperature: float
@@ -188,7 +188,7 @@ class Clock:
         epoch = self.epoch_at(step) if epoch is None else epoch
         frozen = (epoch < self.optim.freeze_last_layer_epochs if self.freeze_in_epochs
                   else step < self.freeze_steps)
-        return StepValues(step=step, epoch=epoch, lr=self.lr(step, stage), wd=self.wd_schedule(step),
+        return StepValues(step=step, epoch=epoch, lr=self.lr(step, stage), weight_decay=self.wd_schedule(step),
                           last_layer_frozen=frozen, momentum=self.momentum_schedule(step),
                           teacher_temperature=self.teacher_temperature(step, epoch),
                           weights=self.weights(step, stage), stage=stage)

@@ -1,6 +1,6 @@
 """A scikit-learn-style DINO estimator (``fit`` / ``transform``) over the Lightning engine.
 
-The surface and defaults follow nidl's DINO estimator (seed 003); underneath it composes
+The surface and defaults follow nidl's DINO estimator; underneath it composes
 :class:`~dinokit.DINO` and :class:`~dinokit.train.DINOModule` — no second implementation of the
 algorithm or of the training step. Extra keyword arguments go to ``lightning.pytorch.Trainer`` and
 survive ``get_params`` / ``set_params`` / ``sklearn.base.clone``.
@@ -208,7 +208,7 @@ class _SchedulerCallback(pl.Callback):
 
 
 class _EstimatorModule(DINOModule):
-    """DINOModule that returns seed 003's step dicts, checks the view count and records the mean
+    """DINOModule that returns nidl's step dicts, checks the view count and records the mean
     training / validation loss of each epoch. The step itself is DINOModule's (the shared
     :class:`~dinokit.train.step.TrainingStep`, with ``lr_schedule="none"``: the estimator's torch
     scheduler owns the learning rate)."""
@@ -318,7 +318,7 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         batch_size: batch size of the loader made from array inputs.
         channels_last: CNN encoders in channels-last memory format (``backbone.channels_last``:
             faster convolutions; ViTs and other modules are unaffected).
-        settings: :class:`~dinokit.settings.MethodSettings` for the knobs seed 003 does not name
+        settings: :class:`~dinokit.settings.MethodSettings` for the knobs nidl's estimator does not name
             (head layers, centring, ...); the estimator's own parameters set the rest.
         **kwargs: ``lightning.pytorch.Trainer`` arguments (``max_epochs``, ``accelerator``, ...);
             a name that is neither raises at once, naming the closest valid one.
@@ -463,7 +463,7 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         raise ValueError(f"{_SCHEDULER_FORMS}; got {sch!r}")
 
     def _method_settings(self) -> MethodSettings:
-        """The DINO settings that seed 003's names stand for (``proj_output_dim`` is
+        """The DINO settings that nidl's names stand for (``proj_output_dim`` is
         ``dino.n_prototypes``, ``base_lambda`` ``teacher.momentum``, ...), on top of ``settings``."""
         s = self.settings if self.settings is not None else MethodSettings()
         if not isinstance(s, MethodSettings):
@@ -515,7 +515,7 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
     def fit(self, X: Any, y: Any = None, val_dataloader: Any = None) -> DINOEstimator:
         """Pretrain on a DataLoader of multi-crop batches, or on an image array ``[N, C, H, W]``.
 
-        Validation (seed 003's ``fit(train_dataloader, val_dataloader)``): a DataLoader given as
+        Validation (nidl's ``fit(train_dataloader, val_dataloader)``): a DataLoader given as
         the second argument or as ``val_dataloader`` (or an image array as ``val_dataloader``)
         gets the DINO loss computed by Lightning's validation loop; ``val_history_`` holds its
         epoch means. Labels ``y`` (scikit-learn's ``fit(X, y)``) are ignored.

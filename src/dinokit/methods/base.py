@@ -130,11 +130,9 @@ def packs_crops(backbone: Backbone, views: Sequence[Tensor], n_groups: int) -> b
     """Whether :func:`forward_views` sends its ``n_groups`` resolution runs through
     ``backbone.forward_packed`` in one pass, by ``backbone.packed_crops``.
 
-    ``"auto"`` packs wherever the backbone can: on the CPU the packed step took 0-8 % less CPU time
-    than one pass per resolution at 1 thread, 10-30 % at 2 (BENCHMARKS.md, "Training step"); not
-    yet measured on a GPU.
-    A backbone (or block) with forward hooks runs unpacked whatever the mode: the hooks see one call
-    per resolution run, as they always did.
+    ``"auto"`` packs wherever the backbone can (one pass over every crop instead of one per
+    resolution: fewer, larger matrix products). A backbone (or block) with forward hooks runs
+    unpacked whatever the mode: the hooks see one call per resolution run.
     """
     mode = getattr(backbone, "packed_crops", False)
     hooked = bool(backbone._forward_hooks or backbone._forward_pre_hooks)

@@ -172,7 +172,7 @@ class DINOModule(pl.LightningModule):
         return result.output.loss
 
     def record_step(self, output: Any) -> None:
-        """Hook: sees each step's method output (the estimator builds seed 003's dicts from it)."""
+        """Hook: sees each step's method output (the estimator builds its per-step dicts from it)."""
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         out = self.forward_batch(batch)

@@ -194,7 +194,7 @@ def method_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 def unpack_batch(batch: Any, n_global: int = 2) -> dict[str, Any]:
     """Normalise a batch to ``{"global_views", "local_views", "masks", "labels", ...}``.
 
-    Accepts the dict made by :class:`~dinokit.data.MultiCropCollate`, or seed 003's ``[X]`` /
+    Accepts the dict made by :class:`~dinokit.data.MultiCropCollate`, or nidl's ``[X]`` /
     ``([X], y)`` where ``X`` lists the global crops then the local crops.
     """
     if isinstance(batch, dict):
@@ -311,11 +311,11 @@ class TrainingStep:
         frozen = o.freeze_last_layer_mode == "zero_lr" and values.last_layer_frozen
         if values.lr is None:  # an external scheduler owns the LR: set weight decay only
             lrs = [g["lr"] for g in opt.param_groups]
-            set_group_hyperparameters(opt, 0.0, values.wd)
+            set_group_hyperparameters(opt, 0.0, values.weight_decay)
             for g, lr in zip(opt.param_groups, lrs, strict=True):
                 g["lr"] = 0.0 if frozen and g.get("is_last_layer") else lr
         else:
-            set_group_hyperparameters(opt, values.lr, values.wd, last_layer_lr=0.0 if frozen else None)
+            set_group_hyperparameters(opt, values.lr, values.weight_decay, last_layer_lr=0.0 if frozen else None)
 
     # ------------------------------------------------------------------ the step
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -408,8 +408,8 @@ class TrainingStep:
         lr = values.lr if values.lr is not None else next(
             (g["lr"] for g in self.optimizer.param_groups if g.get("lr_scale", 1.0) == 1.0),
             self.optimizer.param_groups[0]["lr"])
-        metrics.update({"lr": lr, "wd": values.wd, "momentum": values.momentum,
-                        "teacher_temp": values.teacher_temperature, "stage": float(values.stage.index)})
+        metrics.update({"lr": lr, "weight_decay": values.weight_decay, "teacher_momentum": values.momentum,
+                        "teacher_temperature": values.teacher_temperature, "stage": float(values.stage.index)})
         return metrics
 
     # ------------------------------------------------------------------ the non-finite guard

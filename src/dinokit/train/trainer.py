@@ -1,4 +1,5 @@
-"""A plain PyTorch trainer with ``fit`` / ``train_epoch`` / ``validate`` (the shape of seed 002).
+"""A plain PyTorch trainer with ``fit`` / ``train_epoch`` / ``validate``, the shape of the educational
+implementations people learn DINO from.
 
 For people who prefer to read the whole loop. The step itself is
 :class:`~dinokit.train.step.TrainingStep`, the one the Lightning module and the estimator run, so

@@ -17,8 +17,8 @@ PANELS = [
     ("k-NN top-1 (%)", ["val/knn_top1"]),
     ("teacher entropy (nats)", ["train/teacher_entropy"]),
     ("learning rate", ["train/lr"]),
-    ("EMA momentum", ["train/momentum"]),
-    ("teacher temperature", ["train/teacher_temp"]),
+    ("EMA momentum", ["train/teacher_momentum"]),
+    ("teacher temperature", ["train/teacher_temperature"]),
 ]
 #: The panel of the loss terms (``train/loss_<term>``), drawn when the run has more than one term:
 #: with a single term (DINO's ``loss_cls``) it would repeat the loss panel.
