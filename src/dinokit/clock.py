@@ -188,7 +188,8 @@ class Clock:
         epoch = self.epoch_at(step) if epoch is None else epoch
         frozen = (epoch < self.optim.freeze_last_layer_epochs if self.freeze_in_epochs
                   else step < self.freeze_steps)
-        return StepValues(step=step, epoch=epoch, lr=self.lr(step, stage), weight_decay=self.wd_schedule(step),
+        return StepValues(step=step, epoch=epoch, lr=self.lr(step, stage),
+                          weight_decay=self.wd_schedule(step),
                           last_layer_frozen=frozen, momentum=self.momentum_schedule(step),
                           teacher_temperature=self.teacher_temperature(step, epoch),
                           weights=self.weights(step, stage), stage=stage)

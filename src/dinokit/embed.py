@@ -104,7 +104,7 @@ def _dataset(data: str | Path, transform: Any, split: str,
         n = len(ds)
         labels = [int(ds[i][1]) for i in range(n)] if n and isinstance(ds[0][1], int) else [-1] * n
         return _Indexed(ds), [f"{data}/{split}/{i}" for i in range(n)], labels
-    from dinokit.data.datasets import folder_dataset
+    from dinokit.data.multiband import folder_dataset
     from dinokit.data.multiband import MultiBandFolderDataset, load_image
 
     folder: Any = folder_dataset(data, channels=getattr(transform, "channels", 3))
@@ -122,21 +122,30 @@ def embed(source: str | Path | Backbone, data: str | Path, *, pool: str = "cls",
           limit: int | None = None, num_workers: int = 0, progress: bool = True) -> Embeddings:
     """Embed every image of ``data`` (a folder, recursive, or ``demo``/``digits``/``fashion-mnist``);
     ``source`` may also be an exported ``.onnx`` file, run with onnxruntime on the CPU."""
-    if isinstance(source, (str, Path)) and Path(source).suffix == ".onnx":  # onnxruntime, no torch model
-        from dinokit.interop.onnx import embed_onnx
-
-        return embed_onnx(source, data, pool=pool, batch_size=batch_size, split=split, limit=limit,
-                          num_workers=num_workers, progress=progress)
     if pool not in ("cls", "mean"):
         raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    backbone, transform = load_for_embedding(source, which)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backbone = backbone.to(dev).eval()
-    if pool == "mean" and not backbone.has_patch_tokens:
-        raise ValueError(f"pool='mean' needs patch features; {type(backbone).__name__} gives only a pooled "
-                         "vector: use pool='cls'")
+    if isinstance(source, (str, Path)) and Path(source).suffix == ".onnx":  # onnxruntime, no torch model
+        from dinokit.interop.onnx import OnnxFeatures  # the optional onnx extra
+
+        dev, runner = torch.device("cpu"), OnnxFeatures(source)
+        transform = runner.transform
+
+        def featurize(x: torch.Tensor) -> torch.Tensor:
+            out = runner.features(x.numpy())
+            return torch.from_numpy(out["cls"] if pool == "cls" else out["patches"].mean(axis=1))
+    else:
+        backbone, transform = load_for_embedding(source, which)
+        backbone = backbone.to(dev).eval()
+        if pool == "mean" and not backbone.has_patch_tokens:
+            raise ValueError(f"pool='mean' needs patch features; {type(backbone).__name__} gives only a "
+                             "pooled vector: use pool='cls'")
+
+        def featurize(x: torch.Tensor) -> torch.Tensor:
+            out = backbone(x.to(dev, non_blocking=True))
+            return out.cls if pool == "cls" else out.patches.mean(dim=1)
     ds, names, labels = _dataset(data, transform, split, limit)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=_collate, pin_memory=dev.type == "cuda")
@@ -152,9 +161,7 @@ def embed(source: str | Path | Backbone, data: str | Path, *, pool: str = "cls",
         bad.extend(skipped)
         if x is None:
             continue
-        out = backbone(x.to(dev, non_blocking=True))
-        f = out.cls if pool == "cls" else out.patches.mean(dim=1)
-        feats.append(f.float())
+        feats.append(featurize(x).float())
         kept.extend(idx)
     if not kept:
         raise ValueError(f"none of the {len(names)} images under {data} could be read")

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from dinokit.backbones import Backbone
 from dinokit.config import ConfigError, from_dict, upgrade_saved
 from dinokit.data import EvalTransform, load_demo_dataset
-from dinokit.data.datasets import folder_dataset
+from dinokit.data.multiband import folder_dataset
 from dinokit.data.preprocessing import Preprocessing
 from dinokit.weights import WeightsError
 

@@ -270,20 +270,6 @@ class ImageFolderDataset(Dataset):
         return f"ImageFolderDataset({self.summary()})"
 
 
-def folder_dataset(root: str | Path, transform: Transform | None = None, *, channels: int = 3,
-                   strict: bool = False) -> Dataset:
-    """The dataset of a folder for a backbone that reads ``channels`` channels: a
-    :class:`~dinokit.data.multiband.MultiBandFolderDataset` (GeoTIFF/TIFF, ``.npy``) for any count
-    other than 1 or 3, or when the folder holds ``.npy`` arrays; else an :class:`ImageFolderDataset`."""
-    from dinokit.data.multiband import MultiBandFolderDataset  # multiband builds on this module
-
-    root = Path(root)
-    if channels not in (1, 3) or (root.is_dir() and _scan(root, (".npy",))):
-        return MultiBandFolderDataset(root, transform, channels=channels if channels not in (1, 3) else None,
-                                      strict=strict)
-    return ImageFolderDataset(root, transform=transform, strict=strict)
-
-
 # ------------------------------------------------------------------------------- idx (MNIST) files
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 

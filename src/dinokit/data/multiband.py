@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from dinokit.data.datasets import ImageReadError, _scan
+from dinokit.data.datasets import ImageFolderDataset, ImageReadError, Transform, _scan
 
 BAND_EXTENSIONS = (".tif", ".tiff", ".npy")
 MASK_MARK = ".mask"
@@ -309,3 +309,15 @@ def band_statistics(root: str | Path, *, limit: int | None = None, channels: int
     std = np.sqrt(var)
     std = np.where(std > 0, std, 1.0)  # a constant band: normalise by 1 rather than divide by 0
     return BandStatistics([float(v) for v in mean], [float(v) for v in std], int(n[0]), len(paths))
+
+
+def folder_dataset(root: str | Path, transform: Transform | None = None, *, channels: int = 3,
+                   strict: bool = False) -> Dataset:
+    """The dataset of a folder for a backbone that reads ``channels`` channels: a
+    :class:`MultiBandFolderDataset` (GeoTIFF/TIFF, ``.npy``) for any count
+    other than 1 or 3, or when the folder holds ``.npy`` arrays; else an :class:`ImageFolderDataset`."""
+    root = Path(root)
+    if channels not in (1, 3) or (root.is_dir() and _scan(root, (".npy",))):
+        return MultiBandFolderDataset(root, transform, channels=channels if channels not in (1, 3) else None,
+                                      strict=strict)
+    return ImageFolderDataset(root, transform=transform, strict=strict)

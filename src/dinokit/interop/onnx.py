@@ -18,7 +18,7 @@ std, channels, input size, crop fraction, interpolation), and ``mean``, ``std``,
 and a cast of the outputs back to float32, so callers feed and read float32 either way.
 
 :class:`OnnxFeatures` runs such a file with onnxruntime (no torch in the inference loop) and
-:func:`embed_onnx` is :func:`dinokit.embed.embed` for it.
+:class:`OnnxFeatures` runs such a file for :func:`dinokit.embed.embed`.
 """
 
 from __future__ import annotations
@@ -248,41 +248,3 @@ class OnnxFeatures:
         x = np.ascontiguousarray(images, dtype=np.float32)
         outs = self.session.run(self.output_names, {"images": x})
         return dict(zip(self.output_names, outs))
-
-
-def embed_onnx(source: str | Path, data: str | Path, *, pool: str = "cls", batch_size: int = 64,
-               split: str = "train", limit: int | None = None, num_workers: int = 0,
-               progress: bool = True) -> Any:
-    """:func:`dinokit.embed.embed` with an exported ``.onnx`` backbone run by onnxruntime on the CPU:
-    images are decoded and preprocessed as the export's metadata says, features come from the graph."""
-    from torch.utils.data import DataLoader
-
-    from dinokit.embed import Embeddings, _collate, _dataset
-
-    if pool not in ("cls", "mean"):
-        raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    runner = OnnxFeatures(source)
-    ds, names, labels = _dataset(data, runner.transform, split, limit)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_collate)
-    it: Any = loader
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(loader, desc="embedding (onnxruntime)", unit="batch")
-    feats: list[np.ndarray] = []
-    kept: list[int] = []
-    bad: list[int] = []
-    for x, idx, skipped in it:
-        bad.extend(skipped)
-        if x is None:
-            continue
-        out = runner.features(x.numpy())
-        feats.append(out["cls"] if pool == "cls" else out["patches"].mean(axis=1))
-        kept.extend(idx)
-    if not kept:
-        raise ValueError(f"none of the {len(names)} images under {data} could be read")
-    features = np.concatenate(feats).astype(np.float32)
-    return Embeddings(features, [names[i] for i in kept], [labels[i] for i in kept], [names[i] for i in bad])

@@ -267,7 +267,7 @@ class ComposedMethod(SelfDistillationMethod):
         else:
             s_global = _merge(forward_views(self.student_backbone, g, m, cls_only=cls_only))
         features = StepFeatures(
-            n_global=n_g, batch_size=b, teacher_temp=temp, step=step, training=self.training,
+            n_global=n_g, batch_size=b, teacher_temperature=temp, step=step, training=self.training,
             global_images=torch.cat(g) if STUDENT_PATCHES in needs else None, student_global=s_global,
             student_local_cls=s_local, teacher_global=t_out, masks=m, mask_indices=idx,
             mask_weights=wts,

@@ -409,7 +409,8 @@ class TrainingStep:
             (g["lr"] for g in self.optimizer.param_groups if g.get("lr_scale", 1.0) == 1.0),
             self.optimizer.param_groups[0]["lr"])
         metrics.update({"lr": lr, "weight_decay": values.weight_decay, "teacher_momentum": values.momentum,
-                        "teacher_temperature": values.teacher_temperature, "stage": float(values.stage.index)})
+                        "teacher_temperature": values.teacher_temperature,
+                        "stage": float(values.stage.index)})
         return metrics
 
     # ------------------------------------------------------------------ the non-finite guard

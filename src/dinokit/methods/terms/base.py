@@ -34,7 +34,7 @@ class StepFeatures:
 
     n_global: int
     batch_size: int
-    teacher_temp: float
+    teacher_temperature: float
     step: int
     training: bool
     student_global: BackboneOutput  # cls [n_global * B, D], patches [n_global * B, N, D] (masked)

@@ -71,7 +71,7 @@ class DINOClsTerm(LossTerm):
         cls = f.student_global.cls if f.student_local_cls is None else torch.cat(
             [f.student_global.cls, f.student_local_cls])
         s_logits = student["head"](cls).view(-1, b, t_logits.shape[-1])
-        t_probs = self.teacher_probs(t_logits, f.teacher_temp)
+        t_probs = self.teacher_probs(t_logits, f.teacher_temperature)
         loss = dino_cross_entropy(s_logits, t_probs, self.dino_loss.student_temp)
         if f.training and self.centering_kind == "ema":
             self.dino_loss.centering.update(t_logits, apply=torch.isfinite(loss))

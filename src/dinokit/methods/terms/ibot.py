@@ -63,7 +63,7 @@ class IBOTPatchTerm(LossTerm):
         with torch.no_grad():
             t_tokens = f.teacher_global.patches.flatten(0, 1).index_select(0, idx)
             t_logits = teacher[self.head_name](t_tokens)
-            t_probs = self.ibot_loss.teacher_probs(t_logits, f.teacher_temp, valid=valid)
+            t_probs = self.ibot_loss.teacher_probs(t_logits, f.teacher_temperature, valid=valid)
         s_logits = student[self.head_name](s_tokens)
         n_crops = f.n_global * f.batch_size
         loss = self.ibot_loss(s_logits, t_probs, weights, n_crops)
