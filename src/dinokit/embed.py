@@ -104,8 +104,7 @@ def _dataset(data: str | Path, transform: Any, split: str,
         n = len(ds)
         labels = [int(ds[i][1]) for i in range(n)] if n and isinstance(ds[0][1], int) else [-1] * n
         return _Indexed(ds), [f"{data}/{split}/{i}" for i in range(n)], labels
-    from dinokit.data.multiband import folder_dataset
-    from dinokit.data.multiband import MultiBandFolderDataset, load_image
+    from dinokit.data.multiband import MultiBandFolderDataset, folder_dataset, load_image
 
     folder: Any = folder_dataset(data, channels=getattr(transform, "channels", 3))
     read = load_image if isinstance(folder, MultiBandFolderDataset) else None

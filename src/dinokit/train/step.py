@@ -315,7 +315,8 @@ class TrainingStep:
             for g, lr in zip(opt.param_groups, lrs, strict=True):
                 g["lr"] = 0.0 if frozen and g.get("is_last_layer") else lr
         else:
-            set_group_hyperparameters(opt, values.lr, values.weight_decay, last_layer_lr=0.0 if frozen else None)
+            set_group_hyperparameters(opt, values.lr, values.weight_decay,
+                                      last_layer_lr=0.0 if frozen else None)
 
     # ------------------------------------------------------------------ the step
     def autocast(self) -> contextlib.AbstractContextManager:
