@@ -17,9 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from dinokit.atomic import atomic_paths
 from dinokit.backbones import Backbone
+from dinokit.data import ImageReadError, load_demo_dataset, read_image
+from dinokit.data.multiband import MultiBandFolderDataset, folder_dataset, load_image
+from dinokit.export import _model_preprocessing, _resolve, eval_transform, load_backbone
 
 PRESET_DATASETS = ("demo", "digits", "fashion-mnist")
 
@@ -46,8 +50,6 @@ class _Images(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
-        from dinokit.data import ImageReadError, read_image
-
         try:
             x = self.transform((self.read or read_image)(self.paths[i]))
         except (ImageReadError, OSError, ValueError):
@@ -76,8 +78,6 @@ def _collate(batch: list[tuple[torch.Tensor, int, bool]]) -> tuple[torch.Tensor 
 def load_for_embedding(source: str | Path | Backbone, which: str = "teacher") -> tuple[Backbone, Any]:
     """A backbone and its eval transform from a run directory, a training checkpoint, an export
     (folder or ``.safetensors``) or a :class:`Backbone` (with ``preprocessing`` set, or ImageNet's)."""
-    from dinokit.export import _model_preprocessing, _resolve, eval_transform, load_backbone
-
     if isinstance(source, Backbone):
         pre = source.preprocessing or _model_preprocessing(source)
         return source, eval_transform(pre)
@@ -97,15 +97,11 @@ def load_for_embedding(source: str | Path | Backbone, which: str = "teacher") ->
 def _dataset(data: str | Path, transform: Any, split: str,
              limit: int | None) -> tuple[Dataset, list[str], list[int]]:
     if str(data) in PRESET_DATASETS:
-        from dinokit.data import load_demo_dataset
-
         name = "auto" if str(data) == "demo" else str(data)
         ds = load_demo_dataset(name, split=split, transform=transform, limit=limit)
         n = len(ds)
         labels = [int(ds[i][1]) for i in range(n)] if n and isinstance(ds[0][1], int) else [-1] * n
         return _Indexed(ds), [f"{data}/{split}/{i}" for i in range(n)], labels
-    from dinokit.data.multiband import MultiBandFolderDataset, folder_dataset, load_image
-
     folder: Any = folder_dataset(data, channels=getattr(transform, "channels", 3))
     read = load_image if isinstance(folder, MultiBandFolderDataset) else None
     paths, labels = folder.paths, folder.targets
@@ -150,8 +146,6 @@ def embed(source: str | Path | Backbone, data: str | Path, *, pool: str = "cls",
                         collate_fn=_collate, pin_memory=dev.type == "cuda")
     it: Any = loader
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(loader, desc="embedding", unit="batch")
     feats: list[torch.Tensor] = []
     kept: list[int] = []

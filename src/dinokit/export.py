@@ -24,14 +24,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from safetensors.torch import save_file
+from timm.models import save_for_hf
 from torch import Tensor, nn
 
 from dinokit.atomic import atomic_folder, atomic_paths
 from dinokit.backbones import Backbone, build_backbone
-from dinokit.config import upgrade_saved
+from dinokit.config import from_dict, upgrade_saved
+from dinokit.data.preprocessing import Preprocessing
 from dinokit.methods.registry import method_spec
-from dinokit.weights import WeightsError, backbone_state_dict, load_backbone_weights, read_file
+from dinokit.train.build import build_method, build_preprocessing
+from dinokit.weights import (
+    WeightsError,
+    backbone_state_dict,
+    describe,
+    load_backbone_weights,
+    read_file,
+    read_training_checkpoint,
+)
 
 FORMAT = 1
 EXTRA_PREFIX = "dinokit."
@@ -65,9 +77,6 @@ def _base(path: str | Path) -> Path:
 def run_preprocessing(config: dict[str, Any]) -> dict[str, Any]:
     """The run's :class:`~dinokit.data.preprocessing.Preprocessing` as a dict (mean, std, channels,
     input size, crop fraction, interpolation), rebuilt from its stored config."""
-    from dinokit.config import from_dict
-    from dinokit.train.build import build_preprocessing
-
     return build_preprocessing(from_dict(config)).to_dict()
 
 
@@ -88,8 +97,6 @@ def _resolve(source: Any, which: str, *, timm_name: str | None, timm_kwargs: dic
     if which not in ("teacher", "student"):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
     if isinstance(source, (str, Path)):
-        from dinokit.weights import read_training_checkpoint
-
         src = Path(source)
         ckpt = src / "checkpoints" / "last.ckpt" if src.is_dir() else src
         obj = read_training_checkpoint(ckpt)
@@ -99,9 +106,6 @@ def _resolve(source: Any, which: str, *, timm_name: str | None, timm_kwargs: dic
         try:
             load_backbone_weights(backbone, state, source=str(ckpt))
         except WeightsError:  # the method builds its backbone another way: build the method itself
-            from dinokit.config import from_dict
-            from dinokit.train.build import build_method
-
             cfg = from_dict(config)
             cfg.model.init_weights = cfg.gram.teacher_path = None  # the checkpoint has the weights
             backbone = getattr(build_method(cfg), f"{which}_backbone")
@@ -179,8 +183,6 @@ def export_backbone(source: Any, path: str | Path, *, which: str = "teacher", me
     with (``timm_kwargs`` overrides them); ``preprocessing`` (``mean``, ``std``, ``input_size``)
     defaults to the run's or the model's.
     """
-    from safetensors.torch import save_file
-
     e = _resolve(source, which, timm_name=timm_name, timm_kwargs=timm_kwargs, preprocessing=preprocessing)
     e.method = method_name or e.method
     e.steps = training_steps if training_steps is not None else e.steps
@@ -209,8 +211,6 @@ def export_timm_folder(source: Any, folder: str | Path, *, which: str = "teacher
     (only export files in it) is replaced in one step; any other existing folder is refused
     (``FileExistsError``) rather than overwritten.
     """
-    from timm.models import save_for_hf
-
     e = _resolve(source, which, timm_name=None, timm_kwargs=None, preprocessing=preprocessing)
     model = e.backbone.model
     built_by_timm = getattr(model, "_model_args", None) is not None or e.backbone.timm_kwargs is not None
@@ -278,7 +278,7 @@ def _vit_kwargs(model: nn.Module) -> dict[str, Any]:
 
 
 def _version() -> str:
-    from dinokit import __version__
+    from dinokit import __version__  # the package imports this module: read its version at call time
 
     return __version__
 
@@ -314,8 +314,6 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     meta_path = _base(p).with_suffix(".json")
     if not meta_path.is_file():
         if p.is_file():
-            from dinokit.weights import describe
-
             raise WeightsError(f"{p} holds {describe(read_file(p))}, with no metadata file {meta_path.name} "
                                "beside it; expected a dinokit export (dinokit export writes one)")
         raise WeightsError(f"no metadata file {meta_path} beside the export")
@@ -332,8 +330,6 @@ def load_backbone(path: str | Path, *, model: nn.Module | None = None, device: s
     The export's preprocessing (``mean``, ``std``, ``input_size``, ``channels``) is attached as
     ``backbone.preprocessing``.
     """
-    import timm
-
     p = _export_path(path)
     meta = read_metadata(p)
     if p.is_dir():
@@ -370,8 +366,6 @@ def load_backbone(path: str | Path, *, model: nn.Module | None = None, device: s
 
 def _old_export_preprocessing(meta: dict[str, Any], backbone: Backbone) -> dict[str, Any]:
     """Exports written before the preprocessing was stored: the crop preset for their size."""
-    from dinokit.data.preprocessing import Preprocessing
-
     size = meta.get("image_size")
     if not size:
         return _model_preprocessing(backbone)
@@ -380,6 +374,4 @@ def _old_export_preprocessing(meta: dict[str, Any], backbone: Backbone) -> dict[
 
 def eval_transform(preprocessing: dict[str, Any]) -> Any:
     """The deterministic eval view of an export's preprocessing (resize, centre crop, normalise)."""
-    from dinokit.data.preprocessing import Preprocessing
-
     return Preprocessing.from_dict(dict(preprocessing)).eval_transform()

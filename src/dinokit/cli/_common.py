@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import copy
+import re
+import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dinokit.backbones import Backbone
+from dinokit.backbones import Backbone, BackboneError
 from dinokit.config import ConfigError, from_dict, upgrade_saved
 from dinokit.data import EvalTransform, load_demo_dataset
 from dinokit.data.multiband import folder_dataset
@@ -43,12 +47,12 @@ def load(checkpoint: str, which: str = "teacher") -> Loaded:
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
     timm_folder = src.is_dir() and (src / "model.safetensors").exists() and not (src / "checkpoints").exists()
     if src.suffix in (".safetensors", ".json") or timm_folder:
-        from dinokit.export import load_backbone, read_metadata
+        from dinokit.export import load_backbone, read_metadata  # commands load their heavy parts when run
 
         meta = read_metadata(src)
         bb = load_backbone(src)
         return Loaded(bb, export_preprocessing(meta).eval_transform(), None)
-    from dinokit.train.build import build_method, build_preprocessing
+    from dinokit.train.build import build_method, build_preprocessing  # Lightning: only when needed
     from dinokit.weights import backbone_state_dict, load_backbone_weights, read_file
 
     ckpt = src / "checkpoints" / "last.ckpt" if src.is_dir() else src
@@ -110,8 +114,6 @@ def _one_line(e: BaseException) -> str:
     keep its last line)."""
     text = str(e).strip() or type(e).__name__
     if "Original Traceback" in text:
-        import re
-
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         text = re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1]) if lines else text
     if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
@@ -124,10 +126,6 @@ def exit_code(e: BaseException) -> int:
 
     An exception may carry its own ``exit_code`` attribute (pre-emption, guards, write errors).
     """
-    from dinokit.backbones import BackboneError
-    from dinokit.config import ConfigError
-    from dinokit.weights import WeightsError
-
     code = getattr(e, "exit_code", None)
     if isinstance(code, int) and not isinstance(code, bool):
         return code
@@ -135,22 +133,14 @@ def exit_code(e: BaseException) -> int:
         return 130
     if isinstance(e, (ConfigError, WeightsError, BackboneError, OSError, EOFError, UnicodeError)):
         return EXIT_USER
-    try:
-        from PIL import Image
-
-        if isinstance(e, Image.DecompressionBombError):
-            return EXIT_USER
-    except ImportError:  # pragma: no cover - Pillow is a dependency
-        pass
+    if isinstance(e, Image.DecompressionBombError):
+        return EXIT_USER
     return EXIT_BUG
 
 
 def run_guarded(command: str, func: Any, args: Any, debug: bool = False) -> int:
     """Run ``func(args)``; any error becomes one line on stderr and a non-zero exit code
     (``debug``: the traceback too)."""
-    import sys
-    import traceback
-
     try:
         return int(func(args) or 0)
     except (Exception, KeyboardInterrupt) as e:
