@@ -145,7 +145,7 @@ class NonFiniteStopCheckpoint(pl.Callback):
     """Write ``last.ckpt`` before the non-finite guard stops the run.
 
     The guard (:meth:`~dinokit.train.step.TrainingStep.check_nonfinite`) stops after
-    ``optim.max_nonfinite_steps`` consecutive non-finite steps, each of which was skipped on the
+    ``trainer.max_nonfinite_steps`` consecutive non-finite steps, each of which was skipped on the
     device: the weights, EMA teacher, centre and optimiser state are still those of the last finite
     step. The module raises the stop at the end of the step (``pending_stop``); this callback runs
     first and saves that state, so the run keeps its progress since the last periodic checkpoint

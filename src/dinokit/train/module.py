@@ -5,8 +5,8 @@ Lightning supplies the engine (devices, DDP, logging, checkpoints, callbacks); t
 run (manual optimisation: the module hands Lightning's backward and optimiser step to it).
 Metrics are logged as device tensors; the non-finite guard is read only at logging steps, and
 when it stops the run it does so at the end of the step (``on_train_batch_end``), once callbacks
-have seen the finished step: ``dinokit train`` checkpoints it first (:class:`~dinokit.train.guards.
-NonFiniteStopCheckpoint`).
+have seen the finished step: ``dinokit train`` checkpoints it first
+(:class:`~dinokit.train.guards.NonFiniteStopCheckpoint`).
 """
 
 from __future__ import annotations
