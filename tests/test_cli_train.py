@@ -158,3 +158,18 @@ def test_a_run_shows_no_lightning_noise(tmp_path):
     assert not [m for m in seen if "Tip" in m]
     noise = ("LeafSpec", "validation_step", "many workers", "eval mode")
     assert not [str(w.message) for w in caught if any(n in str(w.message) for n in noise)]
+
+
+@pytest.mark.parametrize(("keep", "kept"), [(-1, [2, 4, 6]), (2, [4, 6])])
+def test_step_checkpoints_keep_the_newest_and_a_short_run_is_quiet(tmp_path, keep, kept):
+    """``trainer.keep_checkpoints`` step checkpoints stay (-1: all); neither Lightning's code
+    sample about step checkpoints under manual optimisation nor a "curves not drawn" warning for
+    a run too short to log (6 steps, logging every 50) shows up."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _train(tmp_path, "k", "trainer.epochs=1", "trainer.checkpoint_every_n_steps=2",
+                      f"trainer.keep_checkpoints={keep}", "trainer.log_every_n_steps=50") == 0
+    steps = sorted(int(p.stem[4:]) for p in (tmp_path / "k" / "checkpoints").glob("step*.ckpt"))
+    assert steps == kept
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "manual optimization" in m or "curves not drawn" in m], messages

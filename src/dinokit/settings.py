@@ -274,6 +274,9 @@ class TrainerSettings:
     )
     log_every_n_steps: int = setting(10, "logging interval in steps", min=1)
     checkpoint_every_n_steps: int | None = setting(None, "also checkpoint every N steps", min=1)
+    keep_checkpoints: int = setting(
+        1, "step checkpoints (checkpoint_every_n_steps) to keep, the newest; -1 = all, 0 = none "
+        "(last.ckpt is kept whatever the value)", min=-1, max=1 << 40)
     knn_every_n_epochs: int = setting(0, "k-NN monitor interval on data.val_path (0 = off)", min=0)
     progress: bool = setting(True, "show a progress bar")
     compile: bool = setting(False, "torch.compile the method forward (student, teacher, heads, loss terms)")

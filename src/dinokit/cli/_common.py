@@ -107,6 +107,7 @@ EXIT_USER = 2  # a bad config, path, image or checkpoint: the message says which
 EXIT_STOPPED = 3  # training stopped by a guard (collapse with trainer.stop_on_collapse, non-finite)
 EXIT_IO = 74  # a checkpoint could not be written (disk full, ...): earlier ones are intact
 EXIT_REQUEUE = 75  # pre-empted (SIGTERM/SIGUSR1) after checkpointing: resubmit, resume=auto
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT); training checkpoints the last step first
 
 
 def _one_line(e: BaseException) -> str:
@@ -130,7 +131,7 @@ def exit_code(e: BaseException) -> int:
     if isinstance(code, int) and not isinstance(code, bool):
         return code
     if isinstance(e, KeyboardInterrupt):
-        return 130
+        return EXIT_INTERRUPTED
     if isinstance(e, (ConfigError, WeightsError, BackboneError, OSError, EOFError, UnicodeError)):
         return EXIT_USER
     if isinstance(e, Image.DecompressionBombError):
@@ -147,9 +148,10 @@ def run_guarded(command: str, func: Any, args: Any, debug: bool = False) -> int:
         code = exit_code(e)
         if debug:
             traceback.print_exc()
-        kind = "" if code in (EXIT_USER, EXIT_STOPPED, EXIT_IO, EXIT_REQUEUE) else f"{type(e).__name__}: "
+        stop = code in (EXIT_REQUEUE, EXIT_INTERRUPTED)
+        kind = "" if stop or code in (EXIT_USER, EXIT_STOPPED, EXIT_IO) else f"{type(e).__name__}: "
         hint = " (run with --debug for the traceback)" if code == EXIT_BUG and not debug else ""
-        label = "stopped" if code == EXIT_REQUEUE else "error"
+        label = "stopped" if stop else "error"
         newest = getattr(e, "newest_checkpoint", False)
         where = "" if newest is False else f"; newest checkpoint with finite weights: {newest or 'none'}"
         print(f"dinokit {command}: {label}: {kind}{_one_line(e)}{where}{hint}", file=sys.stderr)

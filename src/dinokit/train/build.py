@@ -240,8 +240,10 @@ def build_stream_loader(cfg: Config, method: SelfDistillationMethod) -> Any:
         if iterations < 1:
             raise ConfigError(f"data.batch_size: {d.batch_size} x {planned_world_size(cfg)} process(es) "
                               f"is more than the {total} samples in {index}")
-    return StreamLoader(stream, iterations, num_workers=d.num_workers,
-                        pin_memory=torch.cuda.is_available())
+    from dinokit.train.loader import IgnoreStopSignals
+
+    return StreamLoader(stream, iterations, num_workers=d.num_workers, pin_memory=torch.cuda.is_available(),
+                        worker_init_fn=IgnoreStopSignals())  # the main process handles SIGTERM/SIGINT
 
 
 def build_train_loader(cfg: Config, method: SelfDistillationMethod) -> DataLoader:

@@ -17,6 +17,7 @@ file (``.<name>.tmp-<pid>-<random>``) is removed by :func:`remove_stale_temp_fil
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import secrets
@@ -48,6 +49,17 @@ class CheckpointWriteError(OSError):
 
 class CheckpointReadError(ValueError):
     """A checkpoint file that does not load or whose weights are not finite."""
+
+
+#: Errors of reading a file that say nothing about its content (permissions, a failing disk, a
+#: stale or unreachable network file), unlike torch's own (a truncated zip fails with EINVAL).
+UNREADABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EIO, errno.ENXIO, errno.ESTALE,
+                               errno.ETIMEDOUT})
+
+
+class CheckpointUnreadableError(CheckpointReadError):
+    """A checkpoint that could not be read at all (permissions, an I/O error): unlike a damaged
+    file it may hold the newest state, so a resume must not skip it."""
 
 
 def _temp_path(path: Path) -> Path:
@@ -100,7 +112,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     _fsync_dir(path.parent)
 
 
-def _is_first_process() -> bool:
+def is_first_process() -> bool:
     """Whether this is global rank 0 as far as the launcher's environment tells (torchrun,
     SLURM, Lightning's own launcher); a single process is rank 0."""
     for var in ("RANK", "SLURM_PROCID"):
@@ -132,7 +144,7 @@ def remove_stale_temp_files(directory: str | Path) -> list[Path]:
     Only the first process of a run cleans, and never a file whose writer is still running.
     """
     d = Path(directory)
-    if not d.is_dir() or not _is_first_process():
+    if not d.is_dir() or not is_first_process():
         return []
     gone = []
     for p in d.iterdir():
@@ -167,6 +179,10 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except OSError as e:
+        if e.errno in UNREADABLE_ERRNOS:  # the system refused the read: the content is unknown
+            raise CheckpointUnreadableError(f"{p} cannot be read ({e.strerror or e})") from None
+        raise CheckpointReadError(f"{p} does not load ({type(e).__name__}: {str(e)[:160]})") from None
     except Exception as e:  # truncated zip, 0-byte file, pickle that is not plain data...
         raise CheckpointReadError(f"{p} does not load ({load_failure(e)})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), Mapping):
@@ -183,15 +199,26 @@ def checkpoint_step(obj: Mapping[str, Any]) -> int:
     return int(step) if isinstance(step, (int, float)) and math.isfinite(step) else -1
 
 
-def newest_good_checkpoint(candidates: Iterable[str | Path]) -> tuple[Path | None, list[str]]:
+def newest_good_checkpoint(candidates: Iterable[str | Path], skip_unreadable: bool = False
+                           ) -> tuple[Path | None, list[str]]:
     """The most recently written candidate that loads with finite weights, and one line per
-    newer candidate that was skipped (saying why)."""
+    newer candidate that was skipped (saying why).
+
+    A damaged candidate is skipped; one that cannot be read at all raises
+    :class:`CheckpointUnreadableError` unless ``skip_unreadable``: what it holds is unknown, and a
+    run resumed from an older file would overwrite it.
+    """
     files = [Path(c) for c in candidates if Path(c).is_file() and TEMP_MARK not in Path(c).name]
     files.sort(key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
     skipped: list[str] = []
     for p in files:
         try:
             verify_checkpoint(p)
+        except CheckpointUnreadableError as e:
+            if not skip_unreadable:
+                raise
+            skipped.append(str(e))
+            continue
         except CheckpointReadError as e:
             skipped.append(str(e))
             continue

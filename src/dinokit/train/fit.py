@@ -1,15 +1,18 @@
 """``fit(config)``: one pretraining run in its own directory, on Lightning.
 
 A run directory holds ``config.yaml`` (the resolved config), ``checkpoints/`` (``last.ckpt``,
-the latest epochs, and the latest step checkpoint), ``logs/metrics.csv``, ``tb/`` (TensorBoard)
-and ``pictures/curves.png``. ``trainer.resume`` continues a run exactly: weights, optimiser,
-schedules, centre, EMA teacher, loss scaler, RNG and data position.
+the latest epochs, and the newest ``trainer.keep_checkpoints`` step checkpoints),
+``logs/metrics.csv``, ``tb/`` (TensorBoard), ``pictures/curves.png``, and while it trains
+``train.lock`` (:mod:`dinokit.train.run_lock`). ``trainer.resume`` continues a run exactly:
+weights, optimiser, schedules, centre, EMA teacher, loss scaler, RNG and data position.
 
 When things go wrong (see the README): checkpoints are written atomically
 (:mod:`dinokit.train.checkpoint_io`) and never with non-finite weights; ``last.ckpt`` is always
-the newest state; SIGTERM/SIGUSR1 checkpoint and stop (:mod:`dinokit.train.preemption`);
-``trainer.resume=auto`` picks the newest checkpoint that loads with finite weights, skipping
-damaged ones with a warning; a collapsed teacher is reported (:mod:`dinokit.train.guards`).
+the newest state; SIGTERM/SIGUSR1/SIGINT checkpoint and stop, also when sent to the whole
+process group (:mod:`dinokit.train.preemption`); ``trainer.resume=auto`` picks the newest
+checkpoint that loads with finite weights, skipping damaged ones with a warning and stopping at
+one it cannot read; a collapsed teacher is reported and the non-finite guard's stop checkpoints
+the last finite state (:mod:`dinokit.train.guards`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from dinokit.train.build import (
 )
 from dinokit.train.checkpoint_io import (
     CheckpointReadError,
+    CheckpointUnreadableError,
     SafeCheckpointIO,
     atomic_save,
     newest_good_checkpoint,
@@ -47,16 +51,19 @@ from dinokit.train.checkpoint_io import (
     run_checkpoints,
     verify_checkpoint,
 )
-from dinokit.train.guards import CollapseGuard
+from dinokit.train.guards import CollapseGuard, NonFiniteStopCheckpoint
+from dinokit.train.loader import IgnoreStopSignals
 from dinokit.train.preemption import Preempted, PreemptionCallback
 from dinokit.train.quiet import FIT_NOISE, LIGHTNING_NOISE, quiet_lightning
+from dinokit.train.run_lock import RunLock
 from dinokit.train.strategy import prepare_for_strategy, with_launcher_env
 from dinokit.weights import check_checkpoint_fits
 
 #: Config keys that may change when resuming; any other change breaks exact continuation.
 RESUMABLE_CHANGES = {
     "trainer.epochs", "trainer.max_steps", "trainer.resume", "trainer.progress",
-    "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "trainer.knn_every_n_epochs",
+    "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "trainer.keep_checkpoints",
+    "trainer.knn_every_n_epochs",
     "trainer.output_dir", "trainer.run_name", "trainer.accelerator", "trainer.devices",
     "trainer.num_nodes", "trainer.strategy", "trainer.precision", "trainer.compile",
     "data.num_workers", "data.strict_images", "data.max_image_pixels", "data.val_path", "data.val_limit",
@@ -98,22 +105,43 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
-    """The run directory and, when resuming, the checkpoint to resume from.
+def run_directory(cfg: Config) -> Path:
+    """The run directory of ``cfg``: ``output_dir/run_name`` (a timestamp and the method when
+    ``run_name`` is unset), or for ``trainer.resume=<path>`` the run holding that checkpoint."""
+    t = cfg.trainer
+    if t.resume in ("auto", "last"):
+        if not t.run_name:
+            raise ConfigError(f"trainer.resume={t.resume} needs trainer.run_name (the run to continue)")
+        return Path(t.output_dir) / t.run_name
+    if t.resume:
+        ckpt = Path(t.resume)
+        if not ckpt.is_file():
+            raise ConfigError(f"trainer.resume: checkpoint {str(ckpt)!r} does not exist")
+        return ckpt.parent.parent
+    name = t.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.method}"
+    return Path(t.output_dir) / name
+
+
+def resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from (None: start fresh).
 
     ``trainer.resume``: ``auto`` continues from the newest good checkpoint of
     ``output_dir/run_name`` or starts fresh when there is none (so a job can be resubmitted
     blindly); ``last`` is the same but requires a checkpoint; a path resumes from that file, which
     must load with finite weights. "Good" means it loads with ``weights_only=True`` and every
-    weight is finite: a damaged newer file is skipped with a warning naming it.
+    weight is finite: a damaged newer file is skipped with a warning naming it. A newer file that
+    cannot be read at all (permissions, I/O error) is not damaged: the run stops, naming it,
+    rather than continue from an older state or start fresh and overwrite it.
     """
     t = cfg.trainer
     if t.resume in ("auto", "last"):
-        if not t.run_name:
-            raise ConfigError(f"trainer.resume={t.resume} needs trainer.run_name (the run to continue)")
-        run_dir = Path(t.output_dir) / t.run_name
         remove_stale_temp_files(run_dir / "checkpoints")
-        ckpt, skipped = newest_good_checkpoint(run_checkpoints(run_dir))
+        try:
+            ckpt, skipped = newest_good_checkpoint(run_checkpoints(run_dir))
+        except CheckpointUnreadableError as e:
+            raise ConfigError(f"trainer.resume={t.resume}: checkpoint {e}; it may hold the run's newest "
+                              "state, so the run neither skips it nor starts over: make it readable "
+                              "(or move it out of the run directory) and run again") from None
         for line in skipped:
             warnings.warn(f"trainer.resume: skipping damaged checkpoint: {line}", stacklevel=2)
         if ckpt is None and t.resume == "last":
@@ -122,18 +150,21 @@ def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
                    else f"checkpoint {str(last)!r} does not exist")
             raise ConfigError(f"trainer.resume=last: no usable checkpoint in {last.parent}: {why} "
                               "(trainer.resume=auto starts fresh instead)")
-        return run_dir, ckpt
+        return ckpt
     if t.resume:
-        ckpt = Path(t.resume)
-        if not ckpt.is_file():
-            raise ConfigError(f"trainer.resume: checkpoint {str(ckpt)!r} does not exist")
         try:
-            verify_checkpoint(ckpt)
+            verify_checkpoint(t.resume)
         except CheckpointReadError as e:
             raise ConfigError(f"trainer.resume: {e}") from None
-        return ckpt.parent.parent, ckpt
-    name = t.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.method}"
-    return Path(t.output_dir) / name, None
+        return Path(t.resume)
+    return None
+
+
+def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
+    """The run directory and, when resuming, the checkpoint to resume from (see
+    :func:`run_directory` and :func:`resume_checkpoint`)."""
+    run_dir = run_directory(cfg)
+    return run_dir, resume_checkpoint(cfg, run_dir)
 
 
 def _records_global_batch(obj: dict[str, Any]) -> bool:
@@ -219,11 +250,13 @@ def _callbacks(cfg: Config, run_dir: Path) -> list[pl.Callback]:
         cbs.append(
             RunCheckpoint(
                 dirpath=ckpt_dir, filename="step{step:07d}", monitor="step", mode="max",
-                save_top_k=1, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
+                save_top_k=cfg.trainer.keep_checkpoints,
+                every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
                 auto_insert_metric_name=False, save_last=True, enable_version_counter=False,
             )
         )
     cbs.append(FinalStepCheckpoint(ckpt_dir / "last.ckpt"))
+    cbs.append(NonFiniteStopCheckpoint(ckpt_dir / "last.ckpt"))
     cbs.append(PreemptionCallback(ckpt_dir / "last.ckpt", requeue=cfg.trainer.slurm_requeue,
                                   sync_every_n_steps=cfg.trainer.log_every_n_steps))
     cbs.append(CollapseGuard(cfg.dino.n_prototypes, window=cfg.trainer.collapse_window,
@@ -249,7 +282,8 @@ def _knn_monitor(cfg: Config) -> pl.Callback | None:
     if cfg.data.dataset in ("folder", "multiband") and not cfg.data.val_path:
         raise ConfigError("trainer.knn_every_n_epochs needs data.val_path (labelled images)")
     val = build_dataset(cfg, "val", transform=tf)
-    loader = dict(batch_size=256, num_workers=cfg.data.num_workers)
+    loader = dict(batch_size=256, num_workers=cfg.data.num_workers,
+                  worker_init_fn=IgnoreStopSignals())  # the main process handles SIGTERM/SIGINT
     return KNNMonitor(
         torch.utils.data.DataLoader(train, **loader),
         torch.utils.data.DataLoader(val, **loader),
@@ -347,13 +381,23 @@ def _prepare_run_dir(run_dir: Path) -> None:
 def fit(cfg: Config) -> FitResult:
     """Train ``cfg`` end to end; returns the run directory, last checkpoint and trained method.
 
-    Raises :class:`~dinokit.train.preemption.Preempted` after checkpointing on SIGTERM/SIGUSR1,
-    :class:`~dinokit.train.guards.CollapseDetected` with ``trainer.stop_on_collapse``, and
-    :class:`~dinokit.train.checkpoint_io.CheckpointWriteError` when a checkpoint cannot be
-    written (earlier ones are kept).
+    Raises :class:`~dinokit.train.preemption.Preempted` after checkpointing on SIGTERM/SIGUSR1
+    (:class:`~dinokit.train.preemption.Interrupted` on Ctrl-C),
+    :class:`~dinokit.train.guards.CollapseDetected` with ``trainer.stop_on_collapse``,
+    :class:`~dinokit.train.step.NonFiniteTrainingError` after checkpointing the last finite state,
+    :class:`~dinokit.train.run_lock.RunDirectoryLockedError` when another training holds the run
+    directory, and :class:`~dinokit.train.checkpoint_io.CheckpointWriteError` when a checkpoint
+    cannot be written (earlier ones are kept).
     """
-    cfg = with_band_statistics(with_launcher_env(cfg.validate()))  # torchrun / srun world (issue 12)
-    run_dir, ckpt = resolve_run_dir(cfg)
+    cfg = with_band_statistics(with_launcher_env(cfg.validate()))  # the torchrun / srun world
+    run_dir = run_directory(cfg)
+    with RunLock(run_dir):  # one training at a time in a run directory
+        return _fit_in(cfg, run_dir)
+
+
+def _fit_in(cfg: Config, run_dir: Path) -> FitResult:
+    """:func:`fit` in its run directory, whose lock this process holds."""
+    ckpt = resume_checkpoint(cfg, run_dir)
     if ckpt is not None:
         check_resume_compatible(ckpt, cfg)
     _prepare_run_dir(run_dir)
@@ -375,9 +419,11 @@ def fit(cfg: Config) -> FitResult:
     with quiet_lightning((*LIGHTNING_NOISE, *FIT_NOISE)):
         trainer = build_trainer(cfg, run_dir)
         prepare_for_strategy(method, trainer, cfg.trainer.sync_batchnorm)  # SyncBN (issue 12)
+        preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCallback))
         try:
-            trainer.fit(module, train_dataloaders=loader, ckpt_path=str(ckpt) if ckpt else None,
-                        weights_only=True)
+            with preemption.catching_ctrl_c():
+                trainer.fit(module, train_dataloaders=loader, ckpt_path=str(ckpt) if ckpt else None,
+                            weights_only=True)
         except Exception as e:
             if not isinstance(e, Preempted):  # tell where to restart from (the CLI prints it)
                 with contextlib.suppress(Exception):
@@ -388,7 +434,8 @@ def fit(cfg: Config) -> FitResult:
         kept.rename(metrics)
     skipped = _report_skipped(loader.dataset)
     if trainer.is_global_zero:
-        _write_curves(run_dir, cfg.dino.n_prototypes)
+        _write_curves(run_dir, cfg.dino.n_prototypes,
+                      logged=trainer.global_step >= cfg.trainer.log_every_n_steps)
     guard = next((c for c in trainer.callbacks if isinstance(c, CollapseGuard)), None)
     return FitResult(run_dir, newest_finite_checkpoint(trainer, run_dir), method, module, trainer,
                      collapse=guard.status if guard else "", skipped_images=skipped,
@@ -409,7 +456,7 @@ def newest_finite_checkpoint(trainer: pl.Trainer | None, run_dir: str | Path) ->
         newest = io.newest_finite()
         if newest is not None:
             return newest
-    found, _ = newest_good_checkpoint(run_checkpoints(run_dir))
+    found, _ = newest_good_checkpoint(run_checkpoints(run_dir), skip_unreadable=True)
     return found
 
 
@@ -439,7 +486,11 @@ def _keep_previous_metrics(run_dir: Path) -> Path | None:
     return None
 
 
-def _write_curves(run_dir: Path, n_prototypes: int) -> None:
+def _write_curves(run_dir: Path, n_prototypes: int, logged: bool = True) -> None:
+    """Draw ``pictures/curves.png``; ``logged``: whether the run was long enough to log a step
+    (a shorter one has nothing to draw, which is no reason to warn)."""
+    if not logged and not any((run_dir / "logs").glob("metrics*.csv")):
+        return
     try:
         from dinokit.viz.curves import plot_training_curves
     except ImportError:  # pragma: no cover - while viz is being built

@@ -13,13 +13,16 @@ DINO loss (``train/loss_cls`` when logged, else ``train/loss``) at logging steps
 device tensors; reading them is the one host sync, which logging does anyway). When the reading
 stays collapsed for ``window`` optimiser steps it warns once, naming the symptom and the usual
 remedies; with ``stop=True`` it raises :class:`CollapseDetected` (the CLI exits with code 3).
-Its :attr:`status` is one line for the run's final summary.
+Its :attr:`status` is one line for the run's final summary, which says what the last reading
+shows: a collapse is named there even when it lasted less than the window (the window decides
+when to warn or stop, not what the summary says).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -78,8 +81,21 @@ class CollapseGuard(pl.Callback):
         if not self.last_reading:
             return "collapse check: no teacher diagnostics were logged"
         r = self.last_reading
+        if self.symptom:  # collapsed at the end, for less than the window: no warning was given
+            return (f"collapse check: {self._describe(self.symptom, self.since or 0, r['entropy'], r['kl'])}"
+                    f"; shorter than trainer.collapse_window ({self.window} steps), so not warned")
+        ln_k = math.log(self.n_prototypes)
+        if collapse_status(ln_k, r["entropy"], r["kl"], self.n_prototypes) != "ok":
+            # the teacher reads as uniform collapse; only the loss is not pinned at ln K (yet)
+            return (f"collapse check: the teacher is flat, as in uniform collapse (teacher entropy "
+                    f"{r['entropy']:.3f} nats, KL of the mean to uniform {r['kl']:.4f}, ln K = {ln_k:.3f}); "
+                    "the loss is not pinned at ln K yet")
         return (f"collapse check: ok (teacher entropy {r['entropy']:.3f} nats, KL to uniform "
-                f"{r['kl']:.3f}, ln K = {math.log(self.n_prototypes):.3f})")
+                f"{r['kl']:.3f}, ln K = {ln_k:.3f})")
+
+    def _describe(self, state: str, since: int, entropy: float, kl_uniform: float) -> str:
+        return (f"{state} since step {since} (teacher entropy {entropy:.3f} nats, KL of the mean "
+                f"to uniform {kl_uniform:.4f}, ln K = {math.log(self.n_prototypes):.3f})")
 
     def observe(self, step: int, loss: float, entropy: float, kl_uniform: float) -> str | None:
         """Feed one reading; returns the warning text the first time the collapse is confirmed."""
@@ -94,10 +110,7 @@ class CollapseGuard(pl.Callback):
             self.symptom, self.since = state, step
         if self.reported or step - (self.since or 0) < self.window:
             return None
-        self.reported = (
-            f"{state} since step {self.since} (teacher entropy {entropy:.3f} nats, KL of the mean "
-            f"to uniform {kl_uniform:.4f}, ln K = {math.log(self.n_prototypes):.3f})"
-        )
+        self.reported = self._describe(state, self.since or 0, entropy, kl_uniform)
         return f"the teacher has collapsed: {self.reported}; {REMEDIES}"
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
@@ -126,3 +139,33 @@ class CollapseGuard(pl.Callback):
         self.symptom = state_dict.get("symptom")
         self.since = state_dict.get("since")
         self.reported = state_dict.get("reported")
+
+
+class NonFiniteStopCheckpoint(pl.Callback):
+    """Write ``last.ckpt`` before the non-finite guard stops the run.
+
+    The guard (:meth:`~dinokit.train.step.TrainingStep.check_nonfinite`) stops after
+    ``trainer.max_nonfinite_steps`` consecutive non-finite steps, each of which was skipped on the
+    device: the weights, EMA teacher, centre and optimiser state are still those of the last finite
+    step. The module raises the stop at the end of the step (``pending_stop``); this callback runs
+    first and saves that state, so the run keeps its progress since the last periodic checkpoint
+    (a save that fails, or weights that are somehow not finite, leave the earlier files as they are).
+
+    Args:
+        last_path: where to write the checkpoint (``checkpoints/last.ckpt``).
+    """
+
+    def __init__(self, last_path: str | Path):
+        self.last_path = Path(last_path)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        stop = getattr(pl_module, "pending_stop", None)
+        if stop is None:
+            return
+        pl_module.pending_stop = None
+        try:
+            trainer.save_checkpoint(str(self.last_path), weights_only=False)
+        except OSError as e:
+            warnings.warn(str(e), stacklevel=2)
+        raise stop

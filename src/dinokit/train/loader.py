@@ -9,14 +9,17 @@
   from ``(seed, rank, epoch, first sample of the batch)``: every process and loader worker draws
   its own masks, reproducibly, whatever the worker count, and without touching the training RNG.
 * :class:`ResumableDataLoader` counts the batches it has yielded and exposes
-  ``state_dict``/``load_state_dict``, which Lightning stores in its checkpoints.
+  ``state_dict``/``load_state_dict``, which Lightning stores in its checkpoints. Its workers
+  ignore SIGINT and SIGTERM (:class:`IgnoreStopSignals`): those are the main process's to handle.
 
 Crops depend on the sample only (not on the rank), so a run sees the same crops at any world size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -143,6 +146,48 @@ class SeededCollate:
             return self.collate(list(batch), **kwargs)
 
 
+#: What a scheduler (``scancel``, a time limit) and a terminal (Ctrl-C) send to a whole process group.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class IgnoreStopSignals:
+    """A loader ``worker_init_fn``: ignore SIGINT and SIGTERM, then run ``chained`` (if any).
+
+    Those signals reach the whole process group, workers included. The main process turns them
+    into a checkpoint at the end of the current step (:mod:`dinokit.train.preemption`); a worker
+    that died of them would make the main process raise "DataLoader worker ... killed by signal"
+    in the middle of that step or of the checkpoint's save. An ignoring worker lives until the
+    main process shuts the loader down, and exits by itself if the main process dies (torch's
+    worker watchdog). Workers start with the signals blocked (:func:`stop_signals_blocked`), so
+    one arriving before this function runs is discarded when it sets the disposition.
+    """
+
+    def __init__(self, chained: Callable[[int], Any] | None = None):
+        self.chained = chained
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        if hasattr(signal, "pthread_sigmask"):  # POSIX
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        if self.chained is not None:
+            self.chained(worker_id)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Block SIGINT and SIGTERM in this thread within the block: processes started there (loader
+    workers) inherit the mask; this thread gets a signal that arrived meanwhile when the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: workers may die of a signal at start-up
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class ResumableDataLoader(DataLoader):
     """DataLoader over an :class:`EpochSampler` that remembers how far the epoch got."""
 
@@ -166,7 +211,12 @@ class ResumableDataLoader(DataLoader):
         if self.generator is not None:  # worker seeds: per process and epoch, same after a resume
             self.generator.manual_seed(sample_seed(self.seed, sampler.epoch, 2**40 + rank))
         self._yielded = sampler.start // self.batch_size  # type: ignore[operator]
-        for batch in super().__iter__():
+        if self.num_workers > 0 and not isinstance(self.worker_init_fn, IgnoreStopSignals):
+            # Wrapped here, not in __init__: Lightning adds its worker seeding only when none is set.
+            self.worker_init_fn = IgnoreStopSignals(self.worker_init_fn)
+        with stop_signals_blocked():  # the workers start here (once, with persistent workers)
+            batches = super().__iter__()
+        for batch in batches:
             self._yielded += 1
             yield batch
         sampler.start = 0

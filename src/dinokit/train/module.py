@@ -3,7 +3,10 @@
 Lightning supplies the engine (devices, DDP, logging, checkpoints, callbacks); the step itself is
 :class:`~dinokit.train.step.TrainingStep`, the same object the plain trainer and the estimator
 run (manual optimisation: the module hands Lightning's backward and optimiser step to it).
-Metrics are logged as device tensors; the non-finite guard is read only at logging steps.
+Metrics are logged as device tensors; the non-finite guard is read only at logging steps, and
+when it stops the run it does so at the end of the step (``on_train_batch_end``), once callbacks
+have seen the finished step: ``dinokit train`` checkpoints it first
+(:class:`~dinokit.train.guards.NonFiniteStopCheckpoint`).
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ class DINOModule(pl.LightningModule):
         self.run_config = config or {}
         self.step_fn: TrainingStep | None = None
         self._pending_step_state: dict[str, Any] | None = None
+        #: the non-finite guard's stop, raised at the end of the step that found it
+        self.pending_stop: NonFiniteTrainingError | None = None
 
     # ------------------------------------------------------------------ setup
     def global_batch_size(self) -> int:
@@ -168,8 +173,16 @@ class DINOModule(pl.LightningModule):
             total = self.step_fn.nonfinite_total
             if total is not None:
                 self.log("train/nonfinite_steps", total.float())
-            self.step_fn.check_nonfinite(self.global_step, self.current_epoch)
+            try:
+                self.step_fn.check_nonfinite(self.global_step, self.current_epoch)
+            except NonFiniteTrainingError as e:
+                self.pending_stop = e
         return result.output.loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        stop, self.pending_stop = self.pending_stop, None
+        if stop is not None:
+            raise stop
 
     def record_step(self, output: Any) -> None:
         """Hook: sees each step's method output (the estimator builds its per-step dicts from it)."""

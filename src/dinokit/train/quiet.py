@@ -19,13 +19,16 @@ NO_VAL_LOADER = ".*You defined a `validation_step` but have no `val_dataloader`.
 
 #: Messages of ``dinokit train``'s own set-up, where every module is dinokit's: one loader worker on
 #: small machines, steps skipped on purpose, a run directory that is resumed into, the k-NN
-#: monitor's validation step without a validation loader, the frozen Gram teacher in eval mode.
+#: monitor's validation step without a validation loader, the frozen Gram teacher in eval mode,
+#: and the code sample Lightning prints for step checkpoints under manual optimisation (a step
+#: checkpoint holds the state after the step's update, which is what a resume needs).
 FIT_NOISE: tuple[str, ...] = (
     ".*does not have many workers.*",
     ".*`training_step` returned `None`.*",
     ".*Checkpoint directory .* exists and is not empty.*",
     NO_VAL_LOADER,
     ".*module\\(s\\) in eval mode at the start of training.*",  # DINOv3's frozen Gram teacher
+    ".*Using ModelCheckpoint with manual optimization and every_n_train_steps.*",
 )
 
 #: Where Lightning logs from (``rank_zero_info``), and the parents that hold its stream handler.
