@@ -29,15 +29,22 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from dinokit import atomic
 from dinokit.config import Config, ConfigError, from_dict, upgrade_saved
+from dinokit.data import EvalTransform
+from dinokit.eval.monitor import KNNMonitor
 from dinokit.train.build import (
+    build_dataset,
     build_method,
     build_module,
+    build_multicrop_config,
     build_train_loader,
     check_devices,
+    planned_world_size,
     resolved_precision,
     with_band_statistics,
 )
@@ -51,12 +58,15 @@ from dinokit.train.checkpoint_io import (
     run_checkpoints,
     verify_checkpoint,
 )
+from dinokit.train.fsdp import FSDP2Strategy
 from dinokit.train.guards import CollapseGuard, NonFiniteStopCheckpoint
 from dinokit.train.loader import IgnoreStopSignals
 from dinokit.train.preemption import Preempted, PreemptionCallback
 from dinokit.train.quiet import FIT_NOISE, LIGHTNING_NOISE, quiet_lightning
 from dinokit.train.run_lock import RunLock
+from dinokit.train.step import STEP_PRECISIONS
 from dinokit.train.strategy import prepare_for_strategy, with_launcher_env
+from dinokit.viz.curves import plot_training_curves
 from dinokit.weights import check_checkpoint_fits
 
 #: Config keys that may change when resuming; any other change breaks exact continuation.
@@ -170,7 +180,7 @@ def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
 def _records_global_batch(obj: dict[str, Any]) -> bool:
     """Whether the checkpoint's loader state records its global batch (``data.batch_size`` x
     processes), which :meth:`~dinokit.train.loader.ResumableDataLoader.load_state_dict` checks:
-    ``data.batch_size`` may then change with the world size (issue 12)."""
+    ``data.batch_size`` may then change with the world size."""
     try:
         states = obj["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     except (KeyError, TypeError):
@@ -207,7 +217,7 @@ def _cut_short(trainer: pl.Trainer) -> bool:
 class RunCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint, except after an epoch cut short by ``trainer.max_steps``: a
     checkpoint taken at that epoch's end (or at the end of training) would record the epoch as
-    finished, and a resume with a larger ``max_steps`` would skip the rest of it (issue 9).
+    finished, and a resume with a larger ``max_steps`` would skip the rest of it.
     :class:`FinalStepCheckpoint` saves the mid-epoch state instead."""
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -234,8 +244,6 @@ class FinalStepCheckpoint(pl.Callback):
 
 
 def _callbacks(cfg: Config, run_dir: Path) -> list[pl.Callback]:
-    from lightning.pytorch.callbacks import TQDMProgressBar
-
     ckpt_dir = run_dir / "checkpoints"
     # Both checkpoint callbacks write the same last.ckpt (no "-v1" copies): whichever saves later
     # in a step wrote the newer state, so last.ckpt is always the last state.
@@ -273,10 +281,6 @@ def _callbacks(cfg: Config, run_dir: Path) -> list[pl.Callback]:
 def _knn_monitor(cfg: Config) -> pl.Callback | None:
     if cfg.trainer.knn_every_n_epochs <= 0:
         return None
-    from dinokit.data import EvalTransform
-    from dinokit.eval.monitor import KNNMonitor
-    from dinokit.train.build import build_dataset, build_multicrop_config
-
     tf = EvalTransform.for_config(build_multicrop_config(cfg))
     train = build_dataset(cfg, "train", transform=tf)
     if cfg.data.dataset in ("folder", "multiband") and not cfg.data.val_path:
@@ -296,9 +300,6 @@ def fsdp_strategy(cfg: Config) -> Any:
     :func:`~dinokit.train.strategy.shard_method`) through :class:`~dinokit.train.fsdp.FSDP2Strategy`
     on a 1-D data-parallel mesh; checkpoints hold full tensors, so a run resumes at any world size
     and with any strategy."""
-    from dinokit.train.build import planned_world_size
-    from dinokit.train.fsdp import FSDP2Strategy
-
     if cfg.trainer.strategy != "fsdp":
         raise ConfigError(f"trainer.strategy: {cfg.trainer.strategy!r} is not supported; 'fsdp' is FSDP2 "
                           "(fully_shard of student and teacher, full-tensor checkpoints)")
@@ -309,15 +310,11 @@ def engine_precision(precision: str) -> str:
     """What Lightning is given for ``trainer.precision``: whole-model dtypes (``64``, ``*-true``)
     stay Lightning's; autocast precisions (``bf16-mixed``, ``16-mixed``) belong to the training
     step (:data:`~dinokit.train.step.STEP_PRECISIONS`), so Lightning runs ``32-true``."""
-    from dinokit.train.step import STEP_PRECISIONS
-
     return "32-true" if precision in STEP_PRECISIONS else precision
 
 
 def build_trainer(cfg: Config, run_dir: Path, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
     """The Lightning Trainer for ``cfg.trainer`` logging to ``run_dir``."""
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
     check_devices(cfg)
     t = cfg.trainer
     devices: Any = t.devices
@@ -329,8 +326,6 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list[pl.Callback] | Non
     except ModuleNotFoundError:  # pragma: no cover - tensorboard is a dependency
         warnings.warn("tensorboard is not installed: logging to CSV only", stacklevel=2)
     plugins: list[Any] = [SafeCheckpointIO()]
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
     if SLURMEnvironment.detect():
         # Requeueing is done at a step boundary by PreemptionCallback, not inside Lightning's
         # signal handler (which would save in the middle of a step).
@@ -418,7 +413,7 @@ def _fit_in(cfg: Config, run_dir: Path) -> FitResult:
         method.compile()  # the whole forward: student, teacher, heads and every loss term
     with quiet_lightning((*LIGHTNING_NOISE, *FIT_NOISE)):
         trainer = build_trainer(cfg, run_dir)
-        prepare_for_strategy(method, trainer, cfg.trainer.sync_batchnorm)  # SyncBN (issue 12)
+        prepare_for_strategy(method, trainer, cfg.trainer.sync_batchnorm)  # SyncBatchNorm across processes
         preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCallback))
         try:
             with preemption.catching_ctrl_c():
@@ -490,10 +485,6 @@ def _write_curves(run_dir: Path, n_prototypes: int, logged: bool = True) -> None
     """Draw ``pictures/curves.png``; ``logged``: whether the run was long enough to log a step
     (a shorter one has nothing to draw, which is no reason to warn)."""
     if not logged and not any((run_dir / "logs").glob("metrics*.csv")):
-        return
-    try:
-        from dinokit.viz.curves import plot_training_curves
-    except ImportError:  # pragma: no cover - while viz is being built
         return
     try:
         plot_training_curves(run_dir, run_dir / "pictures" / "curves.png", n_prototypes)
