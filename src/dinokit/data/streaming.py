@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dinokit.atomic import atomic_write, write_text
 from dinokit.distributed import rank_world as _rank_world
 from dinokit.seeding import sample_seed
+from dinokit.worker_signals import stop_signals_blocked
 
 INDEX_FILE = "index.json"
 _MASK_SALT = 0x5EED_0F_3A5C
@@ -336,7 +337,8 @@ class StreamLoader:
         self.dataset.rotate = self.consumed % workers
         dl = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                         persistent_workers=False, **self.loader_kwargs)
-        return iter(dl)
+        with stop_signals_blocked():  # workers start with the stop signals blocked, then ignore them
+            return iter(dl)
 
     def __iter__(self) -> Iterator[Any]:
         if self.batches >= self.iterations:  # a new epoch
