@@ -267,8 +267,8 @@ NAN_AT_STEP_4 = """
 import sys, torch
 from dinokit.train.step import TrainingStep
 real = TrainingStep.forward
-def forward(self, batch):
-    out = real(self, batch)
+def forward(self, batch, *args, **kwargs):
+    out = real(self, batch, *args, **kwargs)
     if self.method.training and getattr(self, "_calls", 0) >= 4:  # steps 5, 6, 7...: NaN loss
         out.loss = out.loss * float("nan")
     self._calls = getattr(self, "_calls", 0) + 1

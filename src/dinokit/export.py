@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import timm
 import torch
-from safetensors.torch import save_file
 from timm.models import save_for_hf
 from torch import Tensor, nn
 
@@ -193,7 +193,7 @@ def export_backbone(source: Any, path: str | Path, *, which: str = "teacher", me
     out = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     base = _base(path)
     with atomic_paths([base.with_suffix(".safetensors"), base.with_suffix(".json")]) as (weights, meta):
-        save_file(out, str(weights))
+        safetensors.torch.save_file(out, str(weights))
         meta.write_text(json.dumps(_metadata(e, which), indent=2))
     return base.with_suffix(".safetensors")
 
