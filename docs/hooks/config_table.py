@@ -69,26 +69,45 @@ def _fields(section: str) -> tuple[str, dict[str, dataclasses.Field], dict[str, 
             typing.get_type_hints(cls))
 
 
+def _table(prefix: str, doc: str, names: list[str], fields: dict[str, dataclasses.Field],
+           hints: dict[str, Any]) -> list[str]:
+    out = [f"### `{prefix}`", ""]
+    if doc:
+        out += [_cell(" ".join(doc.split())), ""]
+    out += ["| key | default | values | meaning |", "| --- | --- | --- | --- |"]
+    for name in names:
+        f = fields.get(name)
+        default = _default(f) if f is not None else ""
+        kind = _type(hints[name]) if name in hints else ""
+        text = f.metadata.get("help", "") if f is not None else ""
+        out.append(f"| `{prefix}.{name}` | {_cell(default)} | {kind} | {_cell(text)} |")
+    return [*out, ""]
+
+
+def _list_sections() -> dict[str, type]:
+    """Config fields that hold a list of settings objects (e.g. ``stages``): name -> item class."""
+    out = {}
+    for name, tp in typing.get_type_hints(config.Config).items():
+        args = get_args(tp)
+        if get_origin(tp) is list and len(args) == 1 and dataclasses.is_dataclass(args[0]):
+            out[name] = args[0]
+    return out
+
+
 def config_reference() -> str:
-    """Markdown tables of every config key, grouped by section in the order of ``all_keys()``."""
+    """Markdown tables of every config key, grouped by section in the order of ``all_keys()``, then
+    one table per list section (the keys of each item, as ``stages[].name``)."""
     sections: dict[str, list[str]] = {}
     for key in config.all_keys():
         section, name = key.split(".", 1)
         sections.setdefault(section, []).append(name)
     out = []
     for section, names in sections.items():
-        doc, fields, hints = _fields(section)
-        out += [f"### `{section}`", ""]
-        if doc:
-            out += [_cell(doc), ""]
-        out += ["| key | default | values | meaning |", "| --- | --- | --- | --- |"]
-        for name in names:
-            f = fields.get(name)
-            default = _default(f) if f is not None else ""
-            kind = _type(hints[name]) if name in hints else ""
-            text = f.metadata.get("help", "") if f is not None else ""
-            out.append(f"| `{section}.{name}` | {_cell(default)} | {kind} | {_cell(text)} |")
-        out.append("")
+        out += _table(section, *_fields(section)[:1], names, *_fields(section)[1:])
+    for section, cls in _list_sections().items():
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        out += _table(f"{section}[]", (cls.__doc__ or "").strip(), list(fields), fields,
+                      typing.get_type_hints(cls))
     return "\n".join(out)
 
 
