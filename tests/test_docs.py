@@ -235,6 +235,18 @@ def test_readme_links_point_at_files():
         assert (ROOT / target.split("#")[0]).exists(), f"README.md links to a missing file: {target}"
 
 
+def test_config_keys_named_in_the_prose_exist():
+    """A key named in the text (`optim.lr`, `trainer.resume=auto`) must be one the config accepts."""
+    keys = set(all_keys())
+    sections = {k.split(".")[0] for k in keys}
+    wrong = []
+    for page in PAGES:
+        for section, name in re.findall(r"`([a-z_]+)\.([a-z_0-9]+)(?:=[^`]*)?`", page.read_text()):
+            if section in sections and f"{section}.{name}" not in keys:
+                wrong.append(f"{page.relative_to(ROOT)}: {section}.{name}")
+    assert not wrong, "unknown config keys named in the docs:\n" + "\n".join(wrong)
+
+
 def test_readme_stays_a_short_guide():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 210
 
