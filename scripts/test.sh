@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's test command: set up .venv, lint, run the whole test suite on the CPU.
+# The README's test command: set up .venv, lint, run the whole test suite on the CPU, build the docs
+# site in strict mode (a broken link or API reference fails).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -9,3 +10,5 @@ echo "[test] ruff"
 echo "[test] pytest"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MPLBACKEND=Agg
 .venv/bin/python -m pytest -q -n "${DINOKIT_TEST_WORKERS:-2}" --dist loadfile "$@"
+echo "[test] docs"
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet
