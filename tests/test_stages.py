@@ -96,3 +96,51 @@ def test_bad_stages_name_the_stage_and_key(stages, message):
 def test_a_stage_freezing_an_unknown_part_is_refused_before_training(tmp_path, capsys):
     assert _train(tmp_path, "bad", "stages=[{name: a, steps: 2, frozen: [neck]}]") == 2
     assert "neck" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ stages with their own crops
+CROPS = ["stages=[{name: low, steps: 3, crops: {global_size: 16, local_size: 8, n_local: 1}}, {name: high}]",
+         "crops.n_local=2"]
+
+
+def test_a_stage_with_its_own_crops_feeds_its_steps_those_crops():
+    """The loader gives the samples of each optimiser step the crops of that step's stage: 16/8 px
+    and 1 local crop for steps 0-2, then the run's 28/16 px (the demo preset) and 2 local crops."""
+    from dinokit.train.build import build_train_loader
+
+    tiny = [t for t in TINY[2:] if not t.startswith("stages=")] + CROPS
+    cfg = load_config("demo", tiny)
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    shapes = []
+    for step, batch in enumerate(build_train_loader(cfg, method)):
+        shapes.append((step, batch["global_views"][0].shape[-1], batch["local_views"][0].shape[-1],
+                       len(batch["local_views"])))
+        if step == 4:
+            break
+    assert shapes == [(0, 16, 8, 1), (1, 16, 8, 1), (2, 16, 8, 1), (3, 28, 16, 2), (4, 28, 16, 2)]
+
+
+def test_a_run_whose_stages_change_the_crops_resumes_exactly_across_the_boundary(tmp_path):
+    extra = [t for t in TINY if t.startswith("stages=")]
+    crops = ["stages=[{name: low, steps: 4, crops: {global_size: 16, local_size: 8, n_local: 1}}, {name: high}]",
+             "crops.n_local=2", "data.num_workers=1"]
+    assert extra  # the TINY stages are replaced by these
+    assert _train(tmp_path, "ref", "trainer.max_steps=7", *crops) == 0
+    assert _train(tmp_path, "cut", "trainer.max_steps=3", *crops) == 0  # inside the low-resolution stage
+    assert _train(tmp_path, "cut", "trainer.max_steps=7", "trainer.resume=last", *crops) == 0
+    a = _ckpt(tmp_path / "ref" / "checkpoints" / "last.ckpt")
+    b = _ckpt(tmp_path / "cut" / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 7
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(v, b["state_dict"][k], rtol=0, atol=0, msg=f"{k} differs")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["stages=[{name: a, steps: 2, crops: {n_global: 3}}]"], "'n_global' is not a crop setting a stage may change"),
+    (["stages=[{name: a, steps: 2, crops: {global_size: 16}}]", "data.augment_on=device"],
+     "needs them made in the loader workers"),
+])
+def test_bad_stage_crops_are_refused(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", extra)

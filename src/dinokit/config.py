@@ -21,6 +21,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from dinokit.settings import (
+    STAGE_CROPS,
     STRATEGY_FAMILIES,
     TERM_SECTIONS,
     BackboneSettings,
@@ -136,6 +137,9 @@ class Config:
             raise ConfigError(f"gram.weight: method {self.model.method!r} has no Gram anchoring term (its "
                               f"terms: {', '.join(spec.sections)}; dinov3 has one)")
         _check_stages(self.stages, spec.sections)
+        if any(s.crops for s in self.stages) and (d.dataset == "shards" or d.augment_on == "device"):
+            raise ConfigError("stages: a stage with its own crops needs them made in the loader workers from "
+                              "an indexed dataset (data.augment_on=workers, not data.dataset=shards)")
         return self
 
 
@@ -440,10 +444,25 @@ def parse_stages(value: Any) -> list[StageSettings]:
                 if not isinstance(v, dict):
                     raise ConfigError(f"stages[{i}].weights: expected a mapping term -> weight, got {v!r}")
                 setattr(stage, k, dict(v))
+            elif k == "crops":
+                setattr(stage, k, _stage_crops(f"stages[{i}].crops", v))
             else:
                 setattr(stage, k, _coerce(f"stages[{i}].{k}", v, tp, dict(fmap[k].metadata)))
         stages.append(stage)
     return stages
+
+
+def _stage_crops(key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of crop settings, got {value!r}")
+    fields, hints = _field_map(CropSettings), typing.get_type_hints(CropSettings)
+    out = {}
+    for name, v in value.items():
+        if name not in STAGE_CROPS:
+            raise ConfigError(f"{key}: {name!r} is not a crop setting a stage may change; use "
+                              f"{list(STAGE_CROPS)}{_suggest(str(name), list(STAGE_CROPS))}")
+        out[name] = _coerce(f"{key}.{name}", v, hints[name], dict(fields[name].metadata))
+    return out
 
 
 def set_value(cfg: Config, key: str, value: Any) -> None:

@@ -300,7 +300,8 @@ class StageSettings:
     teacher included: ``backbone``, ``heads`` (every head), a head by name (``head``,
     ``patch_head``) or ``patch_embed``. ``lr_mult`` scales the learning rate; ``warmup_epochs``
     warms it up again from the stage's first step; ``weights`` overrides loss-term weights by
-    section name (``{gram: 0}``).
+    section name (``{gram: 0}``); ``crops`` overrides the crops of the samples drawn for the stage
+    (e.g. DINOv3's high-resolution stage: ``{global_size: 512, local_size: 112}``).
     """
 
     name: str = setting("stage", "the stage's name (logged as the stage metric and in checkpoints)")
@@ -313,10 +314,14 @@ class StageSettings:
     warmup_epochs: float = setting(0.0, "warm the learning rate up again over these epochs from the "
                                    "stage's start (0 = no)", ge=0)
     weights: dict = setting({}, "loss-term weight overrides by section: dino, ibot, koleo, gram")
+    crops: dict = setting({}, "crop overrides for the stage's samples: global_size, local_size, n_local, "
+                          "global_scale, local_scale (the crops are made in the loader workers)")
 
 
 #: Parts a stage may freeze besides head names.
 FREEZABLE = ("backbone", "heads", "patch_embed")
+#: Crop settings a stage may override.
+STAGE_CROPS = ("global_size", "local_size", "n_local", "global_scale", "local_scale")
 #: Loss-term sections whose weights a stage may override.
 TERM_SECTIONS = ("dino", "ibot", "koleo", "gram")
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dinokit.backbones import BackboneArgumentError, BackboneError, check_crop_sizes
-from dinokit.clock import frozen_prefixes
+from dinokit.clock import frozen_prefixes, place_stages
 from dinokit.config import Config, ConfigError
 from dinokit.data import (
     ImageFolderDataset,
@@ -34,7 +36,7 @@ from dinokit.methods.base import SelfDistillationMethod
 from dinokit.methods.registry import build_method as build_registered
 from dinokit.methods.registry import method_spec
 from dinokit.settings import MethodSettings
-from dinokit.train.loader import ResumableDataLoader, SeededViews
+from dinokit.train.loader import ByStage, ResumableDataLoader, SeededViews
 from dinokit.train.module import DINOModule
 from dinokit.train.step import STEP_PRECISIONS, StepSettings
 from dinokit.weights import apply_init_weights
@@ -265,15 +267,45 @@ def build_train_loader(cfg: Config, method: SelfDistillationMethod) -> DataLoade
         raise ConfigError(
             f"data.batch_size: {d.batch_size} is larger than the dataset ({len(views)} images)"
         )
+    staged_collate = None
+    if any(s.crops for s in cfg.stages):  # stages with their own crops: picked per sample by its step
+        views.staged, staged_collate = stage_crops(cfg, method, len(views))
     return ResumableDataLoader(
         views,
         batch_size=d.batch_size,
         seed=cfg.trainer.seed,
         num_workers=d.num_workers,
         collate_fn=collate,
+        staged_collate=staged_collate,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=d.num_workers > 0,
     )
+
+
+def stage_crops(cfg: Config, method: SelfDistillationMethod, n_images: int) -> tuple[ByStage, ByStage]:
+    """The multi-crop transform and the collate of each stage (its ``crops`` over ``cfg.crops``),
+    picked per sample by the optimiser step it is drawn for: ``(transforms, collates)``."""
+    world, d = planned_world_size(cfg), cfg.data
+    batches = (n_images // world) // d.batch_size
+    steps_per_epoch = max(1, math.ceil(batches / cfg.trainer.accumulate_grad_batches))
+    with warnings.catch_warnings():  # the run's own clock warns about stages past its end
+        warnings.simplefilter("ignore")
+        starts = [s.start for s in place_stages(cfg.stages, 1 << 40, steps_per_epoch)]
+    transforms, collates = [], []
+    for i, stage in enumerate(cfg.stages):
+        staged = dataclasses.replace(cfg, crops=dataclasses.replace(cfg.crops, **stage.crops))
+        mc = build_multicrop_config(staged)
+        sizes = {f"stages[{i}].crops.global_size": mc.global_size,
+                 f"stages[{i}].crops.local_size": mc.local_size}
+        try:
+            check_crop_sizes(method.student_backbone.patch_size, sizes)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        transforms.append(MultiCropTransform(mc))
+        collates.append(build_collate(staged, method))
+    common = dict(steps_per_epoch=steps_per_epoch, batch_size=d.batch_size,
+                  accumulate=cfg.trainer.accumulate_grad_batches)
+    return ByStage(transforms, starts, **common), ByStage(collates, starts, **common)
 
 
 def resolved_precision(cfg: Config) -> str:

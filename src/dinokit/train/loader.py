@@ -17,6 +17,7 @@ Crops depend on the sample only (not on the rank), so a run sees the same crops 
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -33,10 +34,27 @@ _MASK_SALT = 0x5EED_0F_3A5C
 _ITEM_MASK_SALT = 0x5A3F_1E_77D1
 
 
+class SampleKey(int):
+    """A sampler key, ``epoch * len(dataset) + index``, that also knows ``pos``: the sample's place
+    in its process's epoch (what tells the dataset which optimiser step, and so which training
+    stage, the sample is drawn for)."""
+
+    pos: int
+
+    def __new__(cls, key: int, pos: int) -> SampleKey:
+        self = super().__new__(cls, key)
+        self.pos = int(pos)
+        return self
+
+    def __reduce__(self) -> tuple[Any, tuple[int, int]]:
+        return SampleKey, (int(self), self.pos)
+
+
 class EpochSampler(Sampler[int]):
     """Seeded shuffling per epoch, sharded over processes, dropping the ragged tail.
 
-    Yields ``epoch * len(dataset) + index`` so the dataset knows the epoch of each sample.
+    Yields ``epoch * len(dataset) + index`` (a :class:`SampleKey`, which also carries the sample's
+    position in the process's epoch) so the dataset knows the epoch of each sample.
     """
 
     def __init__(self, n: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True):
@@ -65,7 +83,8 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         base = self.epoch * self.n
-        return iter([base + i for i in self._indices()[self.start :]])
+        keys = self._indices()[self.start :]
+        return iter([SampleKey(base + i, self.start + j) for j, i in enumerate(keys)])
 
     def __len__(self) -> int:
         # The full epoch, also when resuming: Lightning counts the batches already done itself.
@@ -75,10 +94,16 @@ class EpochSampler(Sampler[int]):
 
 class SeededViews(Dataset):
     """``dataset[i]`` (an image or ``(image, label, ...)``) -> ``(transform(image), label)``, with
-    the transform's randomness seeded from ``(seed, epoch, i)``."""
+    the transform's randomness seeded from ``(seed, epoch, i)``.
 
-    def __init__(self, dataset: Dataset, transform: Callable[[Any], Any], seed: int = 0):
-        self.dataset, self.transform, self.seed = dataset, transform, seed
+    ``staged(epoch, pos) -> transform`` (optional) picks the transform of the training stage a
+    sample at position ``pos`` of its process's epoch is drawn for (stages with their own crops);
+    keys without a position (not from :class:`EpochSampler`) use ``transform``.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Any], Any], seed: int = 0,
+                 staged: Callable[[int, int], Callable[[Any], Any]] | None = None):
+        self.dataset, self.transform, self.seed, self.staged = dataset, transform, seed, staged
         self.n = len(dataset)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
@@ -91,15 +116,17 @@ class SeededViews(Dataset):
             image, label = item[0], (int(item[1]) if len(item) > 1 and item[1] is not None else -1)
         else:
             image, label = item, -1
+        pos = getattr(key, "pos", None)
+        transform = self.transform if self.staged is None or pos is None else self.staged(epoch, pos)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
-            views = self.transform(image)
+            views = transform(image)
         return views, label
 
     def __getitems__(self, keys: list[int]) -> _Batch:
         """A batch of items that remembers its keys (for :class:`SeededCollate`)."""
         out = _Batch(self[k] for k in keys)
-        out.keys, out.n = [int(k) for k in keys], self.n  # type: ignore[attr-defined]
+        out.keys, out.n = list(keys), self.n  # type: ignore[attr-defined]
         return out
 
 
@@ -121,8 +148,9 @@ class SeededCollate:
     are then the same whatever batch, process or worker it lands in.
     """
 
-    def __init__(self, collate: Callable[[Any], Any], seed: int = 0):
-        self.collate, self.seed, self.rank = collate, seed, 0
+    def __init__(self, collate: Callable[[Any], Any], seed: int = 0,
+                 staged: Callable[[int, int], Callable[[Any], Any]] | None = None):
+        self.collate, self.seed, self.rank, self.staged = collate, seed, 0, staged
 
     def batch_seed(self, first_key: int, n: int) -> int:
         epoch, index = divmod(int(first_key), n)
@@ -137,25 +165,48 @@ class SeededCollate:
         keys, n = getattr(batch, "keys", None), getattr(batch, "n", None)
         if not keys or not n:
             return self.collate(batch)
+        collate = self.collate
+        if self.staged is not None and getattr(keys[0], "pos", None) is not None:
+            collate = self.staged(int(keys[0]) // n, keys[0].pos)
         kwargs = {}
-        if getattr(self.collate, "mask_sampling", "batch") == "sample":
+        if getattr(collate, "mask_sampling", "batch") == "sample":
             kwargs["sample_seeds"] = [self.item_seed(k, n) for k in keys]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.batch_seed(keys[0], n))
-            return self.collate(list(batch), **kwargs)
+            return collate(list(batch), **kwargs)
+
+
+class ByStage:
+    """``(epoch, pos) -> items[stage]``: the item of the training stage that a sample at position
+    ``pos`` of its process's epoch is drawn for. The optimiser step of that sample is
+    ``epoch * steps_per_epoch + (pos // batch_size) // accumulate``; ``starts`` are the stages'
+    first steps (:func:`dinokit.clock.place_stages`). Picklable, for loader workers."""
+
+    def __init__(self, items: list[Any], starts: list[int], *, steps_per_epoch: int, batch_size: int,
+                 accumulate: int = 1):
+        self.items, self.starts = list(items), list(starts)
+        self.steps_per_epoch, self.batch_size, self.accumulate = steps_per_epoch, batch_size, accumulate
+
+    def step(self, epoch: int, pos: int) -> int:
+        return epoch * self.steps_per_epoch + (pos // self.batch_size) // self.accumulate
+
+    def __call__(self, epoch: int, pos: int) -> Any:
+        return self.items[max(0, bisect.bisect_right(self.starts, self.step(epoch, pos)) - 1)]
 
 
 class ResumableDataLoader(DataLoader):
     """DataLoader over an :class:`EpochSampler` that remembers how far the epoch got."""
 
     def __init__(self, dataset: Dataset, *, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = True, **kwargs: Any):
+                 drop_last: bool = True, staged_collate: Callable[[int, int], Any] | None = None,
+                 **kwargs: Any):
         n = len(dataset)  # type: ignore[arg-type]
         sampler = EpochSampler(n, seed=seed, shuffle=shuffle, drop_last=drop_last)
         # Its own generator: starting an epoch must not draw from the global RNG, or a resumed
         # run would see the training RNG (drop path, masks) shifted by one draw.
         kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
-        kwargs["collate_fn"] = SeededCollate(kwargs.get("collate_fn") or default_collate, seed)
+        kwargs["collate_fn"] = SeededCollate(kwargs.get("collate_fn") or default_collate, seed,
+                                             staged=staged_collate)
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                          **kwargs)
         self.seed = seed
