@@ -1,33 +1,43 @@
-"""dinokit: DINO-family self-supervised learning for vision."""
+"""dinokit: DINO-family self-supervised learning for vision.
 
-from dinokit.backbones import Backbone, BackboneOutput, build_backbone
-from dinokit.export import export_backbone, load_backbone
-from dinokit.heads import DINOHead
-from dinokit.losses import DINOLoss
-from dinokit.methods import DINO, DINOOutput, DINOv2, DINOv3
+The names below are imported on first use (PEP 562), so ``import dinokit`` is cheap and a
+command or script pays only for the parts it touches (Lightning for training, scikit-learn for the
+estimator).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    "Backbone": "dinokit.backbones",
+    "BackboneOutput": "dinokit.backbones",
+    "build_backbone": "dinokit.backbones",
+    "export_backbone": "dinokit.export",
+    "load_backbone": "dinokit.export",
+    "DINOHead": "dinokit.heads",
+    "DINOLoss": "dinokit.losses",
+    "DINO": "dinokit.methods",
+    "DINOOutput": "dinokit.methods",
+    "DINOv2": "dinokit.methods",
+    "DINOv3": "dinokit.methods",
+    "DINOEstimator": "dinokit.estimator",
+}
 
-def __getattr__(name: str):
-    """``dinokit.DINOEstimator`` is imported on first use (scikit-learn is only needed there)."""
-    if name == "DINOEstimator":
-        from dinokit.estimator import DINOEstimator
+__all__ = sorted(_EXPORTS)
 
-        return DINOEstimator
-    raise AttributeError(f"module 'dinokit' has no attribute {name!r}")
 
-__all__ = [
-    "DINO",
-    "Backbone",
-    "BackboneOutput",
-    "DINOEstimator",
-    "DINOHead",
-    "DINOLoss",
-    "DINOOutput",
-    "DINOv2",
-    "DINOv3",
-    "build_backbone",
-    "export_backbone",
-    "load_backbone",
-]
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dinokit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
