@@ -20,7 +20,6 @@ import contextlib
 import errno
 import math
 import os
-import secrets
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -30,9 +29,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from dinokit import atomic
+from dinokit.atomic import TEMP_MARK, fsync_dir, temp_name, writer_alive
 from dinokit.weights import load_failure
-
-TEMP_MARK = ".tmp-"
 
 
 class CheckpointWriteError(OSError):
@@ -62,23 +60,6 @@ class CheckpointUnreadableError(CheckpointReadError):
     file it may hold the newest state, so a resume must not skip it."""
 
 
-def _temp_path(path: Path) -> Path:
-    return path.parent / f".{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - some filesystems do not open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - e.g. directories on some network filesystems
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write(obj: Any, f: Any) -> None:
     """Serialise ``obj`` into the open file ``f`` (a separate function so tests can fail it)."""
     torch.save(obj, f)
@@ -96,7 +77,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise CheckpointWriteError(path, e) from e
     if path.parent.exists() and not path.parent.is_dir():  # pragma: no cover - mkdir raises first
         raise CheckpointWriteError(path, NotADirectoryError(f"{path.parent} is not a directory"))
-    tmp = _temp_path(path)
+    tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
             _write(obj, f)
@@ -109,7 +90,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         if isinstance(e, (OSError, RuntimeError)):  # torch.save reports write errors as RuntimeError
             raise CheckpointWriteError(path, e) from e
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def is_first_process() -> bool:
@@ -119,23 +100,6 @@ def is_first_process() -> bool:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var]) == 0
     return all(os.environ.get(v, "0") in ("", "0") for v in ("LOCAL_RANK", "NODE_RANK"))
-
-
-def _writer_alive(name: str) -> bool:
-    """Whether the local process named in a temporary file's name still runs."""
-    try:
-        pid = int(name.split(TEMP_MARK, 1)[1].split("-", 1)[0])
-    except (IndexError, ValueError):
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover - another user's process
-        return True
-    return True
 
 
 def remove_stale_temp_files(directory: str | Path) -> list[Path]:
@@ -148,7 +112,7 @@ def remove_stale_temp_files(directory: str | Path) -> list[Path]:
         return []
     gone = []
     for p in d.iterdir():
-        if p.name.startswith(".") and TEMP_MARK in p.name and p.is_file() and not _writer_alive(p.name):
+        if p.name.startswith(".") and TEMP_MARK in p.name and p.is_file() and not writer_alive(p.name):
             try:
                 p.unlink()
                 gone.append(p)
