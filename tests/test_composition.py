@@ -36,7 +36,7 @@ def _views(b=4, seed=0):
 class CLSVarianceTerm(LossTerm):
     """A toy term: pushes each CLS feature dimension's std towards 1 (VICReg-like variance)."""
 
-    name = "variance"
+    name = "cls_variance"
     consumes = frozenset({GLOBAL_CLS})
 
     def forward(self, f: StepFeatures, student: nn.ModuleDict, teacher: nn.ModuleDict) -> TermOutput:
@@ -46,7 +46,7 @@ class CLSVarianceTerm(LossTerm):
 
 def test_a_new_term_is_one_class_and_one_registration():
     register_term(CLSVarianceTerm)
-    assert TERMS["variance"] is CLSVarianceTerm
+    assert TERMS["cls_variance"] is CLSVarianceTerm
     s = settings(heads=dict(HEAD, norm_last_layer=True, weight_norm=True), dino=dict(n_prototypes=24),
                  teacher=dict(centering="ema", momentum=0.99, warmup_unit="epoch", warmup_epochs=0,
                               temperature=0.04))
@@ -54,8 +54,8 @@ def test_a_new_term_is_one_class_and_one_registration():
     m = ComposedMethod(tiny_vit(), [cls, CLSVarianceTerm(weight=0.5)], teacher=s.teacher)
     g, lv = _views()
     out = m(global_views=g, local_views=lv)
-    assert set(out.losses) == {"loss_cls", "loss_variance"}
-    torch.testing.assert_close(out.loss.detach(), out.losses["loss_cls"] + 0.5 * out.losses["loss_variance"])
+    assert set(out.losses) == {"loss_cls", "loss_cls_variance"}
+    torch.testing.assert_close(out.loss.detach(), out.losses["loss_cls"] + 0.5 * out.losses["loss_cls_variance"])
     out.loss.backward()
     assert all(p.grad is not None for p in m.student_backbone.parameters() if p.requires_grad
                and p is not m.student_backbone.model.pos_embed)
