@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from timm.models import eva, vision_transformer
+from timm.models import adapt_input_conv, eva, vision_transformer
 from torch import Tensor, nn
 
 #: Prefixes of the backbone inside a Lightning checkpoint of :class:`~dinokit.train.DINOModule`.
@@ -273,8 +273,6 @@ def adapt_input_channels(backbone: nn.Module, state: Mapping[str, Tensor]) -> di
     if w is None or t is None or w.ndim != 4 or w.shape[1] == t.shape[1] or w.shape[0] != t.shape[0] \
             or w.shape[2:] != t.shape[2:]:
         return dict(state)
-    from timm.models import adapt_input_conv
-
     return {**state, first: adapt_input_conv(int(t.shape[1]), w)}
 
 

@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,10 +58,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-    import os
-    from pathlib import Path
 
     import torch.distributed as dist
 

@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dinokit.atomic import atomic_write, write_text
+from dinokit.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, ImageFolderDataset, read_image
 from dinokit.distributed import rank_world as _rank_world
 from dinokit.seeding import sample_seed
 from dinokit.worker_signals import stop_signals_blocked
@@ -76,8 +77,6 @@ def write_shards(root: str | Path, out_dir: str | Path, *, shard_size: int = 100
     under a temporary name and renamed once complete (:mod:`dinokit.atomic`), so a killed writer
     never leaves a truncated shard under a shard's name.
     """
-    from dinokit.data.datasets import ImageFolderDataset
-
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     folder = ImageFolderDataset(root)
@@ -141,8 +140,6 @@ def _key_hash(key: str) -> int:
 def decode_sample(sample: dict[str, Any], max_pixels: int | None = None) -> tuple[Any, int]:
     """``(PIL image, label)`` of one raw tar sample (label -1 when it has no ``cls``);
     ``max_pixels``: see :func:`~dinokit.data.datasets.read_image`."""
-    from dinokit.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, read_image
-
     image_ext = next((k for k in sample if not k.startswith("__") and k != "cls"), None)
     if image_ext is None:
         raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no image")
@@ -321,8 +318,6 @@ class StreamLoader:
         workers = max(self.num_workers, 1)
         if self.positions and self.slots not in (None, world * workers):
             # Another world size or worker count: slots own other shards; restart the oldest pass.
-            import warnings
-
             first = min(p for p, _ in self.positions.values())
             warnings.warn(f"the stream was saved with {self.slots} slots (processes x workers) and "
                           f"resumes with {world * workers}: it restarts at the beginning of pass "

@@ -29,6 +29,7 @@ from dinokit.data import (
     load_demo_dataset,
 )
 from dinokit.data.batched import BatchedMultiCrop, DecodeUInt8, UInt8Collate
+from dinokit.data.multiband import MultiBandFolderDataset, band_statistics
 from dinokit.data.preprocessing import Preprocessing
 from dinokit.data.streaming import INDEX_FILE, ShardStream, StreamLoader
 from dinokit.masking import make_mask_generator
@@ -40,6 +41,7 @@ from dinokit.train.loader import ByStage, ResumableDataLoader, SeededViews
 from dinokit.train.module import DINOModule
 from dinokit.train.step import STEP_PRECISIONS, StepSettings
 from dinokit.weights import apply_init_weights
+from dinokit.worker_signals import IgnoreStopSignals
 
 
 def build_method(cfg: Config) -> SelfDistillationMethod:
@@ -119,8 +121,6 @@ def with_band_statistics(cfg: Config) -> Config:
     d = cfg.data
     if d.dataset != "multiband" or (d.mean is not None and d.std is not None):
         return cfg
-    from dinokit.data.multiband import band_statistics
-
     stats = band_statistics(d.path, channels=d.channels)
     out = copy.deepcopy(cfg)
     out.data.mean = tuple(stats.mean) if d.mean is None else d.mean
@@ -155,8 +155,6 @@ def build_dataset(cfg: Config, split: str = "train", transform: Any = None) -> D
         if path is None:
             raise ConfigError(f"data.val_path: needed for validation with data.dataset={d.dataset}")
         if d.dataset == "multiband":
-            from dinokit.data.multiband import MultiBandFolderDataset
-
             return MultiBandFolderDataset(path, transform=transform, channels=d.channels,
                                           strict=d.strict_images)
         return ImageFolderDataset(path, transform=transform, strict=d.strict_images,
@@ -242,8 +240,6 @@ def build_stream_loader(cfg: Config, method: SelfDistillationMethod) -> Any:
         if iterations < 1:
             raise ConfigError(f"data.batch_size: {d.batch_size} x {planned_world_size(cfg)} process(es) "
                               f"is more than the {total} samples in {index}")
-    from dinokit.train.loader import IgnoreStopSignals
-
     return StreamLoader(stream, iterations, num_workers=d.num_workers, pin_memory=torch.cuda.is_available(),
                         worker_init_fn=IgnoreStopSignals())  # the main process handles SIGTERM/SIGINT
 

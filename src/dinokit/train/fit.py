@@ -60,7 +60,6 @@ from dinokit.train.checkpoint_io import (
 )
 from dinokit.train.fsdp import FSDP2Strategy
 from dinokit.train.guards import CollapseGuard, NonFiniteStopCheckpoint
-from dinokit.train.loader import IgnoreStopSignals
 from dinokit.train.preemption import Preempted, PreemptionCallback
 from dinokit.train.quiet import FIT_NOISE, LIGHTNING_NOISE, quiet_lightning
 from dinokit.train.run_lock import RunLock
@@ -68,6 +67,7 @@ from dinokit.train.step import STEP_PRECISIONS
 from dinokit.train.strategy import prepare_for_strategy, with_launcher_env
 from dinokit.viz.curves import plot_training_curves
 from dinokit.weights import check_checkpoint_fits
+from dinokit.worker_signals import IgnoreStopSignals
 
 #: Config keys that may change when resuming; any other change breaks exact continuation.
 RESUMABLE_CHANGES = {
