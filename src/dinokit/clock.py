@@ -104,6 +104,41 @@ def place_stages(stages: Sequence[StageSettings], total_steps: int, steps_per_ep
     return placed
 
 
+class TeacherSchedule:
+    """The teacher's schedules, the one home of both: the EMA momentum (cosine from
+    ``teacher.momentum`` to ``final_momentum`` over ``total_steps``; its start value throughout
+    when the length is unknown) and the temperature (``np.linspace`` warm-up, then constant, indexed
+    by the epoch or, for ``warmup_unit="step"``, by the step over ``warmup_epochs x
+    steps_per_epoch`` steps).
+
+    Args:
+        teacher: resolved teacher settings (``momentum`` and ``warmup_unit`` set).
+        total_steps, steps_per_epoch: the run's length (None: unknown).
+        endpoint: the warm-up reaches its final value at its last index (DINO, DINOv2) or one
+            index later (DINOv3's schedules).
+    """
+
+    def __init__(self, teacher: TeacherSettings, total_steps: int | None, steps_per_epoch: int | None,
+                 endpoint: bool = True):
+        if teacher.momentum is None or teacher.warmup_unit is None:
+            raise ValueError("the teacher's schedules need resolved settings (momentum and warmup_unit set)")
+        self.teacher, self.steps_per_epoch = teacher, steps_per_epoch
+        self.momentum_cosine = (CosineSchedule(teacher.momentum, teacher.final_momentum, total_steps)
+                                if total_steps else None)
+        self.per_step = teacher.warmup_unit == "step" and teacher.warmup_epochs > 0
+        length = round(teacher.warmup_epochs * steps_per_epoch) if self.per_step and steps_per_epoch \
+            else teacher.warmup_epochs
+        self.warmup = TeacherTemperature(teacher.warmup_temperature, teacher.temperature, length,
+                                         endpoint=endpoint)
+
+    def momentum(self, step: int) -> float:
+        return float(self.teacher.momentum) if self.momentum_cosine is None else self.momentum_cosine(step)
+
+    def temperature(self, step: int, epoch: int) -> float:
+        """Per step when the warm-up counts steps and the epoch length is known, else per epoch."""
+        return self.warmup(step if self.per_step and self.steps_per_epoch else epoch)
+
+
 class Clock:
     """Every scheduled value of a run, by optimiser step (see the module docstring).
 
@@ -140,14 +175,7 @@ class Clock:
                                           optim.warmup_start_lr)
         self.wd_schedule = CosineSchedule(optim.weight_decay, optim.weight_decay_end, total)
         self.freeze_steps = min(round(optim.freeze_last_layer_epochs * spe), total)
-        if teacher.momentum is None or teacher.warmup_unit is None:
-            raise ValueError("the clock needs resolved teacher settings (momentum and warmup_unit set)")
-        self.momentum_schedule = CosineSchedule(teacher.momentum, teacher.final_momentum, total)
-        per_step = teacher.warmup_unit == "step"
-        length = teacher.warmup_epochs * (spe if per_step else 1)
-        self.temperature = TeacherTemperature(teacher.warmup_temperature, teacher.temperature,
-                                              round(length) if per_step else length,
-                                              endpoint=temperature_endpoint)
+        self.teacher_schedule = TeacherSchedule(teacher, total, spe, temperature_endpoint)
         self.stages = place_stages(stages, total, spe)
 
     def stage_at(self, step: int) -> Stage:
@@ -160,9 +188,7 @@ class Clock:
         return step // self.steps_per_epoch
 
     def teacher_temperature(self, step: int, epoch: int | None = None) -> float:
-        if self.teacher.warmup_unit == "step":
-            return self.temperature(step)
-        return self.temperature(self.epoch_at(step) if epoch is None else epoch)
+        return self.teacher_schedule.temperature(step, self.epoch_at(step) if epoch is None else epoch)
 
     def lr(self, step: int, stage: Stage | None = None) -> float | None:
         o = self.optim
@@ -190,7 +216,7 @@ class Clock:
                   else step < self.freeze_steps)
         return StepValues(step=step, epoch=epoch, lr=self.lr(step, stage),
                           weight_decay=self.wd_schedule(step),
-                          last_layer_frozen=frozen, momentum=self.momentum_schedule(step),
+                          last_layer_frozen=frozen, momentum=self.teacher_schedule.momentum(step),
                           teacher_temperature=self.teacher_temperature(step, epoch),
                           weights=self.weights(step, stage), stage=stage)
 
@@ -207,12 +233,11 @@ class ManualTime:
     """
 
     def __init__(self, teacher: TeacherSettings, temperature_endpoint: bool = True):
-        if teacher.momentum is None or teacher.warmup_unit is None:
-            raise ValueError("ManualTime needs resolved teacher settings (momentum and warmup_unit set)")
         self.teacher, self.endpoint = teacher, temperature_endpoint
         self.step, self.epoch = 0, 0
         self.total_steps: int | None = None
         self.steps_per_epoch: int | None = None
+        self.schedule = TeacherSchedule(teacher, None, None, temperature_endpoint)
         self._warned = False
 
     def set_run_length(self, total_steps: int | None, steps_per_epoch: int | None = None) -> None:
@@ -222,30 +247,18 @@ class ManualTime:
         self.total_steps = total_steps
         if steps_per_epoch is not None:
             self.steps_per_epoch = int(steps_per_epoch)
+        self.schedule = TeacherSchedule(self.teacher, self.total_steps, self.steps_per_epoch, self.endpoint)
 
     def momentum(self, step: int | None = None) -> float:
-        t = self.teacher
-        if not self.total_steps:
-            return float(t.momentum)
-        schedule = CosineSchedule(t.momentum, t.final_momentum, self.total_steps)
-        return schedule(self.step if step is None else step)
+        return self.schedule.momentum(self.step if step is None else step)
 
     def teacher_temperature(self) -> float:
-        t = self.teacher
-        if t.warmup_unit == "epoch" or t.warmup_epochs == 0:
-            return TeacherTemperature(t.warmup_temperature, t.temperature, t.warmup_epochs,
-                                      endpoint=self.endpoint)(self.epoch)
-        if not self.steps_per_epoch:
-            if not self._warned:
-                warnings.warn("the teacher temperature warms up per step (teacher.warmup_unit='step') but "
-                              "the method does not know the epoch length: it follows set_epoch() until "
-                              "set_run_length(total_steps, steps_per_epoch) is called", stacklevel=3)
-                self._warned = True
-            return TeacherTemperature(t.warmup_temperature, t.temperature, t.warmup_epochs,
-                                      endpoint=self.endpoint)(self.epoch)
-        length = round(t.warmup_epochs * self.steps_per_epoch)
-        schedule = TeacherTemperature(t.warmup_temperature, t.temperature, length, endpoint=self.endpoint)
-        return schedule(self.step)
+        if self.schedule.per_step and not self.steps_per_epoch and not self._warned:
+            warnings.warn("the teacher temperature warms up per step (teacher.warmup_unit='step') but "
+                          "the method does not know the epoch length: it follows set_epoch() until "
+                          "set_run_length(total_steps, steps_per_epoch) is called", stacklevel=3)
+            self._warned = True
+        return self.schedule.temperature(self.step, self.epoch)
 
     def state_dict(self) -> dict[str, int]:
         return {"step": self.step, "epoch": self.epoch, "total_steps": self.total_steps or 0,

@@ -65,21 +65,23 @@ class EMAUpdater:
         self._names = _check_pairing(teacher, student)
         self.copy_buffers = bool(copy_buffers)
         self._excluded: tuple[str, ...] = ()
+        self._kept: list[str] | None = None  # the parameters updated while some are excluded
 
     def exclude(self, prefixes: tuple[str, ...]) -> None:
         """Leave the teacher parameters whose names start with one of ``prefixes`` as they are
         (parts a training stage keeps frozen); ``()`` updates every parameter again."""
         self._excluded = tuple(prefixes)
+        names = self._names if self._names is not None else [n for n, _ in self.student.named_parameters()]
+        self._kept = [n for n in names if not n.startswith(self._excluded)] if self._excluded else None
 
     def _pairs(self) -> tuple[list[Tensor], list[Tensor]]:
         _reshard(self.teacher)
         _reshard(self.student)
-        if self._names is None and not self._excluded:
+        if self._names is None and self._kept is None:
             return list(self.teacher.parameters()), list(self.student.parameters())
         t = dict(self.teacher.named_parameters())
         s = dict(self.student.named_parameters())
-        names = self._names if self._names is not None else list(t)
-        names = [n for n in names if not n.startswith(self._excluded)] if self._excluded else names
+        names = self._kept if self._kept is not None else self._names
         return [t[n] for n in names], [s[n] for n in names]
 
     @torch.no_grad()

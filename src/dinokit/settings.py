@@ -16,7 +16,7 @@ and the validation in :mod:`dinokit.config` all read them from here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 #: Lightning accelerator names accepted by ``trainer.accelerator``.
@@ -344,5 +344,4 @@ class MethodSettings:
     @classmethod
     def from_config(cls, cfg: Any) -> MethodSettings:
         """The method's sections of a run config (:class:`dinokit.config.Config`)."""
-        return cls(backbone=cfg.backbone, heads=cfg.heads, teacher=cfg.teacher, dino=cfg.dino,
-                   ibot=cfg.ibot, koleo=cfg.koleo, gram=cfg.gram)
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
