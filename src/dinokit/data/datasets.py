@@ -122,6 +122,18 @@ def _scan(root: Path, extensions: tuple[str, ...], strict: bool = False) -> list
     return sorted(found)
 
 
+def folder_labels(root: Path, paths: list[Path], labels: str = "auto") -> tuple[list[str], list[int]]:
+    """``(classes, targets)`` of files under ``root``: with ``labels="auto"`` and every file in a
+    sub-folder, the first-level sub-folders are the classes (sorted) and each file's target is its
+    class index; otherwise no classes and every target -1."""
+    parts = [p.relative_to(root).parts for p in paths]
+    if labels == "auto" and all(len(q) >= 2 for q in parts):
+        classes = sorted({q[0] for q in parts})
+        index = {c: i for i, c in enumerate(classes)}
+        return classes, [index[q[0]] for q in parts]
+    return [], [-1] * len(paths)
+
+
 class ImageFolderDataset(Dataset):
     """Every image under ``root`` (recursive, paths sorted); items ``(transform(image), label)``.
 
@@ -168,13 +180,7 @@ class ImageFolderDataset(Dataset):
             raise FileNotFoundError(f"no images found under {str(self.root)!r} (searched "
                                     f"recursively for {list(self.extensions)}, any case)")
         self.transform, self.strict, self.mode = transform, strict, mode
-        parts = [p.relative_to(self.root).parts for p in self.paths]
-        if labels == "auto" and all(len(q) >= 2 for q in parts):
-            self.classes: list[str] = sorted({q[0] for q in parts})
-            index = {c: i for i, c in enumerate(self.classes)}
-            self.targets: list[int] = [index[q[0]] for q in parts]
-        else:
-            self.classes, self.targets = [], [-1] * len(self.paths)
+        self.classes, self.targets = folder_labels(self.root, self.paths, labels)
         self._reset_flags()
         self._check_one_readable()
 

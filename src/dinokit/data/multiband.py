@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from dinokit.data.datasets import ImageFolderDataset, ImageReadError, Transform, _scan
+from dinokit.data.datasets import ImageFolderDataset, ImageReadError, Transform, _scan, folder_labels
 
 BAND_EXTENSIONS = (".tif", ".tiff", ".npy")
 MASK_MARK = ".mask"
@@ -207,13 +207,7 @@ class MultiBandFolderDataset(Dataset):
             raise FileNotFoundError(f"no band files found under {str(self.root)!r} (searched recursively "
                                     f"for {list(BAND_EXTENSIONS)})")
         self.channels = check_bands(self.paths, channels)
-        parts = [p.relative_to(self.root).parts for p in self.paths]
-        if labels == "auto" and all(len(q) >= 2 for q in parts):
-            self.classes: list[str] = sorted({q[0] for q in parts})
-            index = {c: i for i, c in enumerate(self.classes)}
-            self.targets: list[int] = [index[q[0]] for q in parts]
-        else:
-            self.classes, self.targets = [], [-1] * len(self.paths)
+        self.classes, self.targets = folder_labels(self.root, self.paths, labels)
         self.transform, self.strict = transform, strict
         self._bad = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
 
