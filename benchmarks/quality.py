@@ -194,7 +194,7 @@ def worker_train(a: dict[str, Any]) -> dict[str, Any]:
     out.update(feature_diagnostics(f_test))
     out.update(log_diagnostics(result.run_dir))
     out.update({"train_wall_s": wall, "train_cpu_s": cpu, "steps": int(result.trainer.global_step),
-                "n_prototypes": cfg.model.n_prototypes})
+                "n_prototypes": cfg.dino.n_prototypes})
     return out
 
 
@@ -236,14 +236,14 @@ def worker_peer_data(a: dict[str, Any]) -> dict[str, Any]:
     images = torch.stack([torch.as_tensor(np.asarray(ds[i][0])) for i in range(len(ds))])
     if images.ndim == 3:
         images = images[:, None]
-    m, o = cfg.model, cfg.optim
+    b, h, t, o = cfg.backbone, cfg.heads, cfg.teacher, cfg.optim
     recipe = {
-        "backbone": m.backbone, "backbone_kwargs": m.backbone_kwargs, "hidden": m.head_hidden_dim,
-        "bottleneck": m.head_bottleneck_dim, "prototypes": m.n_prototypes, "batch_norm": m.head_batch_norm,
-        "norm_last_layer": m.norm_last_layer, "student_temp": m.temperature_student,
-        "warmup_teacher_temp": m.temperature_teacher_warmup, "teacher_temp": m.temperature_teacher,
-        "warmup_teacher_temp_epochs": m.warmup_epochs_temperature_teacher,
-        "center_momentum": m.center_momentum, "ema_start": m.ema_decay_start, "ema_end": m.ema_decay_end,
+        "backbone": b.name, "backbone_kwargs": b.kwargs, "hidden": h.hidden_dim,
+        "bottleneck": h.bottleneck_dim, "prototypes": cfg.dino.n_prototypes, "batch_norm": h.batch_norm,
+        "norm_last_layer": h.norm_last_layer, "student_temp": cfg.dino.student_temperature,
+        "warmup_teacher_temp": t.warmup_temperature, "teacher_temp": t.temperature,
+        "warmup_teacher_temp_epochs": t.warmup_epochs,
+        "center_momentum": t.center_momentum, "ema_start": t.momentum, "ema_end": t.final_momentum,
         "lr": o.lr, "lr_reference_batch": o.lr_reference_batch, "lr_scaling": o.lr_scaling,
         "min_lr": o.min_lr, "warmup_epochs": o.warmup_epochs, "weight_decay": o.weight_decay,
         "weight_decay_end": o.weight_decay_end, "clip_grad": o.clip_grad,
@@ -266,8 +266,8 @@ def worker_peer_eval(a: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(a["threads"])
     cfg = load_config(a["preset"], a["overrides"])
-    model = timm.create_model(cfg.model.backbone, num_classes=0, dynamic_img_size=True,
-                              **cfg.model.backbone_kwargs)
+    model = timm.create_model(cfg.backbone.name, num_classes=0, dynamic_img_size=True,
+                              **cfg.backbone.kwargs)
     model.load_state_dict(torch.load(a["weights"], map_location="cpu", weights_only=True))
     backbone = build_backbone(model).eval()
     bank, test = eval_loaders(cfg, a["bank"], a["test"])
