@@ -1,11 +1,14 @@
-"""Learning quality at one equal budget: dinokit's methods and lightly's DINO parts, side by side.
+"""Learning quality at one equal budget: dinokit's methods and every peer's, method by method.
 
 Trains DINO, DINOv2, DINOv3 (without and with Gram anchoring from mid-run) and iBOT alone (when
 ``model.method=ibot`` exists), each from its dinokit preset, with the same backbone (the ``demo``
 preset's tiny ViT; plus DINO on resnet10t, the README's main job ``demo_cnn``), data
-(Fashion-MNIST, else digits), crops, epochs and batch, over N seeds; and
-the same DINO recipe built from lightly's parts (``peer_quality.py`` in ``.bench-venv``). Every
-run is a subprocess. Each trained teacher is scored here with the same code: k-NN top-1 (k=20) and
+(Fashion-MNIST, else digits), crops, epochs and batch, over N seeds; and the peers' DINO, DINOv2
+and DINOv3 (``PEERS``: lightly's DINO and DINOv2 parts, stable-pretraining's modules, nidl's
+estimator) on the same backbone, data, crops, batch, steps, prototypes and recipe, each in its own
+venv (``peer_quality.py`` in ``.bench-venv-<lib>``, made by ``setup_peers.sh``), which exports the
+teacher's features of the evaluation images. Every run is a subprocess. Each trained teacher is
+scored here with the same code: k-NN top-1 (k=20) and
 a linear probe (learning rate chosen on a held-out part of the bank), next to the random-init
 backbone and raw pixels; with the final loss and collapse diagnostics (teacher entropy, KL of the
 mean teacher distribution to uniform, feature spread and effective rank).
@@ -13,10 +16,15 @@ mean teacher distribution to uniform, feature spread and effective rank).
     .venv/bin/python benchmarks/quality.py                     # full: demo budget, 3 seeds (3-4 h)
     .venv/bin/python benchmarks/quality.py --quick             # 64 steps a run, 1 seed (~5 min)
     .venv/bin/python benchmarks/quality.py --quick --steps 5 --md /tmp/B.md --out /tmp/q.json  # smoke
+    .venv/bin/python benchmarks/quality.py --quick --seeds 3 --runs DINO DINOv2 DINOv3 <peers> --tables peers
 
 Writes ``benchmarks/results/quality_<full|quick>.json`` and regenerates the matching table in
-``BENCHMARKS.md`` (between ``<!-- quality-<mode>:begin -->`` and ``<!-- quality-<mode>:end -->``).
-Runs are step-count based and seeded: a busy machine slows them but does not change their numbers.
+``BENCHMARKS.md`` (between ``<!-- quality-<mode>:begin -->`` and ``<!-- quality-<mode>:end -->``);
+with peer rows also the per-method peer table (``quality-peers-<mode>`` markers) and its k-NN
+chart ``benchmarks/results/quality_peers_<mode>.png`` (``--tables`` picks which). Each finished
+(run, seed) is kept as JSON under ``--rows`` (default ``runs/quality-rows-<mode>``): a killed
+benchmark started again skips them. Runs are step-count based and seeded: a busy machine slows
+them but does not change their numbers.
 """
 
 from __future__ import annotations
@@ -36,8 +44,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dinokit.atomic import atomic_path, write_text
+
 ROOT = Path(__file__).resolve().parents[1]
-PEER_PY = ROOT / ".bench-venv" / "bin" / "python"
 RESULTS = ROOT / "benchmarks" / "results"
 
 #: run name -> (dinokit preset, overrides on top of the common budget). ``{gram_start}`` is half
@@ -52,7 +61,29 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     # The README's main job: DINO on timm's resnet10t (its own milder crops), same budget otherwise.
     "DINO resnet10t (demo_cnn)": ("demo_cnn", []),
 }
-PEER = "lightly DINO parts"
+#: peer row -> (library's venv suffix, ``peer_quality.py`` peer, the dinokit run whose preset and
+#: budget it shares). Each library lives in ``.bench-venv-<lib>`` (``benchmarks/setup_peers.sh``).
+PEERS: dict[str, tuple[str, str, str]] = {
+    "lightly DINO parts": ("lightly", "lightly-dino", "DINO"),
+    "nidl DINO": ("nidl", "nidl-dino", "DINO"),
+    "stable-pretraining DINO": ("spt", "spt-dino", "DINO"),
+    "lightly DINOv2 parts": ("lightly", "lightly-dinov2", "DINOv2"),
+    "stable-pretraining DINOv2": ("spt", "spt-dinov2", "DINOv2"),
+    "stable-pretraining DINOv3": ("spt", "spt-dinov3", "DINOv3"),
+}
+#: what each peer row takes from its own library where the recipe leaves the choice to it; every
+#: other choice is dinokit's resolved preset (``peer_recipe``) and training loop (``peer_quality.py``).
+PEER_OWN: dict[str, str] = {
+    "lightly DINO parts": "its DINOProjectionHead init, DINOLoss; one backbone call per crop (its example)",
+    "nidl DINO": "its DINOProjectionHead and DINOLoss; teacher temperature from its per-epoch table",
+    "stable-pretraining DINO": "its head (L2-normalised bottleneck, plain prototypes), DINOv1Loss",
+    "lightly DINOv2 parts": "EMA centring (no Sinkhorn-Knopp in lightly), its heads' and ViT's init, "
+                            "random_block_mask",
+    "stable-pretraining DINOv2": "its heads (no weight norm), random masks at its mask_ratio 0.3 on every "
+                                 "global crop, no KoLeo",
+    "stable-pretraining DINOv3": "its heads (no weight norm), random masks at 0.3, its own register tokens, "
+                                 "KoLeo on the first global crop only",
+}
 BUDGETS = {  # images, batch, epochs, local crops, k-NN bank, test images, linear-probe epochs
     "full": {"limit": 12000, "batch": 64, "epochs": 10, "n_local": 4, "bank": 10000, "test": 2000,
              "probe_epochs": 100, "seeds": 3},
@@ -222,58 +253,81 @@ def worker_baselines(a: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def peer_recipe(cfg: Any) -> dict[str, Any]:
+    """The recipe a peer is built with: dinokit's config ``cfg`` with every official (``None`` /
+    ``auto``) choice of its method resolved, in the plain types ``peer_quality.py`` reads."""
+    import dinokit.methods  # noqa: F401  (registers the methods)
+    from dinokit.methods.registry import method_spec, official_rules, resolve_settings
+    from dinokit.settings import MethodSettings
+    from dinokit.train.build import build_multicrop_config
+
+    s = resolve_settings(method_spec(cfg.model.method), MethodSettings.from_config(cfg))
+    rules = official_rules(cfg.model.method)
+    b, h, t, o = s.backbone, s.heads, s.teacher, cfg.optim
+    return {
+        "method": cfg.model.method, "backbone": b.name, "backbone_kwargs": dict(b.kwargs),
+        "n_registers": int(b.n_registers or 0), "hidden": h.hidden_dim, "bottleneck": h.bottleneck_dim,
+        "batch_norm": h.batch_norm, "norm_last_layer": bool(h.norm_last_layer), "weight_norm": bool(h.weight_norm),
+        "prototypes": s.dino.n_prototypes, "dino_weight": s.dino.weight, "student_temp": s.dino.student_temperature,
+        "warmup_teacher_temp": t.warmup_temperature, "teacher_temp": t.temperature,
+        "warmup_teacher_temp_epochs": t.warmup_epochs, "centering": t.centering,
+        "center_momentum": t.center_momentum, "ema_start": t.momentum, "ema_end": t.final_momentum,
+        "ibot_weight": s.ibot.weight, "ibot_prototypes": s.ibot.n_prototypes,
+        "ibot_shared_head": bool(s.ibot.shared_head), "ibot_student_temp": s.ibot.student_temperature,
+        "mask_probability": s.ibot.mask_probability, "mask_ratio_range": list(s.ibot.mask_ratio_range),
+        "mask_mode": s.ibot.mask_mode, "koleo_weight": s.koleo.weight if cfg.model.method != "dino" else 0.0,
+        "lr": o.lr, "lr_reference_batch": o.lr_reference_batch, "lr_scaling": o.lr_scaling,
+        "min_lr": o.min_lr, "warmup_epochs": o.warmup_epochs, "weight_decay": o.weight_decay,
+        "weight_decay_end": o.weight_decay_end, "betas": list(o.betas), "clip_grad": o.clip_grad,
+        "clip_mode": rules["clip_mode"] if o.clip_mode == "auto" else o.clip_mode,
+        "freeze_last_layer_epochs": o.freeze_last_layer_epochs, "batch": cfg.data.batch_size,
+        "epochs": cfg.trainer.epochs, "max_steps": cfg.trainer.max_steps, "seed": cfg.trainer.seed,
+        "crops": build_multicrop_config(cfg).to_dict(),
+    }
+
+
 def worker_peer_data(a: dict[str, Any]) -> dict[str, Any]:
-    """What the peer needs from dinokit's side: the training images (uint8), the multi-crop config
-    and the DINO recipe resolved from the DINO preset, written to ``a['path']``."""
+    """What a peer needs from dinokit's side, written to ``a['path']``: the training images
+    (uint8), each epoch's sample order and per-sample augmentation seeds (dinokit's loader's), the
+    recipe (:func:`peer_recipe`) and the evaluation images preprocessed with their labels."""
     import numpy as np
     import torch
 
     from dinokit.config import load_config
-    from dinokit.train.build import build_dataset, build_multicrop_config
+    from dinokit.seeding import sample_seed
+    from dinokit.train.build import build_dataset
+    from dinokit.train.loader import EpochSampler
 
     cfg = load_config(a["preset"], a["overrides"])
     ds = build_dataset(cfg, "train")  # what dinokit's training loader reads (PIL images)
     images = torch.stack([torch.as_tensor(np.asarray(ds[i][0])) for i in range(len(ds))])
     if images.ndim == 3:
         images = images[:, None]
-    b, h, t, o = cfg.backbone, cfg.heads, cfg.teacher, cfg.optim
-    recipe = {
-        "backbone": b.name, "backbone_kwargs": b.kwargs, "hidden": h.hidden_dim,
-        "bottleneck": h.bottleneck_dim, "prototypes": cfg.dino.n_prototypes, "batch_norm": h.batch_norm,
-        "norm_last_layer": h.norm_last_layer, "student_temp": cfg.dino.student_temperature,
-        "warmup_teacher_temp": t.warmup_temperature, "teacher_temp": t.temperature,
-        "warmup_teacher_temp_epochs": t.warmup_epochs,
-        "center_momentum": t.center_momentum, "ema_start": t.momentum, "ema_end": t.final_momentum,
-        "lr": o.lr, "lr_reference_batch": o.lr_reference_batch, "lr_scaling": o.lr_scaling,
-        "min_lr": o.min_lr, "warmup_epochs": o.warmup_epochs, "weight_decay": o.weight_decay,
-        "weight_decay_end": o.weight_decay_end, "clip_grad": o.clip_grad,
-        "freeze_last_layer_epochs": o.freeze_last_layer_epochs, "batch": cfg.data.batch_size,
-        "epochs": cfg.trainer.epochs, "max_steps": cfg.trainer.max_steps, "seed": cfg.trainer.seed,
-        "crops": build_multicrop_config(cfg).to_dict(),
-    }
-    torch.save({"images": images, "recipe": recipe}, a["path"])
-    return {"images": len(images)}
+    n, seed, epochs = len(ds), cfg.trainer.seed, cfg.trainer.epochs
+    sampler = EpochSampler(n, seed=seed)
+    order = []
+    for e in range(epochs):
+        sampler.set_epoch(e)
+        order.append(torch.tensor([int(k) - e * n for k in sampler]))
+    seeds = torch.tensor([[sample_seed(seed, e, i) for i in range(n)] for e in range(epochs)], dtype=torch.int64)
+    bank, test = eval_loaders(cfg, a["bank"], a["test"])
+    (xb, yb), (xt, yt) = [tuple(torch.cat(t) for t in zip(*loader, strict=True)) for loader in (bank, test)]
+    blob = {"images": images, "order": torch.stack(order), "seeds": seeds, "recipe": peer_recipe(cfg),
+            "bank": xb, "test": xt, "bank_labels": yb, "test_labels": yt}
+    with atomic_path(a["path"]) as tmp:
+        torch.save(blob, tmp)
+    return {"images": n}
 
 
 def worker_peer_eval(a: dict[str, Any]) -> dict[str, Any]:
-    """Score the teacher backbone the peer trained (a timm state dict) with dinokit's evaluation."""
-    import timm
+    """Score the teacher features a peer exported with dinokit's evaluation."""
     import torch
 
-    from dinokit.backbones import build_backbone
-    from dinokit.config import load_config
-    from dinokit.eval.features import extract_features
-
     torch.set_num_threads(a["threads"])
-    cfg = load_config(a["preset"], a["overrides"])
-    model = timm.create_model(cfg.backbone.name, num_classes=0, dynamic_img_size=True,
-                              **cfg.backbone.kwargs)
-    model.load_state_dict(torch.load(a["weights"], map_location="cpu", weights_only=True))
-    backbone = build_backbone(model).eval()
-    bank, test = eval_loaders(cfg, a["bank"], a["test"])
-    f_bank, y_bank = extract_features(backbone, bank, progress=False)
-    f_test, y_test = extract_features(backbone, test, progress=False)
-    return {**score(f_bank, y_bank, f_test, y_test, a["probe_epochs"], a["seed"]), **feature_diagnostics(f_test)}
+    f = torch.load(a["features"], map_location="cpu", weights_only=True)
+    blob = torch.load(a["data"], map_location="cpu", weights_only=True)
+    return {**score(f["bank"], blob["bank_labels"], f["test"], blob["test_labels"], a["probe_epochs"], a["seed"]),
+            **feature_diagnostics(f["test"])}
 
 
 WORKERS = {"train": worker_train, "baselines": worker_baselines, "peer_data": worker_peer_data,
@@ -420,9 +474,11 @@ def write_markdown(path: Path, mode: str, body: str) -> None:
         head, rest = text.split(begin, 1)
         text = head + block + rest.split(end, 1)[1]
     else:
-        title = {"full": "## Learning quality (full)", "quick": "## Learning quality (--quick)"}[mode]
+        title = {"full": "## Learning quality (full)", "quick": "## Learning quality (--quick)",
+                 "peers-full": "## Learning quality against every peer (full)",
+                 "peers-quick": "## Learning quality against every peer (--quick)"}[mode]
         text = text.rstrip("\n") + f"\n\n{title}\n\n{block}\n"
-    path.write_text(text)
+    write_text(path, text)
 
 
 def merge_reports(paths: list[Path]) -> dict[str, Any]:
@@ -438,7 +494,7 @@ def merge_reports(paths: list[Path]) -> dict[str, Any]:
         for name, run in r["runs"].items():
             into = runs.setdefault(name, {k: v for k, v in run.items() if k not in ("seeds", "aggregate")})
             into.setdefault("seeds", {}).update(run.get("seeds", {}))
-    order = [*RUNS, PEER, "random init (DINO backbone)", "raw pixels"]
+    order = [*RUNS, *PEERS, "random init (DINO backbone)", "raw pixels"]
     runs = dict(sorted(runs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     for run in runs.values():
         if "seeds" in run:
@@ -452,7 +508,151 @@ def merge_reports(paths: list[Path]) -> dict[str, Any]:
             "notes": [n for r in reports for n in r.get("notes", [])]}
 
 
+def slug(name: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+def peer_python(lib: str) -> Path:
+    """The python of a peer library's own venv."""
+    return ROOT / f".bench-venv-{lib}" / "bin" / "python"
+
+
+class RowCache:
+    """One JSON per finished (run, seed) under ``folder``, tagged with the budget, so that a
+    benchmark started again skips what a killed one finished."""
+
+    def __init__(self, folder: Path | None, budget: dict[str, Any], extra: list[str]):
+        self.folder, self.tag = folder, {"budget": budget, "set": extra}
+
+    def _path(self, name: str, seed: int) -> Path | None:
+        return None if self.folder is None else self.folder / f"{slug(name)}-s{seed}.json"
+
+    def get(self, name: str, seed: int) -> dict[str, Any] | None:
+        path = self._path(name, seed)
+        if path is None or not path.is_file():
+            return None
+        row = json.loads(path.read_text())
+        return row["result"] if row.get("tag") == self.tag else None
+
+    def put(self, name: str, seed: int, result: dict[str, Any] | None) -> None:
+        path = self._path(name, seed)
+        if path is None or result is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps({"tag": self.tag, "result": result}))
+
+
+def peer_markdown(report: dict[str, Any], png: str | None) -> str:
+    """The per-method table: dinokit's row and every peer's for DINO, DINOv2 and DINOv3."""
+    b = report["budget"]
+    lines = [
+        f"Budget: {b['limit']} training images, batch {b['batch']}, {b['total_steps']} steps, 2 global + "
+        f"{b['n_local']} local crops, the `demo` preset's tiny ViT and each method's dinokit preset "
+        f"(`{RUNS['DINO'][0]}`, `{RUNS['DINOv2'][0]}`, `{RUNS['DINOv3'][0]}` without Gram); seeds "
+        f"{report['seeds']}; k-NN (k={K}) bank {b['bank']}, test {b['test']} images, CLS token of the "
+        "teacher. Mean ± std over seeds.",
+        "",
+        "| method | library | k-NN top-1 | linear top-1 | final loss | feature std | eff. rank | train CPU s | "
+        "the peer's own choices (the rest: dinokit's recipe) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for method in ("DINO", "DINOv2", "DINOv3"):
+        rows = [(method, "dinokit", "-")] if method in report["runs"] else []
+        rows += [(n, n.split(" ")[0], PEER_OWN[n]) for n, v in PEERS.items() if v[2] == method and n in report["runs"]]
+        for name, lib, own in rows:
+            r = report["runs"][name]
+            if r.get("skipped"):
+                lines.append(f"| {method} | {lib} | skipped: {r['skipped']} | | | | | | |")
+                continue
+            ag = r["aggregate"]
+            cells = [fmt(ag.get(m), 3 if m in ("final_loss", "feature_std") else (1 if m.endswith("_s") else 2))
+                     for m in ("knn_top1", "linear_top1", "final_loss", "feature_std", "effective_rank",
+                               "train_cpu_s")]
+            lines.append(f"| {method} | {lib} | " + " | ".join(cells) + f" | {own} |")
+    for name in ("random init (DINO backbone)", "raw pixels"):
+        if name in report["runs"]:
+            ag = report["runs"][name]["aggregate"]
+            lines.append(f"| baseline | {name} | {fmt(ag.get('knn_top1'))} | {fmt(ag.get('linear_top1'))} "
+                         "| - | - | - | - | |")
+    lines += [
+        "",
+        "Every peer: the same images, crops (dinokit's multi-crop code under the same per-sample seeds and "
+        "order), backbone, batch, steps, head widths, prototypes, temperatures, teacher momenta and "
+        "training loop (AdamW, no decay on biases and 1-D tensors, LR warm-up + cosine, cosine weight "
+        "decay, the method's official clipping) as the dinokit row; its features exported from its own "
+        "venv and scored here by the same k-NN and linear probe "
+        f"(learning rate chosen from {list(PROBE_LRS)} on the last fifth of the bank).",
+        f"Machine: {report['machine']}; {report['threads']} threads per run; date {report['date']}; "
+        f"whole benchmark {report['total_wall_s']:.0f} s wall, {report['total_cpu_s']:.0f} s CPU "
+        "(rows reused from an earlier start of the same command count no time).",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
+        f"Command: `{report['command']}`",
+    ]
+    if png:
+        lines += ["", f"![k-NN per method and library]({png})"]
+    if report.get("notes"):
+        lines += ["", *[f"Note: {n}" for n in report["notes"]]]
+    return "\n".join(lines)
+
+
+def knn_chart(report: dict[str, Any], path: Path) -> bool:
+    """k-NN top-1 per method and library (mean, std as error bar, each seed a dot) as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    groups = []
+    for method in ("DINO", "DINOv2", "DINOv3"):
+        names = ([method] if method in report["runs"] else []) + [
+            n for n, v in PEERS.items() if v[2] == method and n in report["runs"]]
+        groups.append((method, [n for n in names if report["runs"][n].get("seeds")]))
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    x, ticks, labels = 0.0, [], []
+    colours = {"dinokit": "tab:blue", "lightly": "tab:orange", "stable-pretraining": "tab:green",
+               "nidl": "tab:red"}
+    for method, names in groups:
+        for n in names:
+            lib = "dinokit" if n == method else n.split(" ")[0]
+            vals = [v["knn_top1"] for v in report["runs"][n]["seeds"].values() if v]
+            if not vals:
+                continue
+            mean = statistics.fmean(vals)
+            std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            ax.bar(x, mean, yerr=std, color=colours.get(lib, "grey"), capsize=3)
+            ax.scatter([x] * len(vals), vals, color="black", s=8, zorder=3)
+            ticks.append(x)
+            labels.append(f"{method}\n{lib}")
+            x += 1
+        x += 0.6
+    base = report["runs"].get("random init (DINO backbone)", {}).get("aggregate", {}).get("knn_top1")
+    if base and base.get("mean") is not None:
+        ax.axhline(base["mean"], color="grey", linestyle="--", linewidth=1, label="random init")
+        ax.legend(loc="lower right")
+    ax.set_xticks(ticks, labels, fontsize=7)
+    ax.set_ylabel(f"k-NN top-1 (k={K}), %")
+    ax.set_title(f"k-NN per method and library, {report['budget']['total_steps']} steps, seeds {report['seeds']}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return True
+
+
+def write_tables(report: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
+    mode = report["mode"]
+    if "main" in args.tables:
+        write_markdown(args.md, mode, markdown(report))
+    if "peers" in args.tables and any(n in report["runs"] for n in PEERS):
+        png = out.parent / f"quality_peers_{mode}.png"
+        rel = os.path.relpath(png, args.md.parent) if knn_chart(report, png) else None
+        write_markdown(args.md, f"peers-{mode}", peer_markdown(report, rel))
+
+
 def main(argv: list[str] | None = None) -> int:
+    choices = [*RUNS, *PEERS]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny budget, 1 seed (a few minutes on 2 cores)")
     p.add_argument("--seeds", type=int, help="seeds 0..N-1 (default 3, --quick 1)")
@@ -464,12 +664,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-seed", type=int, default=0, help="seeds start here (to split seeds over jobs)")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip the random-init and raw-pixel rows (a job whose seeds another job covers)")
-    p.add_argument("--runs", nargs="*", default=[*RUNS, PEER], help=f"subset of {[*RUNS, PEER]}")
+    p.add_argument("--runs", nargs="*", default=choices, help=f"subset of {choices}")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--peer-python", type=Path, default=PEER_PY, help="python of the peers' venv")
     p.add_argument("--out", type=Path, help="JSON result (default benchmarks/results/quality_<mode>.json)")
     p.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file to update")
+    p.add_argument("--tables", nargs="+", choices=("main", "peers"), default=["main", "peers"],
+                   help="which tables of --md to write: the mode's main table, the per-method peer table")
+    p.add_argument("--rows", type=Path, help="keep each finished (run, seed) here and skip it when started "
+                   "again (default runs/quality-rows-<mode>; 'none' = off)")
     p.add_argument("--keep-runs", type=Path, help="keep run directories here (default: a temporary folder)")
     p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                    help="merge the reports of jobs run in parallel (split seeds/runs) into --out and --md")
@@ -484,9 +687,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         report = merge_reports(args.merge)
         out = args.out or RESULTS / f"quality_{report['mode']}.json"
-        out.write_text(json.dumps(report, indent=2))
-        write_markdown(args.md, report["mode"], markdown(report))
-        print(f"wrote {out} and the quality-{report['mode']} table of {args.md}")
+        write_text(out, json.dumps(report, indent=2))
+        write_tables(report, args, out)
+        print(f"wrote {out} and the tables {args.tables} of {args.md}")
         return 0
 
     mode = "quick" if args.quick else "full"
@@ -497,9 +700,11 @@ def main(argv: list[str] | None = None) -> int:
     n_seeds = args.seeds if args.seeds is not None else b.pop("seeds")
     seeds = list(range(args.first_seed, args.first_seed + n_seeds))
     b.pop("seeds", None)
-    unknown = sorted(set(args.runs) - set(RUNS) - {PEER})
+    unknown = sorted(set(args.runs) - set(choices))
     if unknown:
-        p.error(f"unknown runs {unknown}; choose from {[*RUNS, PEER]}")
+        p.error(f"unknown runs {unknown}; choose from {choices}")
+    rows_dir = None if str(args.rows) == "none" else (args.rows or ROOT / "runs" / f"quality-rows-{mode}")
+    cache = RowCache(rows_dir, b, list(args.set))
     t_start = time.perf_counter()
     notes: list[str] = []
     report: dict[str, Any] = {"mode": mode, "budget": b, "seeds": seeds, "threads": args.threads,
@@ -522,61 +727,76 @@ def main(argv: list[str] | None = None) -> int:
             continue
         per_seed: dict[str, Any] = {}
         for seed in seeds:
-            slug = "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
-            ov = budget_overrides(b, seed, out_dir, f"{slug}-s{seed}", args.device) + extra
-            say(f"{name} seed {seed}: training ({preset} {' '.join(extra)})")
-            res, log, _ = dinokit_child("train", {**common, "preset": preset, "overrides": ov, "seed": seed},
-                                        args.threads)
-            if res is None:
-                notes.append(f"{name} seed {seed} failed: {log.splitlines()[-1] if log else '?'}")
-                say(f"{name} seed {seed}: FAILED\n{log}")
+            if (res := cache.get(name, seed)) is None:
+                ov = budget_overrides(b, seed, out_dir, f"{slug(name)}-s{seed}", args.device) + extra
+                say(f"{name} seed {seed}: training ({preset} {' '.join(extra)})")
+                res, log, _ = dinokit_child("train", {**common, "preset": preset, "overrides": ov, "seed": seed},
+                                            args.threads)
+                if res is None:
+                    notes.append(f"{name} seed {seed} failed: {log.splitlines()[-1] if log else '?'}")
+                    say(f"{name} seed {seed}: FAILED\n{log}")
+                cache.put(name, seed, res)
             per_seed[str(seed)] = res
         report["runs"][name] = {"preset": preset, "overrides": extra, "seeds": per_seed}
 
-    dino_preset, _ = RUNS["DINO"]
-    peer_versions = None
-    if PEER in args.runs:
+    peer_versions: dict[str, str] = {}
+    peer_data: dict[tuple[str, int], Path] = {}  # (dinokit run, seed) -> the data file peers share
+    for name in [n for n in PEERS if n in args.runs]:
+        lib, peer, run = PEERS[name]
+        python = peer_python(lib)
+        if not python.is_file():
+            report["runs"][name] = {"skipped": f"no .bench-venv-{lib}"}
+            notes.append(f"{name} skipped: .bench-venv-{lib} does not exist; run bash benchmarks/setup_peers.sh {lib}.")
+            say(f"{name}: skipped (no .bench-venv-{lib})")
+            continue
+        preset, extra = run_overrides(run, b)
         per_seed = {}
-        if not args.peer_python.is_file():
-            report["runs"][PEER] = {"skipped": "no .bench-venv (bash benchmarks/setup_peers.sh)"}
-            notes.append("lightly skipped: .bench-venv does not exist; run bash benchmarks/setup_peers.sh.")
-            say(f"{PEER}: skipped (no .bench-venv)")
-        else:
-            for seed in seeds:
-                ov = budget_overrides(b, seed, out_dir, f"lightly-s{seed}", args.device)
-                data = Path(out_dir) / f"peer-data-s{seed}.pt"
-                weights = Path(out_dir) / f"peer-teacher-s{seed}.pt"
-                say(f"{PEER} seed {seed}: training in .bench-venv")
-                prep, log, _ = dinokit_child("peer_data", {"preset": dino_preset, "overrides": ov,
-                                                           "path": str(data)}, args.threads)
-                res = None
-                if prep is not None:
-                    res, log, _ = run_child([str(args.peer_python), str(ROOT / "benchmarks" / "peer_quality.py"),
-                                             json.dumps({"data": str(data), "weights": str(weights),
-                                                         "threads": args.threads, "device": args.device})],
-                                            args.threads)
-                if res is not None:
-                    peer_versions = res.pop("versions", None)
-                    scored, log, _ = dinokit_child("peer_eval", {**common, "preset": dino_preset, "overrides": ov,
-                                                                 "weights": str(weights), "seed": seed},
-                                                   args.threads)
-                    res = {**res, **scored} if scored is not None else None
-                if res is None:
-                    notes.append(f"{PEER} seed {seed} failed: {log.splitlines()[-1] if log else '?'}")
-                    say(f"{PEER} seed {seed}: FAILED\n{log}")
+        for seed in seeds:
+            if (res := cache.get(name, seed)) is not None:
                 per_seed[str(seed)] = res
-            report["runs"][PEER] = {"seeds": per_seed}
+                continue
+            ov = budget_overrides(b, seed, out_dir, f"{slug(name)}-s{seed}", args.device) + extra
+            data = peer_data.get((run, seed))
+            log = ""
+            if data is None:
+                data = Path(out_dir) / f"peer-data-{slug(run)}-s{seed}.pt"
+                prep, log, _ = dinokit_child("peer_data", {**common, "preset": preset, "overrides": ov,
+                                                           "path": str(data)}, args.threads)
+                if prep is not None:
+                    peer_data[(run, seed)] = data
+            res = None
+            if (run, seed) in peer_data:
+                features = Path(out_dir) / f"features-{slug(name)}-s{seed}.pt"
+                say(f"{name} seed {seed}: training in .bench-venv-{lib}")
+                res, log, _ = run_child([str(python), str(ROOT / "benchmarks" / "peer_quality.py"),
+                                         json.dumps({"peer": peer, "data": str(data), "features": str(features),
+                                                     "threads": args.threads})], args.threads)
+                if res is not None:
+                    peer_versions.update({f"{k}" if k not in ("torch", "timm") else f"{lib} venv {k}": v
+                                          for k, v in res.pop("versions", {}).items()})
+                    scored, log, _ = dinokit_child("peer_eval", {**common, "data": str(data), "seed": seed,
+                                                                 "features": str(features)}, args.threads)
+                    res = {**res, **scored} if scored is not None else None
+            if res is None:
+                notes.append(f"{name} seed {seed} failed: {log.splitlines()[-1] if log else '?'}")
+                say(f"{name} seed {seed}: FAILED\n{log}")
+            cache.put(name, seed, res)
+            per_seed[str(seed)] = res
+        report["runs"][name] = {"library": lib, "recipe_of": run, "preset": preset, "seeds": per_seed}
 
+    dino_preset, _ = RUNS["DINO"]
     base: dict[str, dict[str, Any]] = {"random init": {}, "raw pixels": {}}
     if not args.no_baselines:
         say("baselines: random init and raw pixels")
     for seed in [] if args.no_baselines else seeds:
-        ov = budget_overrides(b, seed, out_dir, f"baseline-s{seed}", args.device)
-        res, log, _ = dinokit_child("baselines", {**common, "preset": dino_preset, "overrides": ov, "seed": seed,
-                                                  "pixels": seed == seeds[0]}, args.threads)
-        if res is None:
-            notes.append(f"baselines seed {seed} failed: {log.splitlines()[-1] if log else '?'}")
-            continue
+        if (res := cache.get("baselines", seed)) is None:
+            ov = budget_overrides(b, seed, out_dir, f"baseline-s{seed}", args.device)
+            res, log, _ = dinokit_child("baselines", {**common, "preset": dino_preset, "overrides": ov, "seed": seed,
+                                                      "pixels": seed == seeds[0]}, args.threads)
+            if res is None:
+                notes.append(f"baselines seed {seed} failed: {log.splitlines()[-1] if log else '?'}")
+                continue
+            cache.put("baselines", seed, res)
         for k, v in res.items():
             base[k][str(seed)] = v
     for k, v in base.items():
@@ -590,11 +810,10 @@ def main(argv: list[str] | None = None) -> int:
                    "total_wall_s": time.perf_counter() - t_start, "total_cpu_s": sum(CHILD_CPU)})
     out = args.out or RESULTS / f"quality_{mode}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    body = markdown(report)
-    write_markdown(args.md, mode, body)
-    print(body)
-    say(f"wrote {out} and the quality-{mode} table of {args.md}")
+    write_text(out, json.dumps(report, indent=2))
+    write_tables(report, args, out)
+    print(markdown(report))
+    say(f"wrote {out} and the tables {args.tables} of {args.md}")
     tmp.cleanup()
     return 0
 

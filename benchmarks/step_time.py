@@ -1,7 +1,7 @@
 """Training-step time: dinokit against its peers, interleaved round-robin in one invocation.
 
 Every library (and every dinokit variant) runs in its own worker process, built once: dinokit in
-its venv (``.venv``), the peers in ``.bench-venv`` (``benchmarks/setup_peers.sh``) through
+its venv (``.venv``), each peer in its own ``.bench-venv-<lib>`` (``benchmarks/setup_peers.sh``) through
 ``peer_step.py``. The driver then asks each worker in turn, round after round (the order rotating),
 for a few timed steps, so machine load drifts over every library alike. A step is: the teacher on
 the global crops, the student on every crop, the loss, backward, the optimiser step (each
@@ -36,7 +36,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import BF16_PEAK, cpu_name, make_views, median, serve
 
 ROOT = Path(__file__).resolve().parents[1]
-PEER_PY = ROOT / ".bench-venv" / "bin" / "python"
+#: each peer library's own venv (``benchmarks/setup_peers.sh``)
+PEER_VENV = {"stable-pretraining": "spt", "lightly": "lightly", "lightly-example": "lightly", "nidl": "nidl"}
+
+
+def peer_python(peer: str) -> Path:
+    return ROOT / f".bench-venv-{PEER_VENV[peer]}" / "bin" / "python"
+
 MD = ROOT / "BENCHMARKS.md"
 
 #: the issue's configurations: the CPU one (measured here), the GPU one (ViT-S/16 recipe crops).
@@ -176,10 +182,11 @@ def run_group(method: str, threads: int, a: dict, args) -> dict:
     for peer in args.peers:
         if peer not in PEERS[method]:
             continue
-        if not PEER_PY.exists():
-            print(f"  {peer}: no .bench-venv (run benchmarks/setup_peers.sh)")
+        python = peer_python(peer)
+        if not python.exists():
+            print(f"  {peer}: no .bench-venv-{PEER_VENV[peer]} (run benchmarks/setup_peers.sh)")
             continue
-        workers.append(Worker(peer, [str(PEER_PY), str(Path(__file__).parent / "peer_step.py"), peer, method,
+        workers.append(Worker(peer, [str(python), str(Path(__file__).parent / "peer_step.py"), peer, method,
                                      json.dumps(a)]))
     if args.sequential:  # one worker at a time (GPU memory): each is built, timed and closed in turn
         for w in workers:
@@ -257,8 +264,11 @@ def versions() -> dict[str, str]:
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
            "dinokit": getattr(dinokit, "__version__", "?")}
-    if PEER_PY.exists():
-        r = subprocess.run([str(PEER_PY), "-m", "pip", "list", "--format=json"], capture_output=True, text=True)
+    for venv in sorted(set(PEER_VENV.values())):
+        python = ROOT / f".bench-venv-{venv}" / "bin" / "python"
+        if not python.exists():
+            continue
+        r = subprocess.run([str(python), "-m", "pip", "list", "--format=json"], capture_output=True, text=True)
         try:
             for p in json.loads(r.stdout):
                 if p["name"].lower() in ("lightly", "stable-pretraining", "nidl"):

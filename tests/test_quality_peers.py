@@ -1,0 +1,76 @@
+"""The peer side of benchmarks/quality.py: the recipe a peer is built with, the per-row cache and
+the peer training loop's schedules (benchmarks/peer_quality.py), without running any peer."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from dinokit.config import load_config
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = load("quality")
+peer_quality = load("peer_quality")
+
+
+def test_the_recipe_resolves_each_methods_official_choices():
+    dino = quality.peer_recipe(load_config("demo", ["trainer.max_steps=7", "trainer.seed=3"]))
+    v2 = quality.peer_recipe(load_config("dinov2_tiny_cpu"))
+    v3 = quality.peer_recipe(load_config("dinov3_tiny_cpu", ["gram.weight=0"]))
+    # DINO: the demo preset's own values, DINO's official clipping, no KoLeo.
+    assert (dino["teacher_temp"], dino["ema_start"], dino["prototypes"]) == (0.04, 0.98, 256)
+    assert (dino["max_steps"], dino["seed"], dino["koleo_weight"]) == (7, 3, 0.0)
+    assert dino["clip_mode"] == "per_param" and dino["norm_last_layer"] is True
+    # DINOv2/v3: Sinkhorn centring, separate heads, per-module clipping, the preset's KoLeo and masks.
+    for r in (v2, v3):
+        assert (r["centering"], r["ibot_shared_head"], r["clip_mode"]) == ("sinkhorn", False, "per_module")
+        assert (r["teacher_temp"], r["ibot_prototypes"], r["koleo_weight"]) == (0.03, 256, 0.1)
+        assert r["mask_ratio_range"] == [0.1, 0.5] and r["mask_probability"] == 0.5
+    assert (v2["n_registers"], v3["n_registers"]) == (0, 4)
+    assert (v2["weight_norm"], v3["weight_norm"]) == (True, True)  # the v3 preset sets it
+    assert dino["crops"]["n_local"] == 4 and dino["crops"]["global_size"] == 28
+
+
+def test_every_peer_row_names_a_peer_its_library_and_a_dinokit_run():
+    assert set(quality.PEERS) == set(quality.PEER_OWN)
+    for lib, peer, run in quality.PEERS.values():
+        assert peer in peer_quality.PEERS and peer.startswith(lib)
+        assert run in quality.RUNS and lib in peer_quality.PACKAGES
+
+
+def test_the_row_cache_returns_a_row_only_for_the_same_budget(tmp_path):
+    cache = quality.RowCache(tmp_path, {"steps": 64}, [])
+    assert cache.get("DINOv2", 1) is None
+    cache.put("stable-pretraining DINOv2", 1, {"knn_top1": 55.0})
+    assert cache.get("stable-pretraining DINOv2", 1) == {"knn_top1": 55.0}
+    assert quality.RowCache(tmp_path, {"steps": 65}, []).get("stable-pretraining DINOv2", 1) is None
+    assert quality.RowCache(tmp_path, {"steps": 64}, ["a=1"]).get("stable-pretraining DINOv2", 1) is None
+    assert quality.RowCache(None, {"steps": 64}, []).get("stable-pretraining DINOv2", 1) is None
+
+
+@pytest.mark.parametrize(("epoch", "expected"), [(0, 0.04), (1, 0.055), (2, 0.07), (9, 0.07)])
+def test_the_peers_teacher_temperature_warms_up_by_epoch(epoch, expected):
+    r = {"warmup_teacher_temp": 0.04, "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 3}
+    assert peer_quality.teacher_temperature(r, epoch) == pytest.approx(expected)
+    assert peer_quality.teacher_temperature({**r, "warmup_teacher_temp_epochs": 0}, 0) == 0.07
+
+
+def test_the_peers_schedules_warm_up_then_follow_a_cosine():
+    assert peer_quality.warmup_cosine(0, 1.0, 0.0, 10, 3) == 0.0
+    assert peer_quality.warmup_cosine(2, 1.0, 0.0, 10, 3) == 1.0
+    assert peer_quality.warmup_cosine(3, 1.0, 0.0, 10, 3) == 1.0
+    assert peer_quality.warmup_cosine(10, 1.0, 0.0, 10, 3) == 0.0
+    assert peer_quality.warmup_cosine(5, 0.98, 1.0, 10, 0) == pytest.approx(0.99)
