@@ -157,12 +157,15 @@ def lightly_dino(r: dict) -> Peer:
                 [p for p in head.last_layer.parameters() if p.requires_grad], train)
 
 
-def lightly_dinov2(r: dict) -> Peer:
+def lightly_dinov2(r: dict, vit_init: str = "") -> Peer:
+    """``vit_init``: lightly's own ViT initialisation (``""``: xavier-uniform linear layers and patch
+    embedding) or ``"skip"`` (timm's, as dinokit's backbone: a controlled trial)."""
     from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
     from lightly.models.modules import DINOv2ProjectionHead, MaskedVisionTransformerTIMM
     from lightly.models.utils import random_block_mask, update_momentum
 
-    student = MaskedVisionTransformerTIMM(vit=timm_backbone(r), antialias=False, pos_embed_initialization="skip")
+    student = MaskedVisionTransformerTIMM(vit=timm_backbone(r), antialias=False, pos_embed_initialization="skip",
+                                          weight_initialization=vit_init)
     teacher = copy.deepcopy(student)
     dim = student.vit.embed_dim
 
@@ -291,6 +294,7 @@ def nidl_dino(r: dict) -> Peer:
 
 PEERS: dict[str, Callable[[dict], Peer]] = {
     "lightly-dino": lightly_dino, "lightly-dinov2": lightly_dinov2,
+    "lightly-dinov2-timm-init": lambda r: lightly_dinov2(r, vit_init="skip"),
     "spt-dino": lambda r: spt(r, "dino"), "spt-dinov2": lambda r: spt(r, "dinov2"),
     "spt-dinov3": lambda r: spt(r, "dinov3"), "nidl-dino": nidl_dino,
 }

@@ -71,6 +71,11 @@ PEERS: dict[str, tuple[str, str, str]] = {
     "stable-pretraining DINOv2": ("spt", "spt-dinov2", "DINOv2"),
     "stable-pretraining DINOv3": ("spt", "spt-dinov3", "DINOv3"),
 }
+#: controlled trials on a peer (one difference from its row at a time); not in the default runs.
+PEER_TRIALS: dict[str, tuple[str, str, str]] = {
+    "lightly DINOv2 parts, timm ViT init": ("lightly", "lightly-dinov2-timm-init", "DINOv2"),
+}
+ALL_PEERS = {**PEERS, **PEER_TRIALS}
 #: what each peer row takes from its own library where the recipe leaves the choice to it; every
 #: other choice is dinokit's resolved preset (``peer_recipe``) and training loop (``peer_quality.py``).
 PEER_OWN: dict[str, str] = {
@@ -83,6 +88,7 @@ PEER_OWN: dict[str, str] = {
                                  "global crop, no KoLeo",
     "stable-pretraining DINOv3": "its heads (no weight norm), random masks at 0.3, its own register tokens, "
                                  "KoLeo on the first global crop only",
+    "lightly DINOv2 parts, timm ViT init": "as lightly DINOv2 parts, but timm's ViT init (dinokit's)",
 }
 BUDGETS = {  # images, batch, epochs, local crops, k-NN bank, test images, linear-probe epochs
     "full": {"limit": 12000, "batch": 64, "epochs": 10, "n_local": 4, "bank": 10000, "test": 2000,
@@ -494,7 +500,7 @@ def merge_reports(paths: list[Path]) -> dict[str, Any]:
         for name, run in r["runs"].items():
             into = runs.setdefault(name, {k: v for k, v in run.items() if k not in ("seeds", "aggregate")})
             into.setdefault("seeds", {}).update(run.get("seeds", {}))
-    order = [*RUNS, *PEERS, "random init (DINO backbone)", "raw pixels"]
+    order = [*RUNS, *ALL_PEERS, "random init (DINO backbone)", "raw pixels"]
     runs = dict(sorted(runs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     for run in runs.values():
         if "seeds" in run:
@@ -558,7 +564,8 @@ def peer_markdown(report: dict[str, Any], png: str | None) -> str:
     ]
     for method in ("DINO", "DINOv2", "DINOv3"):
         rows = [(method, "dinokit", "-")] if method in report["runs"] else []
-        rows += [(n, n.split(" ")[0], PEER_OWN[n]) for n, v in PEERS.items() if v[2] == method and n in report["runs"]]
+        rows += [(n, n.split(" ")[0] + (" (trial)" if n in PEER_TRIALS else ""), PEER_OWN[n])
+                 for n, v in ALL_PEERS.items() if v[2] == method and n in report["runs"]]
         for name, lib, own in rows:
             r = report["runs"][name]
             if r.get("skipped"):
@@ -582,6 +589,9 @@ def peer_markdown(report: dict[str, Any], png: str | None) -> str:
         "decay, the method's official clipping) as the dinokit row; its features exported from its own "
         "venv and scored here by the same k-NN and linear probe "
         f"(learning rate chosen from {list(PROBE_LRS)} on the last fifth of the bank).",
+        "Final loss and train CPU s compare within a library only: dinokit's loss is the mean of its last "
+        "10 logged values and its CPU time includes Lightning's set-up; a peer's loss is the mean of its "
+        "last 10 steps in the peer's own form of the loss, its CPU time the training loop alone.",
         f"Machine: {report['machine']}; {report['threads']} threads per run; date {report['date']}; "
         f"whole benchmark {report['total_wall_s']:.0f} s wall, {report['total_cpu_s']:.0f} s CPU "
         "(rows reused from an earlier start of the same command count no time).",
@@ -607,7 +617,7 @@ def knn_chart(report: dict[str, Any], path: Path) -> bool:
     groups = []
     for method in ("DINO", "DINOv2", "DINOv3"):
         names = ([method] if method in report["runs"] else []) + [
-            n for n, v in PEERS.items() if v[2] == method and n in report["runs"]]
+            n for n, v in ALL_PEERS.items() if v[2] == method and n in report["runs"]]
         groups.append((method, [n for n in names if report["runs"][n].get("seeds")]))
     fig, ax = plt.subplots(figsize=(10, 4.2))
     x, ticks, labels = 0.0, [], []
@@ -624,7 +634,7 @@ def knn_chart(report: dict[str, Any], path: Path) -> bool:
             ax.bar(x, mean, yerr=std, color=colours.get(lib, "grey"), capsize=3)
             ax.scatter([x] * len(vals), vals, color="black", s=8, zorder=3)
             ticks.append(x)
-            labels.append(f"{method}\n{lib}")
+            labels.append(f"{method}\n{lib}" + (f"\n{n.split(', ')[-1]}" if n in PEER_TRIALS else ""))
             x += 1
         x += 0.6
     base = report["runs"].get("random init (DINO backbone)", {}).get("aggregate", {}).get("knn_top1")
@@ -645,14 +655,14 @@ def write_tables(report: dict[str, Any], args: argparse.Namespace, out: Path) ->
     mode = report["mode"]
     if "main" in args.tables:
         write_markdown(args.md, mode, markdown(report))
-    if "peers" in args.tables and any(n in report["runs"] for n in PEERS):
+    if "peers" in args.tables and any(n in report["runs"] for n in ALL_PEERS):
         png = out.parent / f"quality_peers_{mode}.png"
         rel = os.path.relpath(png, args.md.parent) if knn_chart(report, png) else None
         write_markdown(args.md, f"peers-{mode}", peer_markdown(report, rel))
 
 
 def main(argv: list[str] | None = None) -> int:
-    choices = [*RUNS, *PEERS]
+    choices = [*RUNS, *ALL_PEERS]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny budget, 1 seed (a few minutes on 2 cores)")
     p.add_argument("--seeds", type=int, help="seeds 0..N-1 (default 3, --quick 1)")
@@ -664,7 +674,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-seed", type=int, default=0, help="seeds start here (to split seeds over jobs)")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip the random-init and raw-pixel rows (a job whose seeds another job covers)")
-    p.add_argument("--runs", nargs="*", default=choices, help=f"subset of {choices}")
+    p.add_argument("--runs", nargs="*", default=[*RUNS, *PEERS],
+                   help=f"subset of {choices} (default: all but the trials {list(PEER_TRIALS)})")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, help="JSON result (default benchmarks/results/quality_<mode>.json)")
@@ -741,8 +752,8 @@ def main(argv: list[str] | None = None) -> int:
 
     peer_versions: dict[str, str] = {}
     peer_data: dict[tuple[str, int], Path] = {}  # (dinokit run, seed) -> the data file peers share
-    for name in [n for n in PEERS if n in args.runs]:
-        lib, peer, run = PEERS[name]
+    for name in [n for n in ALL_PEERS if n in args.runs]:
+        lib, peer, run = ALL_PEERS[name]
         python = peer_python(lib)
         if not python.is_file():
             report["runs"][name] = {"skipped": f"no .bench-venv-{lib}"}

@@ -45,8 +45,8 @@ def test_the_recipe_resolves_each_methods_official_choices():
 
 
 def test_every_peer_row_names_a_peer_its_library_and_a_dinokit_run():
-    assert set(quality.PEERS) == set(quality.PEER_OWN)
-    for lib, peer, run in quality.PEERS.values():
+    assert set(quality.ALL_PEERS) == set(quality.PEER_OWN) == {*quality.PEERS, *quality.PEER_TRIALS}
+    for lib, peer, run in quality.ALL_PEERS.values():
         assert peer in peer_quality.PEERS and peer.startswith(lib)
         assert run in quality.RUNS and lib in peer_quality.PACKAGES
 
