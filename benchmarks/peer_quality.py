@@ -1,7 +1,7 @@
 """One peer library's DINO, DINOv2 or DINOv3 trained on dinokit's data and recipe, in that peer's venv.
 
     .bench-venv-<lib>/bin/python benchmarks/peer_quality.py '{"peer": "spt-dinov2", "data": ...,
-        "features": ..., "threads": 1}'
+        "features": ..., "threads": 1, "device": "cpu"}'
 
 Called by ``quality.py``, which writes ``data`` (the training images, each epoch's sample order and
 per-sample augmentation seeds, the resolved recipe, the multi-crop config, and the preprocessed k-NN
@@ -111,6 +111,11 @@ class Peer:
     embed: Callable[[Tensor], Tensor]  # teacher CLS features of preprocessed images
     last_layer: list[nn.Parameter] = field(default_factory=list)  # frozen for the first epochs
     train: Callable[[bool], None] = lambda mode: None
+    modules: list[nn.Module] = field(default_factory=list)  # everything with weights or buffers
+
+    def to(self, device: str) -> None:
+        for m in self.modules:
+            m.to(device)
 
 
 def named(*modules: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -154,7 +159,8 @@ def lightly_dino(r: dict) -> Peer:
         backbone.train(mode), head.train(mode)
 
     return Peer([named(backbone), named(head)], loss, ema, lambda x: t_backbone(x),
-                [p for p in head.last_layer.parameters() if p.requires_grad], train)
+                [p for p in head.last_layer.parameters() if p.requires_grad], train,
+                [backbone, head, t_backbone, t_head, criterion])
 
 
 def lightly_dinov2(r: dict, vit_init: str = "") -> Peer:
@@ -222,7 +228,7 @@ def lightly_dinov2(r: dict, vit_init: str = "") -> Peer:
     heads = [s_dino] if r["ibot_shared_head"] else [s_dino, s_ibot]
     last = [p for h in heads for p in h.last_layer.parameters() if p.requires_grad]
     return Peer([named(student), *[named(h) for h in heads]], loss, ema, lambda x: teacher.encode(x)[:, 0],
-                last, train)
+                last, train, [student, s_dino, s_ibot, teacher, t_dino, t_ibot, dino_loss, ibot_loss])
 
 
 def spt(r: dict, method: str) -> Peer:
@@ -263,7 +269,7 @@ def spt(r: dict, method: str) -> Peer:
 
     last = [heads[0][-1].weight] + ([heads[1][-1].weight] if len(heads) > 1 else [])
     return Peer([named(model.backbone.student), *[named(h) for h in heads], rest], loss, ema, embed, last,
-                model.train)
+                model.train, [model])
 
 
 def nidl_dino(r: dict) -> Peer:
@@ -289,7 +295,7 @@ def nidl_dino(r: dict) -> Peer:
 
     last = [p for p in model.student_head.last_layer.parameters() if p.requires_grad]
     return Peer([named(model.student), named(model.student_head)], loss, ema, lambda x: model.teacher(x), last,
-                model.train)
+                model.train, [model])
 
 
 PEERS: dict[str, Callable[[dict], Peer]] = {
@@ -338,6 +344,8 @@ def main(a: dict) -> dict:
     crops = multicrop.MultiCropTransform(r["crops"])
     torch.manual_seed(r["seed"])  # dinokit's fit seeds everything with the run's seed
     peer = PEERS[a["peer"]](r)
+    device = {"gpu": "cuda"}.get(a.get("device", "cpu"), a.get("device", "cpu"))  # Lightning's name -> torch's
+    peer.to(device)
     per_epoch = len(blob["order"][0]) // r["batch"]
     total = per_epoch * r["epochs"] if r["max_steps"] <= 0 else min(per_epoch * r["epochs"], r["max_steps"])
 
@@ -362,7 +370,7 @@ def main(a: dict) -> dict:
             wd = warmup_cosine(step, r["weight_decay"], r["weight_decay_end"], total, 0)
             for g in opt.param_groups:
                 g["lr"], g["weight_decay"] = lr, wd * g["wd_scale"]
-            loss = peer.loss(glob, loc, epoch)
+            loss = peer.loss([v.to(device) for v in glob], [v.to(device) for v in loc], epoch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             clip(peer, r["clip_mode"], r["clip_grad"])
@@ -378,7 +386,8 @@ def main(a: dict) -> dict:
 
     peer.train(False)
     with torch.no_grad():
-        feats = {k: torch.cat([peer.embed(x).float() for x in blob[k].split(256)]) for k in ("bank", "test")}
+        feats = {k: torch.cat([peer.embed(x.to(device)).float().cpu() for x in blob[k].split(256)])
+                 for k in ("bank", "test")}
     tmp = f"{a['features']}.tmp{os.getpid()}"
     torch.save(feats, tmp)
     os.replace(tmp, a["features"])

@@ -781,7 +781,8 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"{name} seed {seed}: training in .bench-venv-{lib}")
                 res, log, _ = run_child([str(python), str(ROOT / "benchmarks" / "peer_quality.py"),
                                          json.dumps({"peer": peer, "data": str(data), "features": str(features),
-                                                     "threads": args.threads})], args.threads)
+                                                     "threads": args.threads, "device": args.device})],
+                                        args.threads)
                 if res is not None:
                     peer_versions.update({f"{k}" if k not in ("torch", "timm") else f"{lib} venv {k}": v
                                           for k, v in res.pop("versions", {}).items()})
