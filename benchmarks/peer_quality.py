@@ -35,7 +35,6 @@ the method's official form, the teacher temperature warm-up by epoch.
 from __future__ import annotations
 
 import copy
-import importlib.metadata as md
 import importlib.util
 import json
 import math
@@ -304,7 +303,6 @@ PEERS: dict[str, Callable[[dict], Peer]] = {
     "spt-dino": lambda r: spt(r, "dino"), "spt-dinov2": lambda r: spt(r, "dinov2"),
     "spt-dinov3": lambda r: spt(r, "dinov3"), "nidl-dino": nidl_dino,
 }
-PACKAGES = {"lightly": "lightly", "spt": "stable-pretraining", "nidl": "nidl"}
 
 
 def batches(blob: dict, crops: Any, batch: int, epoch: int) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
@@ -392,15 +390,8 @@ def main(a: dict) -> dict:
     torch.save(feats, tmp)
     os.replace(tmp, a["features"])
     tail = losses[-10:]
-    lib = a["peer"].split("-")[0]
-    vers = {}
-    for pkg in (PACKAGES[lib], "torch", "timm"):
-        try:
-            vers[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            vers[pkg] = "?"
     return {"final_loss": sum(tail) / len(tail) if tail else None, "steps": step, "train_wall_s": wall,
-            "train_cpu_s": cpu, "versions": vers}
+            "train_cpu_s": cpu}
 
 
 if __name__ == "__main__":

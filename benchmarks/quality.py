@@ -523,6 +523,20 @@ def peer_python(lib: str) -> Path:
     return ROOT / f".bench-venv-{lib}" / "bin" / "python"
 
 
+PEER_PACKAGES = {"lightly": "lightly", "spt": "stable-pretraining", "nidl": "nidl"}
+
+
+def venv_versions(python: Path, packages: list[str]) -> dict[str, str]:
+    """``packages``' versions as installed in the venv of ``python`` ("?" when absent)."""
+    code = ("import importlib.metadata as m, json, sys\nout = {}\nfor p in sys.argv[1:]:\n    try:\n"
+            "        out[p] = m.version(p)\n    except m.PackageNotFoundError:\n        out[p] = '?'\nprint(json.dumps(out))")
+    proc = subprocess.run([str(python), "-c", code, *packages], capture_output=True, text=True)
+    try:
+        return json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        return {p: "?" for p in packages}
+
+
 class RowCache:
     """One JSON per finished (run, seed) under ``folder``, tagged with the budget, so that a
     benchmark started again skips what a killed one finished."""
@@ -593,8 +607,8 @@ def peer_markdown(report: dict[str, Any], png: str | None) -> str:
         "10 logged values and its CPU time includes Lightning's set-up; a peer's loss is the mean of its "
         "last 10 steps in the peer's own form of the loss, its CPU time the training loop alone.",
         f"Machine: {report['machine']}; {report['threads']} threads per run; date {report['date']}; "
-        f"whole benchmark {report['total_wall_s']:.0f} s wall, {report['total_cpu_s']:.0f} s CPU "
-        "(rows reused from an earlier start of the same command count no time).",
+        f"this start of the command {report['total_wall_s']:.0f} s wall, {report['total_cpu_s']:.0f} s CPU "
+        "(rows kept from an earlier start of the same command are read back, not counted).",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
         f"Command: `{report['command']}`",
     ]
@@ -750,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
             per_seed[str(seed)] = res
         report["runs"][name] = {"preset": preset, "overrides": extra, "seeds": per_seed}
 
-    peer_versions: dict[str, str] = {}
+    peer_versions: dict[str, dict[str, str]] = {}
     peer_data: dict[tuple[str, int], Path] = {}  # (dinokit run, seed) -> the data file peers share
     for name in [n for n in ALL_PEERS if n in args.runs]:
         lib, peer, run = ALL_PEERS[name]
@@ -761,6 +775,8 @@ def main(argv: list[str] | None = None) -> int:
             say(f"{name}: skipped (no .bench-venv-{lib})")
             continue
         preset, extra = run_overrides(run, b)
+        if lib not in peer_versions:
+            peer_versions[lib] = venv_versions(python, [PEER_PACKAGES[lib], "torch", "timm"])
         per_seed = {}
         for seed in seeds:
             if (res := cache.get(name, seed)) is not None:
@@ -784,8 +800,6 @@ def main(argv: list[str] | None = None) -> int:
                                                      "threads": args.threads, "device": args.device})],
                                         args.threads)
                 if res is not None:
-                    peer_versions.update({f"{k}" if k not in ("torch", "timm") else f"{lib} venv {k}": v
-                                          for k, v in res.pop("versions", {}).items()})
                     scored, log, _ = dinokit_child("peer_eval", {**common, "data": str(data), "seed": seed,
                                                                  "features": str(features)}, args.threads)
                     res = {**res, **scored} if scored is not None else None
@@ -818,7 +832,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in report["runs"].values():
         if "seeds" in r:
             r["aggregate"] = {m: aggregate([(s or {}).get(m) for s in r["seeds"].values()]) for m in METRICS}
-    report.update({"notes": notes, "machine": machine(), "versions": versions(peer_versions),
+    flat = {(k if k not in ("torch", "timm") else f"{lib} venv {k}"): v
+            for lib, vs in peer_versions.items() for k, v in vs.items()}
+    report.update({"notes": notes, "machine": machine(), "versions": versions(flat),
                    "total_wall_s": time.perf_counter() - t_start, "total_cpu_s": sum(CHILD_CPU)})
     out = args.out or RESULTS / f"quality_{mode}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

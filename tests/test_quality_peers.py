@@ -48,7 +48,7 @@ def test_every_peer_row_names_a_peer_its_library_and_a_dinokit_run():
     assert set(quality.ALL_PEERS) == set(quality.PEER_OWN) == {*quality.PEERS, *quality.PEER_TRIALS}
     for lib, peer, run in quality.ALL_PEERS.values():
         assert peer in peer_quality.PEERS and peer.startswith(lib)
-        assert run in quality.RUNS and lib in peer_quality.PACKAGES
+        assert run in quality.RUNS and lib in quality.PEER_PACKAGES
 
 
 def test_the_row_cache_returns_a_row_only_for_the_same_budget(tmp_path):
