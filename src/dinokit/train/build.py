@@ -171,7 +171,7 @@ def build_collate(cfg: Config, method: SelfDistillationMethod) -> Any:
     if not getattr(method, "needs_masks", False):
         return MultiCropCollate()
     mc = build_multicrop_config(cfg)
-    ps = method.student_backbone.patch_size
+    ps = getattr(method, "mask_patch_size", None) or method.student_backbone.patch_size  # the masks' grid
     grid = (mc.global_size // ps, mc.global_size // ps)
     return MultiCropCollate(
         mask_generator=make_mask_generator(m.mask_mode, grid),
