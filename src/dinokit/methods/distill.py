@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,7 +60,8 @@ from dinokit.methods.terms import DINOClsTerm, IBOTPatchTerm, KoLeoTerm, LossTer
 from dinokit.methods.terms.feature_distill import FeatureDistillTerm
 from dinokit.settings import BackboneSettings, MethodSettings
 
-__all__ = ["DEFAULT_STUDENT", "DistillOutput", "Distillation", "distill", "student_backbone_settings"]
+__all__ = ["DEFAULT_STUDENT", "DistillOutput", "Distillation", "distill", "feature_grid",
+           "student_backbone_settings"]
 
 #: The name of the one student when ``model.students`` is empty.
 DEFAULT_STUDENT = "student"
@@ -89,6 +91,22 @@ def student_backbone_settings(settings: MethodSettings, name: str | None = None)
     if entry is None:
         raise KeyError(f"no student named {name!r}; students: {[s['name'] for s in students]}")
     return dataclasses.replace(settings.backbone, **dict(entry.get("backbone") or {}))
+
+
+def feature_grid(backbone: Backbone, n_patches: int, height: int, width: int) -> tuple[int, int]:
+    """The ``(rows, cols)`` of a backbone's ``n_patches`` on an ``height x width`` input: its own
+    ``grid_size``, or for a module that does not know it, the grid of the input's aspect ratio."""
+    try:
+        grid = tuple(backbone.grid_size(height, width))
+    except TypeError:
+        grid = ()
+    if len(grid) == 2 and grid[0] * grid[1] == n_patches:
+        return int(grid[0]), int(grid[1])
+    rows = max(1, round(math.sqrt(n_patches * height / width)))
+    if n_patches % rows:
+        raise ValueError(f"{type(backbone).__name__} gives {n_patches} patches on a {height}x{width} input: "
+                         "no grid of that aspect ratio")
+    return rows, n_patches // rows
 
 
 class Distillation(SelfDistillationMethod):
@@ -358,7 +376,7 @@ class Distillation(SelfDistillationMethod):
         s_local = torch.cat([o.cls for o in outs[1:]]) if lv else None
         patches = s_global.patches
         if patches is not None and t_grid is not None:
-            s_grid = backbone.grid_size(*g[0].shape[-2:])
+            s_grid = feature_grid(backbone, patches.shape[1], *g[0].shape[-2:])
             if tuple(s_grid) != tuple(t_grid):
                 patches = resample_patch_grid(patches, s_grid, t_grid,
                                               mode=self.settings.distillation.resample_mode)

@@ -58,7 +58,7 @@ def build_method(cfg: Config) -> SelfDistillationMethod:
         key = "backbone.kwargs" if isinstance(e, BackboneArgumentError) else "backbone.name"
         raise ConfigError(f"{key}: {e}") from None
     except ValueError as e:
-        if str(e).startswith("backbone."):
+        if str(e).startswith(("backbone.", "model.teacher")):
             raise ConfigError(str(e)) from None
         raise
     present = set(method.term_timings())
