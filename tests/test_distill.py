@@ -348,3 +348,22 @@ def test_distillation_settings_are_checked():
     with pytest.raises(ValueError, match="needs a teacher with its DINO head"):
         Distillation(tiny_teacher(heads=False), settings=settings(objective="dinov3"))
     assert math.isclose(DistillationSettings().weight, 1.0)
+
+
+# ----------------------------------------------------------------------------- the estimator
+def test_the_estimator_distils_a_teacher_into_its_encoder_and_transforms_with_the_student():
+    from test_estimator import TinyCNN, _est, _images
+
+    x, _ = _images(n=32)
+    teacher = tiny_teacher(heads=False)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    cls_only = dataclasses.replace(MethodSettings(), distillation=DistillationSettings(patch_weight=0.0))
+    est = _est(distill_teacher=teacher, settings=cls_only, max_epochs=3, learning_rate=3e-2).fit(x)
+    assert isinstance(est.method_, Distillation) and est.method_.objective == "features"
+    assert est.encoder_ is est.student and est.encoder_ is not est.teacher
+    assert isinstance(est.encoder_.model, TinyCNN)
+    assert est.history_[-1] < est.history_[0]
+    f = est.transform(x)
+    assert f.shape == (32, 8)
+    for k, v in est.method_.teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -73,10 +73,14 @@ class DistillOutput(MethodOutput):
     """Output of :class:`Distillation`: ``loss`` (every student's weighted terms, summed),
     ``embedding`` (the first student's CLS features, detached), ``losses`` (each term's loss,
     ``loss_<term>`` for one student, ``loss_<student>_<term>`` for several), the teacher
-    temperature of the step and the first student's feature-distillation CLS cosine."""
+    temperature of the step, and the first student's diagnostics: its CLS cosine to the teacher
+    (feature objective), its and the teacher's CLS logits and the teacher entropy (DINOv3-style)."""
 
     teacher_temperature: float | None = None
     cls_cosine: Tensor | None = None
+    student_logits: Tensor | None = None
+    teacher_logits: Tensor | None = None
+    teacher_entropy: Tensor | None = None
 
 
 def student_backbone_settings(settings: MethodSettings, name: str | None = None) -> BackboneSettings:
@@ -357,8 +361,9 @@ class Distillation(SelfDistillationMethod):
                 r = t(f, net, self.teacher)
                 total = w * r.loss if total is None else total + w * r.loss
                 losses[f"loss_{name}_{t.name}" if several else f"loss_{t.name}"] = r.loss.detach()
-                if k == 0 and "cls_cosine" in r.outputs:
-                    extra["cls_cosine"] = r.outputs["cls_cosine"]
+                if k == 0:  # the first student's diagnostics
+                    extra.update({f: r.outputs[f] for f in ("cls_cosine", "student_logits", "teacher_logits",
+                                                            "teacher_entropy") if f in r.outputs})
         if total is None:  # every term weighs 0 at this step
             total = self.student_parameters()[0].sum() * 0.0
         if self.check_finite:
