@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +38,8 @@ from quality import eval_loaders, feature_diagnostics, machine, score
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "distill"
+PEER_PY = ROOT / ".bench-venv-lightly-train" / "bin" / "python"
+PEER = "lightly-train distillation"
 #: the smaller ViT student: the teacher's patch size (4) and grid, half its width, 2 blocks
 SMALL_VIT = ("backbone.name=vit_tiny_patch16_224",
              "backbone.kwargs={img_size: 28, patch_size: 4, depth: 2, embed_dim: 32, num_heads: 2, in_chans: 1}")
@@ -81,13 +85,65 @@ def train_and_score(preset: str, overrides: list[str], args: argparse.Namespace,
     return out
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (the peer runs in one)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def peer_and_score(args: argparse.Namespace, seed: int, teacher_dir: str) -> dict[str, Any]:
+    """lightly-train's distillation (``peer_distill.py`` in its own environment) of the same teacher
+    into resnet10t on the same images, steps, batch and normalisation; scored here as the others."""
+    import timm
+
+    from dinokit.backbones import build_backbone
+    from dinokit.config import load_config
+    from dinokit.eval.features import extract_features
+    from dinokit.export import export_timm_folder
+    from dinokit.train.build import build_dataset, build_preprocessing
+
+    cfg = load_config("distill_tiny_cpu", common(args, seed, args.out / "runs", f"peer-{seed}", args.steps))
+    export = args.out / "runs" / "teacher_timm"
+    if not export.is_dir():
+        export_timm_folder(teacher_dir, export)
+    images = args.out / "runs" / "images"
+    if not (images / "complete").is_file():
+        (images / "train").mkdir(parents=True, exist_ok=True)
+        for i, (img, _) in enumerate(build_dataset(cfg, "train")):
+            img.save(images / "train" / f"{i:05d}.png")
+        (images / "complete").write_text("")
+    pre = build_preprocessing(cfg).to_dict()
+    out = args.out / "runs" / f"peer-{seed}"
+    cmd = [str(args.peer_python), str(ROOT / "benchmarks" / "peer_distill.py"), "--teacher", str(export),
+           "--data", str(images / "train"), "--out", str(out), "--steps", str(args.steps), "--batch", "64",
+           "--seed", str(seed), "--mean", str(pre["mean"][0]), "--std", str(pre["std"][0]),
+           "--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{PEER} failed: {done.stderr[-3000:]}")
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=0, in_chans=1)
+    model.load_state_dict(torch.load(info["state"], weights_only=True))
+    backbone = build_backbone(model).eval()
+    bank, test = eval_loaders(cfg, args.bank, args.test)
+    f_bank, y_bank = extract_features(backbone, bank, progress=False)
+    f_test, y_test = extract_features(backbone, test, progress=False)
+    res = score(f_bank, y_bank, f_test, y_test, args.probe_epochs, seed)
+    res.update(feature_diagnostics(f_test))
+    steps = int(info["steps"])
+    res.update({"steps": steps, "train_wall_s": info["train_wall_s"], "train_cpu_s": info["train_cpu_s"],
+                "wall_s_per_step": info["train_wall_s"] / steps, "cpu_s_per_step": info["train_cpu_s"] / steps,
+                "lightly_train": info["lightly_train"]})
+    return res
+
+
 def row(path: Path, make: Any) -> dict[str, Any]:
     """The row's JSON when a finished run wrote it, else run ``make()`` and write it."""
     if path.is_file():
         return json.loads(path.read_text())
-    t0 = time.process_time()
+    t0 = _cpu()
     res = make()
-    res["row_cpu_s"] = time.process_time() - t0
+    res["row_cpu_s"] = _cpu() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=2))
@@ -118,7 +174,8 @@ def markdown(rows: dict[str, dict[str, Any]], args: argparse.Namespace, seeds: l
         f"{teacher['cpu_s_per_step']:.3f} |",
     ]
     for student in STUDENTS:
-        for kind, label in (("distill", "distilled (`distill_tiny_cpu`)"), ("scratch", "DINO from scratch")):
+        for kind, label in (("distill", "distilled (`distill_tiny_cpu`)"), ("scratch", "DINO from scratch"),
+                            ("peer", f"{PEER} (same teacher, steps, batch)")):
             rs = [rows[f"{student}/{kind}/{s}"] for s in seeds if f"{student}/{kind}/{s}" in rows]
             if not rs:
                 continue
@@ -158,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=OUT, help="per-row results and run folders")
     p.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument("--peer-seeds", type=int, default=0, help=f"seeds of the {PEER} rows (resnet10t)")
+    p.add_argument("--peer-python", type=Path, default=PEER_PY, help="python of lightly-train's own venv")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     seeds = list(range(args.seeds))
@@ -179,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                 pr, [*common(args, s, runs, f"scratch-{st}-{s}", args.steps), *ex], args, s))
             print(json.dumps({k: {m: v.get(m) for m in ("knn_top1", "linear_top1", "cpu_s_per_step")}
                               for k, v in rows.items()}), flush=True)
+    for seed in range(args.peer_seeds):
+        key = f"resnet10t/peer/{seed}"
+        rows[key] = row(args.out / f"{key}.json", lambda s=seed: peer_and_score(args, s, teacher_dir))
     write_markdown(args.md, markdown(rows, args, seeds))
     return 0
 
