@@ -330,6 +330,9 @@ def test_a_cnn_student_of_a_vit_teacher_trains_resumes_after_sigterm_and_exports
         assert torch.equal(v, state[prefix + k]), k
     from dinokit.embed import load_for_embedding
 
+    from dinokit.cli._common import load
+
+    assert type(load(str(tmp_path / "pre")).backbone.model).__name__ == "ResNet"  # eval and viz: the student
     backbone, _ = load_for_embedding(tmp_path / "pre")
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
