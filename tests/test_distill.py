@@ -328,9 +328,8 @@ def test_a_cnn_student_of_a_vit_teacher_trains_resumes_after_sigterm_and_exports
     prefix = "method.students.student.backbone.model."
     for k, v in exported.items():
         assert torch.equal(v, state[prefix + k]), k
-    from dinokit.embed import load_for_embedding
-
     from dinokit.cli._common import load
+    from dinokit.embed import load_for_embedding
 
     assert type(load(str(tmp_path / "pre")).backbone.model).__name__ == "ResNet"  # eval and viz: the student
     backbone, _ = load_for_embedding(tmp_path / "pre")
