@@ -369,3 +369,14 @@ def test_the_estimator_distils_a_teacher_into_its_encoder_and_transforms_with_th
     assert f.shape == (32, 8)
     for k, v in est.method_.teacher.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_sync_batchnorm_reaches_every_student():
+    from dinokit.train.strategy import convert_sync_batchnorm
+
+    students = [*STUDENTS, {"name": "cnn2", "backbone": {"name": "resnet10t", "kwargs": {"in_chans": 1}}}]
+    method = Distillation(tiny_teacher(), settings=settings(students=students))
+    assert convert_sync_batchnorm(method) > 0
+    for name in ("cnn", "cnn2"):
+        bns = [m for m in method.students[name].modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert bns and all(isinstance(m, nn.SyncBatchNorm) for m in bns), name
