@@ -41,7 +41,8 @@ def setting(default: Any, help: str, **checks: Any) -> Any:
 class ModelSettings:
     """Which method trains, and the weights it starts from."""
 
-    method: str = setting("dino", "DINO-family method: dino, ibot, dinov2, dinov3 (the method registry)",
+    method: str = setting("dino", "DINO-family method: dino, ibot, dinov2, dinov3, distill (the method "
+                          "registry)",
                           method=True)
     init_weights: str | None = setting(
         None, "weights to start from (.safetensors/.pth: timm, Meta DINOv2/DINOv3, dinokit export or run "
