@@ -78,6 +78,7 @@ def build_method(cfg: Config) -> SelfDistillationMethod:
     mc = build_multicrop_config(cfg)
     check_crop_sizes(method.student_backbone.patch_size, {"crops.global_size": mc.global_size,
                                                           "crops.local_size": mc.local_size})
+    check_crop_sizes(getattr(method, "mask_patch_size", None), {"crops.global_size": mc.global_size})
     apply_init_weights(method, cfg)  # init_weights -> student, teacher, Gram teacher; freeze_patch_embed
     return method
 
