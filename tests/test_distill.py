@@ -380,3 +380,26 @@ def test_sync_batchnorm_reaches_every_student():
     for name in ("cnn", "cnn2"):
         bns = [m for m in method.students[name].modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         assert bns and all(isinstance(m, nn.SyncBatchNorm) for m in bns), name
+
+
+def test_teacher_files_load_the_same_weights_and_name_what_they_lack(tmp_path):
+    from dinokit.export import export_backbone, export_timm_folder
+    from dinokit.weights import WeightsError
+
+    bb = tiny_teacher(heads=False)["backbone"]
+    export_timm_folder(bb, tmp_path / "folder")
+    single = export_backbone(bb, tmp_path / "single")
+    raw = tmp_path / "raw.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(raw))
+    want = {k: v for k, v in bb.model.state_dict().items()}
+    for source, extra in ((tmp_path / "folder", {}), (single, {}),
+                          (raw, {"teacher_backbone": "vit_tiny_patch16_224", "teacher_kwargs": VIT})):
+        method = Distillation(source, MapNet(), settings=settings(**extra))
+        assert method.objective == "features"
+        got = method.teacher["backbone"].model.state_dict()
+        for k, v in want.items():
+            assert torch.equal(got[k], v), (source, k)
+    with pytest.raises(WeightsError, match="distillation.teacher_backbone"):
+        Distillation(raw, MapNet(), settings=settings())
+    with pytest.raises(WeightsError, match="does not exist"):
+        Distillation(tmp_path / "missing.pth", MapNet(), settings=settings())
