@@ -91,7 +91,7 @@ def _cpu() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def peer_and_score(args: argparse.Namespace, seed: int, teacher_dir: str) -> dict[str, Any]:
+def peer_and_score(args: argparse.Namespace, seed: int, teacher_dir: str, steps: int) -> dict[str, Any]:
     """lightly-train's distillation (``peer_distill.py`` in its own environment) of the same teacher
     into resnet10t on the same images, steps, batch and normalisation; scored here as the others."""
     import timm
@@ -102,7 +102,7 @@ def peer_and_score(args: argparse.Namespace, seed: int, teacher_dir: str) -> dic
     from dinokit.export import export_timm_folder
     from dinokit.train.build import build_dataset, build_preprocessing
 
-    cfg = load_config("distill_tiny_cpu", common(args, seed, args.out / "runs", f"peer-{seed}", args.steps))
+    cfg = load_config("distill_tiny_cpu", common(args, seed, args.out / "runs", f"peer-{seed}", steps))
     export = args.out / "runs" / "teacher_timm"
     if not export.is_dir():
         export_timm_folder(teacher_dir, export)
@@ -113,9 +113,9 @@ def peer_and_score(args: argparse.Namespace, seed: int, teacher_dir: str) -> dic
             img.save(images / "train" / f"{i:05d}.png")
         (images / "complete").write_text("")
     pre = build_preprocessing(cfg).to_dict()
-    out = args.out / "runs" / f"peer-{seed}"
+    out = args.out / "runs" / f"peer-{seed}-{steps}steps"
     cmd = [str(args.peer_python), str(ROOT / "benchmarks" / "peer_distill.py"), "--teacher", str(export),
-           "--data", str(images / "train"), "--out", str(out), "--steps", str(args.steps), "--batch", "64",
+           "--data", str(images / "train"), "--out", str(out), "--steps", str(steps), "--batch", "64",
            "--seed", str(seed), "--mean", str(pre["mean"][0]), "--std", str(pre["std"][0]),
            "--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -175,7 +175,8 @@ def markdown(rows: dict[str, dict[str, Any]], args: argparse.Namespace, seeds: l
     ]
     for student in STUDENTS:
         for kind, label in (("distill", "distilled (`distill_tiny_cpu`)"), ("scratch", "DINO from scratch"),
-                            ("peer", f"{PEER} (same teacher, steps, batch)")):
+                            ("peer", f"{PEER} (same teacher, steps, batch)"),
+                            ("peer_long", f"{PEER}, {args.peer_long_steps} steps (about dinokit's CPU time)")):
             rs = [rows[f"{student}/{kind}/{s}"] for s in seeds if f"{student}/{kind}/{s}" in rows]
             if not rs:
                 continue
@@ -216,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=OUT, help="per-row results and run folders")
     p.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--peer-seeds", type=int, default=0, help=f"seeds of the {PEER} rows (resnet10t)")
+    p.add_argument("--peer-long-steps", type=int, default=0,
+                   help=f"also run the {PEER} rows for this many steps (0 = no)")
     p.add_argument("--peer-python", type=Path, default=PEER_PY, help="python of lightly-train's own venv")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -240,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
                               for k, v in rows.items()}), flush=True)
     for seed in range(args.peer_seeds):
         key = f"resnet10t/peer/{seed}"
-        rows[key] = row(args.out / f"{key}.json", lambda s=seed: peer_and_score(args, s, teacher_dir))
+        rows[key] = row(args.out / f"{key}.json", lambda s=seed: peer_and_score(args, s, teacher_dir, args.steps))
+        if args.peer_long_steps:
+            key = f"resnet10t/peer_long/{seed}"
+            rows[key] = row(args.out / f"{key}.json",
+                            lambda s=seed: peer_and_score(args, s, teacher_dir, args.peer_long_steps))
     write_markdown(args.md, markdown(rows, args, seeds))
     return 0
 
