@@ -9,8 +9,12 @@ and trained from scratch with DINO (``demo_cnn`` for resnet10t, ``demo`` for the
 ``--steps``, over ``--seeds`` seeds. Every network is scored with ``benchmarks/quality.py``'s
 code: k-NN top-1 (k=20) and a linear probe on a bank of training images, on the test split.
 
-    .venv/bin/python benchmarks/distill.py                        # the BENCHMARKS.md table
-    .venv/bin/python benchmarks/distill.py --steps 5 --teacher-steps 5 --seeds 1 --out /tmp/d --md /tmp/B.md
+    .venv/bin/python benchmarks/distill.py                        # the BENCHMARKS.md table (~1,400 CPU-s)
+    .venv/bin/python benchmarks/distill.py --steps 5 --teacher-steps 5 --seeds 1 --peer-seeds 0 \
+        --peer-long-steps 0 --out /tmp/d --md /tmp/B.md                          # a smoke run
+
+The lightly-train rows (``--peer-seeds``) run ``peer_distill.py`` in ``.bench-venv-lightly-train``
+(see BENCHMARKS.md); without that environment they are left out with a note.
 
 Restartable: each row (teacher; student x objective x seed) is written to its own JSON under
 ``--out`` when it finishes and skipped when present, so a killed run loses one row at most. The
@@ -205,7 +209,7 @@ def write_markdown(path: Path, body: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=150, help="optimiser steps of every student run")
+    p.add_argument("--steps", type=int, default=100, help="optimiser steps of every student run")
     p.add_argument("--teacher-steps", type=int, default=400, help="optimiser steps of the teacher run")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--limit", type=int, default=12000, help="training images")
@@ -216,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=OUT, help="per-row results and run folders")
     p.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md")
-    p.add_argument("--peer-seeds", type=int, default=0, help=f"seeds of the {PEER} rows (resnet10t)")
-    p.add_argument("--peer-long-steps", type=int, default=0,
+    p.add_argument("--peer-seeds", type=int, default=3, help=f"seeds of the {PEER} rows (resnet10t)")
+    p.add_argument("--peer-long-steps", type=int, default=300,
                    help=f"also run the {PEER} rows for this many steps (0 = no)")
     p.add_argument("--peer-python", type=Path, default=PEER_PY, help="python of lightly-train's own venv")
     args = p.parse_args(argv)
@@ -241,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                 pr, [*common(args, s, runs, f"scratch-{st}-{s}", args.steps), *ex], args, s))
             print(json.dumps({k: {m: v.get(m) for m in ("knn_top1", "linear_top1", "cpu_s_per_step")}
                               for k, v in rows.items()}), flush=True)
+    if args.peer_seeds and not args.peer_python.is_file():
+        print(f"no {PEER} rows: {args.peer_python} is missing (see BENCHMARKS.md for its environment)")
+        args.peer_seeds = 0
     for seed in range(args.peer_seeds):
         key = f"resnet10t/peer/{seed}"
         rows[key] = row(args.out / f"{key}.json", lambda s=seed: peer_and_score(args, s, teacher_dir, args.steps))
