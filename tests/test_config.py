@@ -22,7 +22,7 @@ from dinokit.config import (
 def test_every_shipped_preset_loads_and_validates(name):
     cfg = load_config(name)
     assert isinstance(cfg, Config)
-    assert cfg.model.method in ("dino", "dinov2", "dinov3")
+    assert cfg.model.method in ("dino", "dinov2", "dinov3", "distill")
 
 
 def test_expected_presets_are_shipped():

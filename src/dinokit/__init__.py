@@ -25,6 +25,7 @@ _EXPORTS = {
     "DINOOutput": "dinokit.methods",
     "DINOv2": "dinokit.methods",
     "DINOv3": "dinokit.methods",
+    "Distillation": "dinokit.methods",
     "DINOEstimator": "dinokit.estimator",
 }
 

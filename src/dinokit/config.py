@@ -28,6 +28,7 @@ from dinokit.settings import (
     CropSettings,
     DataSettings,
     DinoSettings,
+    DistillationSettings,
     GramSettings,
     HeadSettings,
     IBOTSettings,
@@ -89,6 +90,7 @@ class Config:
     ibot: IBOTSettings = field(default_factory=IBOTSettings)
     koleo: KoLeoSettings = field(default_factory=KoLeoSettings)
     gram: GramSettings = field(default_factory=GramSettings)
+    distillation: DistillationSettings = field(default_factory=DistillationSettings)
     crops: CropSettings = field(default_factory=CropSettings)
     data: DataSettings = field(default_factory=DataSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
@@ -137,6 +139,10 @@ class Config:
             raise ConfigError(f"gram.weight: method {self.model.method!r} has no Gram anchoring term (its "
                               f"terms: {', '.join(spec.sections)}; dinov3 has one)")
         _check_stages(self.stages, spec.sections)
+        if self.model.students and self.model.method != "distill":
+            raise ConfigError(f"model.students: only method=distill trains several students (method is "
+                              f"{self.model.method!r})")
+        self.model.students = check_students(self.model.students)
         if any(s.crops for s in self.stages) and (d.dataset == "shards" or d.augment_on == "device"):
             raise ConfigError("stages: a stage with its own crops needs them made in the loader workers from "
                               "an indexed dataset (data.augment_on=workers, not data.dataset=shards)")
@@ -186,6 +192,7 @@ SECTIONS: dict[str, type] = {
     "ibot": IBOTSettings,
     "koleo": KoLeoSettings,
     "gram": GramSettings,
+    "distillation": DistillationSettings,
     "crops": CropSettings,
     "data": DataSettings,
     "optim": OptimSettings,
@@ -227,6 +234,47 @@ MOVED_KEYS: dict[str, str] = {
     **{f"data.{k}": f"crops.{k}" for k in ("global_size", "local_size", "n_global", "n_local",
                                            "global_scale", "local_scale")},
 }
+
+
+#: Keys of one entry of ``model.students``.
+STUDENT_KEYS = ("name", "backbone", "lr_mult")
+
+
+def check_students(value: Any) -> list[dict[str, Any]]:
+    """``model.students``, checked and normalised: a list of ``{name, backbone, lr_mult}`` with
+    unique identifier names, ``backbone`` a mapping of backbone-section keys (coerced), ``lr_mult``
+    a number > 0 (default 1). Errors name ``model.students[i].key``."""
+    if not isinstance(value, list):
+        raise ConfigError(f"model.students: expected a list of students, got {value!r}")
+    fields, hints = _field_map(BackboneSettings), typing.get_type_hints(BackboneSettings)
+    out, names = [], set()
+    for i, item in enumerate(value):
+        key = f"model.students[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{key}: expected a mapping (name, backbone, lr_mult), got {item!r}")
+        for k in item:
+            if k not in STUDENT_KEYS:
+                raise ConfigError(f"{key}: unknown key {k!r}{_suggest(str(k), list(STUDENT_KEYS))}")
+        name = item.get("name")
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"{key}.name: expected a name of letters, digits and _, got {name!r}")
+        if name in names:
+            raise ConfigError(f"{key}.name: {name!r} names two students")
+        names.add(name)
+        backbone = item.get("backbone") or {}
+        if not isinstance(backbone, dict):
+            raise ConfigError(f"{key}.backbone: expected a mapping of backbone keys, got {backbone!r}")
+        checked = {}
+        for k, v in backbone.items():
+            if k not in fields:
+                raise ConfigError(f"{key}.backbone: unknown key {k!r}{_suggest(str(k), list(fields))}")
+            checked[k] = _coerce(f"{key}.backbone.{k}", v, hints[k], dict(fields[k].metadata))
+        mult = item.get("lr_mult", 1.0)
+        number = isinstance(mult, (int, float)) and not isinstance(mult, bool)
+        if not number or not math.isfinite(mult) or mult <= 0:
+            raise ConfigError(f"{key}.lr_mult: expected a number > 0, got {mult!r}")
+        out.append({"name": name, "backbone": checked, "lr_mult": float(mult)})
+    return out
 
 
 def _plain(x: Any) -> Any:

@@ -39,6 +39,7 @@ from dinokit.data import (
 )
 from dinokit.eval.features import extract_features
 from dinokit.methods.dino import DINO
+from dinokit.methods.distill import Distillation
 from dinokit.settings import MethodSettings, OptimSettings
 from dinokit.train.loader import ResumableDataLoader, SeededViews
 from dinokit.train.module import DINOModule, unpack_batch
@@ -240,8 +241,8 @@ class _EstimatorModule(DINOModule):
         s[0] = loss.detach() if s[0] is None else s[0] + loss.detach()  # summed on the device
         s[1] += 1
         out, self._last_out = self._last_out, None
-        return {"loss": loss, "z_student": out.student_logits, "z_teacher": out.teacher_logits,
-                "y": self._labels}
+        return {"loss": loss, "z_student": getattr(out, "student_logits", None),
+                "z_teacher": getattr(out, "teacher_logits", None), "y": self._labels}
 
     def _epoch_mean(self, split: str) -> float | None:
         total, count = self._sums[split]
@@ -256,8 +257,9 @@ class _EstimatorModule(DINOModule):
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         self._check_views(batch)
         self._last_out = out = self.forward_batch(batch)
-        self.log("val/loss", out.loss, prog_bar=True, batch_size=out.student_logits.shape[1],
-                 sync_dist=True)
+        logits = getattr(out, "student_logits", None)  # [n_views, B, K]; a feature distillation has none
+        b = logits.shape[1] if logits is not None else out.embedding.shape[0] // 2
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=b, sync_dist=True)
         return self._record("val", out.loss)
 
     def on_train_epoch_end(self) -> None:
@@ -320,6 +322,11 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
             faster convolutions; ViTs and other modules are unaffected).
         settings: :class:`~dinokit.settings.MethodSettings` for the knobs nidl's estimator does not name
             (head layers, centring, ...); the estimator's own parameters set the rest.
+        distill_teacher: distil this frozen teacher into ``encoder`` instead of training it by DINO
+            (:class:`~dinokit.Distillation`; ``model.teacher`` of the config): a dinokit run or
+            checkpoint, an export, a weights file (``settings.distillation.teacher_backbone``
+            names its architecture), a method or a backbone module. ``settings.distillation``
+            chooses the objective; ``transform`` then gives the student's features.
         **kwargs: ``lightning.pytorch.Trainer`` arguments (``max_epochs``, ``accelerator``, ...);
             a name that is neither raises at once, naming the closest valid one.
     """
@@ -335,7 +342,7 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
                  optimizer_kwargs: dict | None = None, lr_scheduler: Any = "warmup_cosine",
                  lr_scheduler_kwargs: dict | None = None, random_state: int | None = None,
                  crop_config: Any = None, batch_size: int = 32, channels_last: bool = True,
-                 settings: MethodSettings | None = None, **kwargs: Any):
+                 settings: MethodSettings | None = None, distill_teacher: Any = None, **kwargs: Any):
         self.encoder = encoder
         self.encoder_kwargs = encoder_kwargs
         self.proj_input_dim = proj_input_dim
@@ -365,6 +372,7 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.channels_last = channels_last
         self.settings = settings
+        self.distill_teacher = distill_teacher
         self._check_names(kwargs)
         self._trainer_kwargs = dict(kwargs)
 
@@ -532,7 +540,11 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         seed = self.random_state or 0
         loader = self._views_loader(X, seed)
         val_loader = None if val_dataloader is None else self._views_loader(val_dataloader, seed + 1)
-        method = DINO(self._build_encoder(), settings=self._method_settings())
+        if self.distill_teacher is not None:
+            method = Distillation(self.distill_teacher, self._build_encoder(),
+                                  settings=self._method_settings())
+        else:
+            method = DINO(self._build_encoder(), settings=self._method_settings())
         width = method.student_backbone.embed_dim
         if self.proj_input_dim is not None and self.proj_input_dim != width:
             raise ValueError(f"proj_input_dim={self.proj_input_dim} but the encoder outputs {width} features")
@@ -567,25 +579,26 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
         self.method_, self.trainer_, self.module_ = method, trainer, module
         self.history_ = list(module.epoch_losses)
         self.val_history_ = list(module.val_losses)
-        self.encoder_ = method.teacher_backbone
+        self.encoder_ = method.deployed_backbone
         self.student, self.teacher = method.student_backbone, method.teacher_backbone
-        self.student_head, self.teacher_head = method.student_head, method.teacher_head
-        self.loss = method.dino_loss
+        self.student_head = getattr(method.student, "head", None)  # a feature distillation has none
+        self.teacher_head = getattr(method.teacher, "head", None)
+        self.loss = getattr(method, "dino_loss", None)
         self.optimizer_ = trainer.optimizers[0] if trainer.optimizers else None
         self.lr_scheduler_ = module.step_fn.clock if clock_lr is not None else scheduler_cb.scheduler
         return self
 
     def transform_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor:
-        """Seed 003: encode one batch into the latent space, the teacher backbone's features ``[B, D]``
-        (no projection head). ``batch`` is an image tensor, or ``(images, ...)``; the indices are
-        ignored."""
+        """Seed 003: encode one batch into the latent space, the delivered backbone's features
+        ``[B, D]`` (DINO's teacher, a distillation's student; no projection head). ``batch`` is
+        an image tensor, or ``(images, ...)``; the indices are ignored."""
         if not self.__sklearn_is_fitted__():
             raise NotFittedError("This DINOEstimator instance is not fitted yet; call fit first")
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         if not isinstance(x, Tensor):
             raise TypeError("transform_step expects an image tensor or (images, ...), "
                             f"got {type(x).__name__}")
-        backbone = self.method_.teacher_backbone
+        backbone = self.method_.deployed_backbone
         was_training = backbone.training
         backbone.eval()
         try:
@@ -594,7 +607,8 @@ class DINOEstimator(TransformerMixin, BaseEstimator):
             backbone.train(was_training)
 
     def transform(self, X: Any) -> Tensor | np.ndarray:
-        """Teacher backbone features ``[N, D]``: a numpy array for array input, a tensor for a loader."""
+        """Features of the delivered backbone (DINO's teacher, a distillation's student) ``[N, D]``: a
+        numpy array for array input, a tensor for a loader."""
         if not self.__sklearn_is_fitted__():
             raise NotFittedError("This DINOEstimator instance is not fitted yet; call fit first")
         if isinstance(X, DataLoader):

@@ -34,7 +34,9 @@ from dinokit.atomic import atomic_folder, atomic_paths
 from dinokit.backbones import Backbone, build_backbone
 from dinokit.config import from_dict, upgrade_saved
 from dinokit.data.preprocessing import Preprocessing
-from dinokit.methods.registry import method_spec
+from dinokit.methods.distill import DEFAULT_STUDENT, student_backbone_settings
+from dinokit.methods.registry import make_backbone, method_spec
+from dinokit.methods.teacher_file import method_settings
 from dinokit.train.build import build_method, build_preprocessing
 from dinokit.weights import (
     WeightsError,
@@ -67,6 +69,7 @@ class _Export:
     method: str | None
     steps: int | None
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    which: str | None = None  # what was exported when it is not what was asked (a distillation's student)
 
 
 def _base(path: str | Path) -> Path:
@@ -94,13 +97,21 @@ def _run_backbone(config: dict[str, Any]) -> tuple[Backbone, dict[str, Any]]:
 
 def _resolve(source: Any, which: str, *, timm_name: str | None, timm_kwargs: dict[str, Any] | None,
              preprocessing: dict[str, Any] | None) -> _Export:
-    if which not in ("teacher", "student"):
-        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    if which not in ("teacher", "student") and not which.startswith("student:"):
+        raise ValueError(f"which must be 'teacher', 'student' or 'student:<name>', got {which!r}")
     if isinstance(source, (str, Path)):
         src = Path(source)
         ckpt = src / "checkpoints" / "last.ckpt" if src.is_dir() else src
         obj = read_training_checkpoint(ckpt)
         config = upgrade_saved(obj["dinokit"]["config"])
+        if method_spec(config["model"].get("method", "dino")).deploys == "student":
+            backbone = _distilled_student(config, obj, which, str(ckpt))
+            steps = obj.get("global_step")
+            name = _student_name(config, which)
+            arch = backbone.timm_name or student_backbone_settings(method_settings(config), name).name
+            return _Export(backbone, arch, _kwargs_of(backbone), config["model"].get("method"),
+                           int(steps) if steps is not None else None,
+                           {**run_preprocessing(config), **(preprocessing or {})}, which=f"student:{name}")
         state = backbone_state_dict(obj, which)
         backbone, _ = _run_backbone(config)
         try:
@@ -114,7 +125,12 @@ def _resolve(source: Any, which: str, *, timm_name: str | None, timm_kwargs: dic
         return _Export(backbone, config["backbone"]["name"], _kwargs_of(backbone),
                        config["model"].get("method"), int(steps) if steps is not None else None,
                        {**run_preprocessing(config), **(preprocessing or {})})
-    backbone = getattr(source, f"{which}_backbone", source)
+    if which.startswith("student:") and hasattr(source, "students"):
+        backbone = source.students[which.split(":", 1)[1]]["backbone"]
+    elif which == "teacher" and hasattr(source, "deployed_backbone"):  # a distillation gives its student
+        backbone = source.deployed_backbone
+    else:
+        backbone = getattr(source, f"{which}_backbone", source)
     if not isinstance(backbone, Backbone):
         raise TypeError(f"cannot export {type(source).__name__}: give a method, a Backbone, a checkpoint "
                         "or a run directory")
@@ -126,6 +142,31 @@ def _resolve(source: Any, which: str, *, timm_name: str | None, timm_kwargs: dic
     if not pre:
         pre = _model_preprocessing(backbone)
     return _Export(backbone, arch, kwargs, method, getattr(source, "step", None), pre)
+
+
+def _student_name(config: dict[str, Any], which: str) -> str:
+    """The student ``which`` names in a distillation run (``student`` or ``teacher``: the first)."""
+    if which.startswith("student:"):
+        return which.split(":", 1)[1]
+    students = config["model"].get("students") or []
+    return students[0]["name"] if students else DEFAULT_STUDENT
+
+
+def _distilled_student(config: dict[str, Any], obj: dict[str, Any], which: str, source: str) -> Backbone:
+    """A distillation run's student backbone with its trained weights; the teacher, the run's
+    input, is never what a distillation exports."""
+    name = _student_name(config, which)
+    settings = method_settings(config)
+    try:
+        b = student_backbone_settings(settings, name if config["model"].get("students") else None)
+    except KeyError as e:
+        raise WeightsError(f"{source}: {e.args[0]}") from None
+    backbone = make_backbone(method_spec("distill"), b)
+    prefix = f"method.students.{name}.backbone."
+    state = {k[len(prefix):]: v for k, v in (obj.get("state_dict") or {}).items() if k.startswith(prefix)}
+    state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+    load_backbone_weights(backbone, state, source=source)
+    return backbone
 
 
 def _kwargs_of(backbone: Backbone) -> dict[str, Any]:
@@ -158,7 +199,7 @@ def _metadata(e: _Export, which: str) -> dict[str, Any]:
     size = kw.get("img_size")
     return {
         "format": FORMAT,
-        "which": which,
+        "which": e.which or which,
         "architecture": e.arch,
         "timm_kwargs": kw,
         "image_size": size[0] if isinstance(size, (list, tuple)) else size,

@@ -41,11 +41,20 @@ def setting(default: Any, help: str, **checks: Any) -> Any:
 class ModelSettings:
     """Which method trains, and the weights it starts from."""
 
-    method: str = setting("dino", "DINO-family method: dino, ibot, dinov2, dinov3 (the method registry)",
+    method: str = setting("dino", "DINO-family method: dino, ibot, dinov2, dinov3, distill (the method "
+                          "registry)",
                           method=True)
     init_weights: str | None = setting(
         None, "weights to start from (.safetensors/.pth: timm, Meta DINOv2/DINOv3, dinokit export or run "
         "checkpoint); loaded into student, teacher and Gram teacher")
+    teacher: str | None = setting(
+        None, "method=distill: the frozen teacher: a dinokit run or checkpoint (its heads: the DINOv3 "
+        "objective), a dinokit export, or backbone weights in timm or Meta layout (feature distillation; "
+        "distillation.teacher_backbone names the architecture)")
+    students: list = setting(
+        [], "method=distill: several students sharing one teacher forward, each a mapping {name, "
+        "backbone: {backbone section overrides}, lr_mult}; empty = one student, 'student', from the "
+        "backbone section")
 
 
 @dataclass
@@ -166,6 +175,32 @@ class GramSettings:
     remove_only_teacher_neg: bool = setting(False, "clamp only the teacher's negatives")
     teacher_size: int | None = setting(None, "Gram teacher input size (global crops resized)", min=4)
     teacher_path: str | None = setting(None, "Gram teacher backbone weights file")
+
+
+@dataclass
+class DistillationSettings:
+    """Distillation from a frozen teacher (method ``distill``): what the students learn."""
+
+    objective: Literal["auto", "dinov3", "features"] = setting(
+        "auto", "dinov3 = the student's heads learn the teacher's Sinkhorn-Knopp-centred DINO and iBOT "
+        "targets plus KoLeo (DINOv3's multi-distillation; needs a teacher with heads); features = the "
+        "student's CLS and patch features, through projectors, match the teacher's; auto = dinov3 when "
+        "the teacher file has heads, else features")
+    weight: float = setting(1.0, "weight of the feature-distillation loss", ge=0)
+    loss: Literal["cosine", "smooth_l1", "cosine+smooth_l1"] = setting(
+        "cosine", "feature distillation loss: 1 - cosine similarity, smooth L1 (the teacher features "
+        "layer-normalised), or their sum")
+    cls_weight: float = setting(1.0, "share of the CLS features in the feature loss", ge=0)
+    patch_weight: float = setting(1.0, "share of the patch features in the feature loss (0 = CLS only)",
+                                  ge=0)
+    smooth_l1_beta: float = setting(1.0, "beta of the smooth L1 loss", gt=0)
+    projector_hidden_dim: int = setting(
+        0, "hidden width of the student -> teacher projectors (0 = one linear layer)", min=0, max=1 << 16)
+    resample_mode: Literal["bilinear", "bicubic", "area", "nearest"] = setting(
+        "bilinear", "how a student patch grid of another size is resampled to the teacher's")
+    teacher_backbone: str | None = setting(
+        None, "the teacher's architecture (a timm name) for backbone-only weights without dinokit metadata")
+    teacher_kwargs: dict = setting({}, "extra timm.create_model arguments of teacher_backbone")
 
 
 @dataclass
@@ -323,7 +358,7 @@ FREEZABLE = ("backbone", "heads", "patch_embed")
 #: Crop settings a stage may override.
 STAGE_CROPS = ("global_size", "local_size", "n_local", "global_scale", "local_scale")
 #: Loss-term sections whose weights a stage may override.
-TERM_SECTIONS = ("dino", "ibot", "koleo", "gram")
+TERM_SECTIONS = ("dino", "ibot", "koleo", "gram", "distillation")
 
 
 @dataclass
@@ -340,6 +375,8 @@ class MethodSettings:
     ibot: IBOTSettings = field(default_factory=IBOTSettings)
     koleo: KoLeoSettings = field(default_factory=KoLeoSettings)
     gram: GramSettings = field(default_factory=GramSettings)
+    distillation: DistillationSettings = field(default_factory=DistillationSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
 
     @classmethod
     def from_config(cls, cfg: Any) -> MethodSettings:

@@ -19,6 +19,7 @@ from dinokit.config import ConfigError, from_dict, upgrade_saved
 from dinokit.data import EvalTransform, load_demo_dataset
 from dinokit.data.multiband import folder_dataset
 from dinokit.data.preprocessing import Preprocessing
+from dinokit.methods.registry import method_spec
 from dinokit.weights import WeightsError
 
 DEMO_NAMES = ("demo", "fashion-mnist", "digits")
@@ -61,6 +62,12 @@ def load(checkpoint: str, which: str = "teacher") -> Loaded:
     if not config:
         raise WeightsError(f"{ckpt} is not a dinokit training checkpoint (no run config inside)")
     cfg = from_dict(config)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    if method_spec(cfg.model.method).deploys == "student":  # a distillation: its student, not its input
+        from dinokit.embed import load_for_embedding  # commands load their heavy parts when run
+
+        backbone, transform = load_for_embedding(ckpt, "student" if which == "teacher" else which)
+        return Loaded(backbone, transform, run_dir)
     torch.manual_seed(0)
     # The weights come from the checkpoint: never re-read the run's start-up files (they may be gone).
     build_cfg = copy.deepcopy(cfg)
@@ -68,7 +75,6 @@ def load(checkpoint: str, which: str = "teacher") -> Loaded:
     method = build_method(build_cfg)
     backbone = getattr(method, f"{which}_backbone")
     load_backbone_weights(backbone, backbone_state_dict(obj, which), source=str(ckpt))
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
     return Loaded(backbone.eval(), build_preprocessing(cfg).eval_transform(), run_dir)
 
 

@@ -18,7 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output path without extension (an earlier export there is replaced once the new one "
                         "is complete; a folder holding anything else is refused)")
     p.add_argument("--which", choices=("teacher", "student"), default="teacher",
-                   help="which backbone (default: the EMA teacher)")
+                   help="which backbone (default: the EMA teacher; a distillation run gives its student)")
+    p.add_argument("--student", default=None,
+                   help="a distillation run with several students: the student of this name (default: the "
+                        "first)")
     p.add_argument("--format", choices=("both", "folder", "file", *interop_export.FORMATS), default="both",
                    help="timm/Hub folder, single file, or both (default); onnx = PATH.onnx (onnxruntime, "
                         "needs dinokit[onnx]); hf = PATH/ for transformers' AutoModel (needs dinokit[hf])")
@@ -29,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    if args.student:
+        args.which = f"student:{args.student}"
     if args.format in interop_export.FORMATS:
         return interop_export.run(args)
 

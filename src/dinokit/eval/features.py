@@ -23,7 +23,7 @@ KINDS = ("cls", "avgpool", "cls+avgpool", "last_blocks", "last_blocks+avgpool")
 
 
 def _backbone(model: Any) -> Any:
-    return model.teacher_backbone if hasattr(model, "teacher_backbone") else model
+    return model.deployed_backbone if hasattr(model, "deployed_backbone") else model
 
 
 def _features(backbone: Any, x: Tensor, kind: str, n_last_blocks: int) -> Tensor:
@@ -55,7 +55,8 @@ def extract_features(model: Any, loader: Iterable[Any], *, kind: str = "cls", n_
     ``[N]`` (None when unlabelled).
 
     Args:
-        model: a :class:`~dinokit.backbones.Backbone` or a method (its ``teacher_backbone`` is used).
+        model: a :class:`~dinokit.backbones.Backbone` or a method (the network it delivers,
+            ``deployed_backbone``, is used).
         loader: batches of images, or ``(images, labels, ...)``; label -1 means unlabelled.
         kind: ``cls`` | ``avgpool`` (mean patch token) | ``cls+avgpool`` | ``last_blocks`` (CLS of
             the last ``n_last_blocks`` blocks, DINO's linear-eval input) | ``last_blocks+avgpool``.

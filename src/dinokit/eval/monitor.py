@@ -73,7 +73,7 @@ class KNNMonitor(pl.Callback):
         epoch = trainer.current_epoch
         if (epoch + 1) % self.every_n_epochs:
             return
-        res = self.evaluate(pl_module.method.teacher_backbone)
+        res = self.evaluate(pl_module.method.deployed_backbone)
         # identical on every process (the counts were summed): no further reduction when logging
         pl_module.log("val/knn_top1", res["top1"], on_epoch=True, prog_bar=True)
         if res["top5"] is not None:

@@ -223,6 +223,17 @@ class SelfDistillationMethod(nn.Module):
         return self.teacher["head"]
 
     @property
+    def deployed_backbone(self) -> Backbone:
+        """The network a run delivers (exported, embedded and monitored): the EMA teacher."""
+        return self.teacher_backbone
+
+    def trained_networks(self) -> dict[str, tuple[nn.ModuleDict, float]]:
+        """The networks the optimiser trains, by name, each with its learning-rate multiplier:
+        the student (a distillation may train several). Parameter groups and clipping are made
+        per network."""
+        return {"": (self.student, 1.0)}
+
+    @property
     def head_names(self) -> list[str]:
         return [k for k in self.student if k != "backbone"]
 

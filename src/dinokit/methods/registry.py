@@ -49,6 +49,8 @@ class MethodSpec:
             DINOv2 0.1), timm's per-sample ``DropPath`` below; None = always ``DropPath`` (DINO, iBOT).
         temperature_endpoint: the teacher-temperature warm-up ends at its last index (DINO, DINOv2)
             or one index later (DINOv3's schedules).
+        deploys: which network a run delivers (exports, embeds and monitors by default): the EMA
+            ``teacher`` of self-distillation, or the ``student`` of a distillation.
     """
 
     name: str
@@ -61,6 +63,7 @@ class MethodSpec:
     drop_path_uniform: bool = False
     drop_path_subset_above: float | None = None
     temperature_endpoint: bool = True
+    deploys: str = "teacher"
 
 
 METHODS: dict[str, MethodSpec] = {}

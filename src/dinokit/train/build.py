@@ -58,7 +58,7 @@ def build_method(cfg: Config) -> SelfDistillationMethod:
         key = "backbone.kwargs" if isinstance(e, BackboneArgumentError) else "backbone.name"
         raise ConfigError(f"{key}: {e}") from None
     except ValueError as e:
-        if str(e).startswith("backbone."):
+        if str(e).startswith(("backbone.", "model.teacher")):
             raise ConfigError(str(e)) from None
         raise
     present = set(method.term_timings())
@@ -78,6 +78,7 @@ def build_method(cfg: Config) -> SelfDistillationMethod:
     mc = build_multicrop_config(cfg)
     check_crop_sizes(method.student_backbone.patch_size, {"crops.global_size": mc.global_size,
                                                           "crops.local_size": mc.local_size})
+    check_crop_sizes(getattr(method, "mask_patch_size", None), {"crops.global_size": mc.global_size})
     apply_init_weights(method, cfg)  # init_weights -> student, teacher, Gram teacher; freeze_patch_embed
     return method
 
@@ -171,7 +172,7 @@ def build_collate(cfg: Config, method: SelfDistillationMethod) -> Any:
     if not getattr(method, "needs_masks", False):
         return MultiCropCollate()
     mc = build_multicrop_config(cfg)
-    ps = method.student_backbone.patch_size
+    ps = getattr(method, "mask_patch_size", None) or method.student_backbone.patch_size  # the masks' grid
     grid = (mc.global_size // ps, mc.global_size // ps)
     return MultiCropCollate(
         mask_generator=make_mask_generator(m.mask_mode, grid),

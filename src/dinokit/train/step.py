@@ -117,13 +117,17 @@ def build_method_optimizer(
     optim = resolve_rules(optim or OptimSettings(), getattr(method, "rules", {}))
     spec = optim.optimizer if spec is None else spec
     last_ids = {id(p) for p in method.last_layer_parameters()}
-    named = list(method.student.named_parameters())
-    n_blocks = len(getattr(getattr(method.student_backbone, "model", None), "blocks", []) or [])
-    groups = param_groups(
-        named, exclude_bias_and_norm_wd=exclude_bias_and_norm_wd, no_decay_rule=optim.no_decay_rule,
-        layer_decay=optim.layer_decay, n_blocks=n_blocks, patch_embed_lr_mult=optim.patch_embed_lr_mult,
-        last_layer_names={n for n, p in named if id(p) in last_ids},
-    )
+    groups = []
+    for net, lr_mult in trained_networks(method).values():  # one set of groups per trained network
+        named = list(net.named_parameters())
+        n_blocks = len(getattr(getattr(net["backbone"], "model", None), "blocks", []) or [])
+        for g in param_groups(
+            named, exclude_bias_and_norm_wd=exclude_bias_and_norm_wd, no_decay_rule=optim.no_decay_rule,
+            layer_decay=optim.layer_decay, n_blocks=n_blocks, patch_embed_lr_mult=optim.patch_embed_lr_mult,
+            last_layer_names={n for n, p in named if id(p) in last_ids},
+        ):
+            g["lr_scale"] *= lr_mult
+            groups.append(g)
     extra = dict(optimizer_kwargs or {})
     if isinstance(spec, str):
         opt = build_optimizer(spec, groups, momentum=optim.momentum, betas=tuple(optim.betas))
@@ -139,6 +143,14 @@ def build_method_optimizer(
         g.setdefault("lr_scale", 1.0)
         g.setdefault("wd_scale", 1.0)
     return opt
+
+
+def trained_networks(method: nn.Module) -> dict[str, tuple[nn.ModuleDict, float]]:
+    """``name -> (network, lr multiplier)`` of what the optimiser trains: the method's
+    ``trained_networks()`` (several students of a distillation), else its one ``student``."""
+    if hasattr(method, "trained_networks"):
+        return method.trained_networks()
+    return {"": (method.student, 1.0)}
 
 
 def use_tf32_matmuls() -> None:
@@ -391,12 +403,14 @@ class TrainingStep:
             else:
                 clip_per_parameter_(params, s.clip_grad)
         elif s.clip_mode == "per_module":  # DINOv2/v3: backbone and each head by its own norm
-            clip_per_module_({k: [p for p in m.parameters() if p.requires_grad]
-                              for k, m in self.method.student.items()}, s.clip_grad)
-        else:
-            grads = [p for p in params if p.grad is not None]
-            if grads:
-                torch.nn.utils.clip_grad_norm_(grads, s.clip_grad, foreach=True)
+            clip_per_module_({f"{name}.{k}" if name else k: [p for p in m.parameters() if p.requires_grad]
+                              for name, (net, _) in trained_networks(self.method).items()
+                              for k, m in net.items()}, s.clip_grad)
+        else:  # one norm per trained network (a distillation's students are clipped apart)
+            for net, _ in trained_networks(self.method).values():
+                grads = [p for p in net.parameters() if p.requires_grad and p.grad is not None]
+                if grads:
+                    torch.nn.utils.clip_grad_norm_(grads, s.clip_grad, foreach=True)
 
     def _metrics(self, out: Any, values: StepValues) -> dict[str, Tensor | float]:
         metrics: dict[str, Tensor | float] = {"loss": out.loss.detach()}

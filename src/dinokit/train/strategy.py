@@ -49,13 +49,22 @@ def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, _BN_TYPES) for m in module.modules())
 
 
+def _networks(method: nn.Module) -> list[tuple[str, Any]]:
+    """``("student", net)`` for each network the optimiser trains (every student of a
+    distillation), then ``("teacher", method.teacher)``."""
+    if hasattr(method, "trained_networks"):
+        students = [("student", net) for net, _ in method.trained_networks().values()]
+    else:
+        students = [("student", getattr(method, "student", None))]
+    return [*students, ("teacher", getattr(method, "teacher", None))]
+
+
 def convert_sync_batchnorm(method: nn.Module, process_group: Any = None) -> int:
     """Replace every BatchNorm of ``method.student`` and ``method.teacher`` (``ModuleDict``\\ s) by
     SyncBatchNorm, in place, keeping parameters, running statistics and their pairing for the EMA.
     Returns the number of layers converted."""
     count = 0
-    for name in ("student", "teacher"):
-        pair = getattr(method, name, None)
+    for name, pair in _networks(method):
         if not isinstance(pair, nn.ModuleDict):
             raise TypeError(f"method.{name} must be an nn.ModuleDict (a SelfDistillationMethod), "
                             f"got {type(pair).__name__}")
@@ -119,8 +128,7 @@ def shard_method(method: nn.Module, mesh: Any = None, **fsdp_kwargs: Any) -> Any
     if fully_shard is None:  # pragma: no cover - older torch
         raise RuntimeError(f"FSDP2 sharding needs torch >= 2.6 (fully_shard), not {torch.__version__}")
     mesh = mesh if mesh is not None else device_mesh()
-    for name in ("student", "teacher"):
-        pair: nn.ModuleDict = getattr(method, name)
+    for name, pair in _networks(method):
         kwargs = {**fsdp_kwargs, "reshard_after_forward": True} if name == "teacher" else fsdp_kwargs
         for key in list(pair.keys()):
             for block in _blocks(pair[key]):

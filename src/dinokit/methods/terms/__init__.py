@@ -18,6 +18,7 @@ from dinokit.methods.terms.base import (
     register_term,
 )
 from dinokit.methods.terms.dino_cls import DINOClsTerm
+from dinokit.methods.terms.feature_distill import FeatureDistillTerm
 from dinokit.methods.terms.gram import GramTerm
 from dinokit.methods.terms.ibot import IBOTPatchTerm
 from dinokit.methods.terms.koleo import KoLeoTerm
@@ -31,6 +32,7 @@ __all__ = [
     "TEACHER_GLOBAL",
     "TERMS",
     "DINOClsTerm",
+    "FeatureDistillTerm",
     "GramTerm",
     "IBOTPatchTerm",
     "KoLeoTerm",
