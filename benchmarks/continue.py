@@ -31,12 +31,14 @@ curves to ``benchmarks/results/continue.png`` and the table into ``BENCHMARKS.md
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import platform
 import re
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -90,8 +92,8 @@ SMALL = ["heads.hidden_dim=256", "heads.bottleneck_dim=64", "dino.n_prototypes=2
          "backbone.drop_path_rate=0.0"]
 VARIANTS = ("continue + warm-up", "continue, no warm-up", "scratch, same budget")
 BUDGETS = {
-    "full": {"source_steps": 300, "steps": 150, "every": 50, "batch": 64, "n_local": 2, "images": 3000,
-             "test": 1000, "probe_epochs": 30, "seeds": 3},
+    "full": {"source_steps": 300, "steps": 120, "every": 40, "batch": 64, "n_local": 2, "images": 3000,
+             "test": 1000, "probe_epochs": 20, "seeds": 3},
     "quick": {"source_steps": 6, "steps": 6, "every": 3, "batch": 16, "n_local": 1, "images": 64,
               "test": 40, "probe_epochs": 2, "seeds": 1},
 }
@@ -309,11 +311,12 @@ def slug(name: str) -> str:
     return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
 
 
-def run_row(name: str, variant: str, seed: int, b: dict[str, Any], data: dict[str, Path], work: Path,
+def run_row(name: str, variant: str, seed: int, b: dict[str, Any], data: dict[str, Path], runs: Path,
             source: Path, source_scores: dict[str, Any], scorer_for: Any, extra: list[str]) -> dict[str, Any]:
     row = METHODS[name]
     run = f"{slug(name)}-{slug(variant)}-s{seed}"
-    base = [*common(b, seed, work / "runs", run, b["steps"], b["every"]), f"data.path={data['target']}"]
+    shutil.rmtree(runs / run, ignore_errors=True)  # a row killed half-way starts over
+    base = [*common(b, seed, runs, run, b["steps"], b["every"]), f"data.path={data['target']}"]
     if variant == "scratch, same budget":
         preset, ov = row["scratch"], [*tiny_scratch(row), *base]
     else:
@@ -378,7 +381,11 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {name} | {variant} | {fmt(v['knn_start'])} | {fmt(v['knn_end'])} | "
                              f"{fmt(v['linear_start'])} | {fmt(v['linear_end'])} | | | | |")
                 continue
-            t = v["verdict"]
+            t = v.get("verdict")
+            if t is None:  # no scratch row to compare with
+                lines.append(f"| {name} | {variant} | {fmt(v['knn_start'])} | {fmt(v['knn_end'])} | "
+                             f"{fmt(v['linear_start'])} | {fmt(v['linear_end'])} | | | | |")
+                continue
             marks = [("no dip" if t["no_dip"] else f"dip {t['max_dip_knn']:.1f}"),
                      ("+3 over start" if t["gain_ok"] else "gain missed"),
                      ("+1 over scratch" if t["over_scratch_ok"] else "scratch not beaten")]
@@ -561,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
 
     data = make_data(a.work, b["images"], b["test"])
-    rows_dir = a.work / f"rows-{mode}"
+    trial = "" if not a.set else "-" + hashlib.sha1(" ".join(a.set).encode()).hexdigest()[:8]
+    rows_dir = a.work / f"rows-{mode}-{b['steps']}{trial}"  # one folder per budget and recipe trial
     rows_dir.mkdir(parents=True, exist_ok=True)
     scorers: dict[str, Scorer] = {}
 
@@ -571,8 +579,8 @@ def main(argv: list[str] | None = None) -> int:
             scorers[key] = Scorer(cfg, data["target"], data["target_test"], b["probe_epochs"])
         return scorers[key]
 
-    rows = []
-    for name in names:
+    sources: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for name in names:  # the sources first, then the rows seed by seed: a cut run has every method
         row = METHODS[name]
         say(f"{name}: source model")
         with warnings.catch_warnings():
@@ -587,15 +595,18 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(0)
             source_scores = scorer_for(cfg)(build_method(cfg), 0)
             src_file.write_text(json.dumps(source_scores))
+        sources[name] = (source, source_scores)
         say(f"{name}: source as is: k-NN {source_scores['knn_top1']:.2f}, linear {source_scores['linear_top1']:.2f}")
-        for variant in a.variants:
-            for seed in seeds:
+    rows = []
+    for seed in seeds:
+        for name in names:
+            for variant in a.variants:
                 f = rows_dir / f"{slug(name)}-{slug(variant)}-s{seed}.json"
                 if f.is_file():
                     rows.append(json.loads(f.read_text()))
                     continue
                 say(f"{name} / {variant} / seed {seed}")
-                r = run_row(name, variant, seed, b, data, a.work, source, source_scores, scorer_for, a.set)
+                r = run_row(name, variant, seed, b, data, rows_dir / "runs", *sources[name], scorer_for, a.set)
                 tmp = f.with_name(f.name + ".tmp")
                 tmp.write_text(json.dumps(r))
                 os.replace(tmp, f)
