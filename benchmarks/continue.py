@@ -92,7 +92,7 @@ SMALL = ["heads.hidden_dim=256", "heads.bottleneck_dim=64", "dino.n_prototypes=2
          "backbone.drop_path_rate=0.0"]
 VARIANTS = ("continue + warm-up", "continue, no warm-up", "scratch, same budget")
 BUDGETS = {
-    "full": {"source_steps": 300, "steps": 120, "every": 40, "batch": 64, "n_local": 2, "images": 3000,
+    "full": {"source_steps": 300, "steps": 60, "every": 20, "batch": 64, "n_local": 2, "images": 3000,
              "test": 1000, "probe_epochs": 20, "seeds": 3},
     "quick": {"source_steps": 6, "steps": 6, "every": 3, "batch": 16, "n_local": 1, "images": 64,
               "test": 40, "probe_epochs": 2, "seeds": 1},
