@@ -110,6 +110,23 @@ def test_stages_that_end_early_give_the_rest_to_the_last_and_stages_past_the_end
     assert [(s.start, s.end) for s in cut] == [(0, 10), (10, 10), (10, 10)]
 
 
+def test_an_early_end_or_a_skip_moves_the_later_stages_up_keeping_their_lengths():
+    stages = [StageSettings(name="heads", steps=5, frozen=["backbone"], until_teacher_entropy=0.3),
+              StageSettings(name="mid", steps=4, warmup_epochs=0.4), StageSettings(name="all")]
+    spans = lambda placed: [(s.start, s.end) for s in placed]  # noqa: E731
+    assert spans(place_stages(stages, 20, 5)) == [(0, 5), (5, 9), (9, 20)]
+    assert spans(place_stages(stages, 20, 5, {0: 0})) == [(0, 0), (0, 4), (4, 20)]  # skipped
+    assert spans(place_stages(stages, 20, 5, {0: 2, 2: 1})) == [(0, 2), (2, 6), (6, 20)]  # the last: to the end
+    clock = Clock(OPTIM, teacher("epoch"), {}, total_steps=20, steps_per_epoch=5, global_batch=256, stages=stages)
+    assert clock.stage_at(3).name == "heads" and clock.at(3).stage.until_teacher_entropy == 0.3
+    assert clock.end_stage(0, 2).name == "mid"  # ended after step 2: step 3 is the next stage's first
+    assert clock.stage_lengths == {0: 3}
+    assert spans(clock.stages) == [(0, 3), (3, 7), (7, 20)]
+    assert clock.lr(3) == 0.0 and clock.lr(4) > 0  # the next stage's own warm-up starts at its new start
+    assert clock.end_stage(1, 6).name == "all" and clock.stage_lengths == {0: 3}  # its last step: nothing moves
+    assert clock.end_stage(2, 10).name == "all" and spans(clock.stages)[-1] == (7, 20)  # the last never ends early
+
+
 def test_the_lr_can_be_held_per_epoch():
     clock = Clock(OPTIM, teacher("epoch"), {}, total_steps=EPOCHS * SPE, steps_per_epoch=SPE,
                   global_batch=256, lr_interval="epoch")

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from dinokit.cli import main
-from dinokit.config import apply_overrides, from_dict
+from dinokit.config import apply_overrides, from_dict, load_config
 from dinokit.train.build import build_method
 from dinokit.weights import WeightsError, apply_init_weights, layout_of, read_file
 
@@ -252,11 +252,83 @@ def test_a_training_checkpoint_where_an_export_is_expected_says_so(tmp_path):
 
 @pytest.mark.parametrize(("name", "patch"), [("continue_dinov2", 14), ("continue_dinov3", 16)])
 def test_continue_presets_are_gentler_than_pretraining(name, patch):
-    from dinokit.config import load_config
-
     cfg = load_config(name)
     scratch = load_config(name.replace("continue_", "") + "_vit_small")
     assert cfg.crops.global_size % patch == 0 and cfg.crops.local_size % patch == 0
     assert cfg.optim.lr < scratch.optim.lr and cfg.optim.warmup_epochs < scratch.optim.warmup_epochs
     assert cfg.teacher.momentum > scratch.teacher.momentum
     assert cfg.optim.layer_decay < 1 and cfg.optim.patch_embed_lr_mult < 1
+
+
+def _images(folder, n=8, size=40, channels=3):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    shape = (size, size, channels) if channels == 3 else (size, size)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+TINY_RUN = ["dino.n_prototypes=16", "heads.hidden_dim=16", "heads.bottleneck_dim=8", "crops.n_local=2",
+            "data.batch_size=4", "data.num_workers=0", "trainer.max_steps=3", "trainer.epochs=5",
+            "trainer.precision=32", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.progress=false",
+            "trainer.log_every_n_steps=1",
+            "stages=[{name: heads, steps: 2, frozen: [backbone], until_teacher_entropy: 0.001}, {name: all}]"]
+
+
+def _continue_files(tmp_path):
+    """A starting file per continue preset, in the layout published weights come in: timm's state
+    dict for a CNN, Meta's hub keys for the DINOv2 and DINOv3 ViTs (random weights)."""
+    torch.manual_seed(1)
+    cnn = timm.create_model("resnet10t", num_classes=0).eval()
+    save_file(cnn.state_dict(), str(tmp_path / "resnet10t.safetensors"))
+    torch.manual_seed(1)
+    v2 = timm.create_model("vit_small_patch14_reg4_dinov2", num_classes=0, dynamic_img_size=True, **V2_KW)
+    torch.save(meta_dinov2(v2.state_dict(), torch.randn(1, 32)), tmp_path / "dinov2.pth")
+    torch.save(meta_dinov3(_v3_model().state_dict(), torch.randn(1, 32)), tmp_path / "dinov3.pth")
+    return {
+        "continue_dino": (cnn, tmp_path / "resnet10t.safetensors",
+                          ["backbone.name=resnet10t", "crops.global_size=32", "crops.local_size=16"]),
+        "continue_dinov2": (v2, tmp_path / "dinov2.pth",
+                            ["backbone.name=vit_small_patch14_reg4_dinov2", f"backbone.kwargs={V2_KW}",
+                             "ibot.n_prototypes=16", "crops.global_size=28", "crops.local_size=14"]),
+        "continue_dinov3": (None, tmp_path / "dinov3.pth",
+                            ["backbone.name=vit_small_patch16_dinov3", f"backbone.kwargs={TINY_V3}",
+                             "ibot.n_prototypes=16", "crops.global_size=32", "crops.local_size=16"]),
+    }
+
+
+@pytest.mark.parametrize("preset", ["continue_dino", "continue_dinov2", "continue_dinov3"])
+def test_each_continue_preset_warms_the_heads_up_on_the_published_backbone_then_trains_it(preset, tmp_path):
+    """The preset loads its published-layout file into student and teacher, runs its head warm-up
+    (backbone bit-identical to the file's, heads moving) and then trains the backbone."""
+    model, weights, arch = _continue_files(tmp_path)[preset]
+    images = _images(tmp_path / "images")
+    out = tmp_path / "runs"
+    common = ["train", "--config", preset, f"model.init_weights={weights}", f"data.path={images}", *arch,
+              *TINY_RUN, f"trainer.output_dir={out}", "trainer.run_name=cont"]
+    assert main([*common, "trainer.max_steps=2"]) == 0
+    warm = torch.load(out / "cont" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    torch.manual_seed(0)
+    start = build_method(load_config(preset, [f"model.init_weights={weights}", f"data.path={images}", *arch,
+                                              *TINY_RUN]))
+    start_sd = {f"method.{k}": v for k, v in start.state_dict().items()}
+    backbone = [k for k in warm if k.startswith(("method.student.backbone.", "method.teacher.backbone."))]
+    for k in backbone:
+        assert torch.equal(warm[k], start_sd[k]), k
+    if model is not None:  # the file's weights, not a fresh init
+        file_sd = model.state_dict()
+        k = next(k for k in file_sd if k.endswith("weight") and file_sd[k].ndim > 1)
+        torch.testing.assert_close(warm[f"method.teacher.backbone.model.{k}"], file_sd[k])
+    assert any(not torch.equal(warm[k], start_sd[k]) for k in warm if k.startswith("method.student.head."))
+    assert main([*common, "trainer.max_steps=3", "trainer.resume=last"]) == 0
+    after = torch.load(out / "cont" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert any(not torch.equal(after[k], start_sd[k]) for k in backbone if k.startswith("method.student."))
+
+
+@pytest.mark.parametrize("preset", ["continue_dino", "continue_dinov2", "continue_dinov3"])
+def test_continue_presets_start_with_a_head_warm_up(preset):
+    cfg = load_config(preset)
+    head = cfg.stages[0]
+    assert head.frozen == ["backbone"] and head.until_teacher_entropy and head.skip_with_init_heads
+    assert cfg.stages[-1].warmup_epochs > 0 and not cfg.stages[-1].frozen

@@ -51,6 +51,7 @@ class Stage:
     lr_mult: float = 1.0
     warmup_steps: int = 0
     weights: Mapping[str, float] = field(default_factory=dict)
+    until_teacher_entropy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -80,15 +81,22 @@ class StepValues:
     stage: Stage
 
 
-def place_stages(stages: Sequence[StageSettings], total_steps: int, steps_per_epoch: int) -> list[Stage]:
+def place_stages(stages: Sequence[StageSettings], total_steps: int, steps_per_epoch: int,
+                 lengths: Mapping[int, int] | None = None) -> list[Stage]:
     """The stages on ``[0, total_steps)``: each lasts its ``steps`` (or ``round(epochs x
     steps_per_epoch)``), the last one to the end of the run; a stage that would start after the end
-    is empty (with a warning); no stages means one stage, ``all``."""
+    is empty (with a warning); no stages means one stage, ``all``.
+
+    ``lengths`` gives the realised length of stages that ended otherwise than planned, by index (0:
+    skipped; fewer steps: ended early); the stages after them start that much sooner."""
     if not stages:
         return [Stage(0, "all", 0, total_steps)]
+    lengths = lengths or {}
     placed, start = [], 0
     for i, s in enumerate(stages):
-        if s.steps is not None:
+        if i in lengths and i != len(stages) - 1:
+            length = int(lengths[i])
+        elif s.steps is not None:
             length = int(s.steps)
         elif s.epochs is not None:
             length = max(1, round(s.epochs * steps_per_epoch))
@@ -99,7 +107,8 @@ def place_stages(stages: Sequence[StageSettings], total_steps: int, steps_per_ep
             warnings.warn(f"stage {s.name!r} starts after the run's {total_steps} steps: it does not run "
                           "(a longer trainer.epochs or trainer.max_steps reaches it)", stacklevel=2)
         placed.append(Stage(i, s.name, start, max(start, end), tuple(s.frozen), float(s.lr_mult),
-                            max(0, round(s.warmup_epochs * steps_per_epoch)), dict(s.weights)))
+                            max(0, round(s.warmup_epochs * steps_per_epoch)), dict(s.weights),
+                            s.until_teacher_entropy))
         start = max(start, end)
     return placed
 
@@ -155,12 +164,15 @@ class Clock:
             ``epoch < freeze_last_layer``) rather than in steps (DINOv2/v3's LR schedule).
         lr_interval: ``"step"`` (the official per-iteration schedule) or ``"epoch"`` (the same
             warm-up and cosine counted in epochs, the learning rate held within each epoch).
+        stage_lengths: realised lengths of stages that ended otherwise than planned, by index
+            (:func:`place_stages`; a run's checkpoint holds them, :meth:`end_stage` adds to them).
     """
 
     def __init__(self, optim: OptimSettings, teacher: TeacherSettings, terms: Mapping[str, TermTiming], *,
                  total_steps: int, steps_per_epoch: int, global_batch: int,
                  stages: Sequence[StageSettings] = (), temperature_endpoint: bool = True,
-                 freeze_in_epochs: bool = False, lr_interval: str = "step"):
+                 freeze_in_epochs: bool = False, lr_interval: str = "step",
+                 stage_lengths: Mapping[int, int] | None = None):
         self.total_steps, self.steps_per_epoch = max(1, int(total_steps)), max(1, int(steps_per_epoch))
         self.optim, self.teacher, self.terms = optim, teacher, dict(terms)
         self.freeze_in_epochs = freeze_in_epochs
@@ -176,7 +188,22 @@ class Clock:
         self.wd_schedule = CosineSchedule(optim.weight_decay, optim.weight_decay_end, total)
         self.freeze_steps = min(round(optim.freeze_last_layer_epochs * spe), total)
         self.teacher_schedule = TeacherSchedule(teacher, total, spe, temperature_endpoint)
-        self.stages = place_stages(stages, total, spe)
+        self.stage_settings = list(stages)
+        self.stage_lengths = {int(i): int(n) for i, n in (stage_lengths or {}).items()}
+        self.stages = place_stages(self.stage_settings, total, spe, self.stage_lengths)
+
+    def end_stage(self, index: int, step: int) -> Stage:
+        """End stage ``index`` after optimiser step ``step`` (its last step); the later stages
+        move up by the steps it did not run, keeping their lengths. Returns the next stage."""
+        stage = self.stages[index]
+        if not stage.start <= step < stage.end - 1 or index == len(self.stages) - 1:
+            return self.stage_at(step + 1)
+        self.stage_lengths[index] = step + 1 - stage.start
+        with warnings.catch_warnings():  # placing them again repeats the run's own warnings
+            warnings.simplefilter("ignore")
+            self.stages = place_stages(self.stage_settings, self.total_steps, self.steps_per_epoch,
+                                       self.stage_lengths)
+        return self.stage_at(step + 1)
 
     def stage_at(self, step: int) -> Stage:
         for s in self.stages:

@@ -168,6 +168,14 @@ def _check_stages(stages: list[StageSettings], sections: tuple[str, ...]) -> Non
             raise ConfigError(f"{key}: give steps or epochs, not both")
         if s.steps is None and s.epochs is None and i != len(stages) - 1:
             raise ConfigError(f"{key}: only the last stage may leave out its length (steps or epochs)")
+        movable = s.until_teacher_entropy is not None or s.skip_with_init_heads
+        if movable and i == len(stages) - 1:
+            knob = "until_teacher_entropy" if s.until_teacher_entropy is not None else "skip_with_init_heads"
+            raise ConfigError(f"{key}.{knob}: the last stage runs to the end of the run; only a stage "
+                              "followed by another may end early or be skipped")
+        if s.crops and any(p.until_teacher_entropy is not None or p.skip_with_init_heads for p in stages[:i]):
+            raise ConfigError(f"{key}.crops: a stage with its own crops cannot follow a stage that may end "
+                              "early or be skipped (the loader places the crops by planned step)")
         for part in s.frozen:
             if not isinstance(part, str) or not part:
                 raise ConfigError(f"{key}.frozen: expected part names, got {part!r}")

@@ -337,6 +337,12 @@ class StageSettings:
     warms it up again from the stage's first step; ``weights`` overrides loss-term weights by
     section name (``{gram: 0}``); ``crops`` overrides the crops of the samples drawn for the stage
     (e.g. DINOv3's high-resolution stage: ``{global_size: 512, local_size: 112}``).
+
+    A head warm-up (the heads trained on a frozen pretrained backbone before it is unfrozen, so
+    that fresh heads do not pull the pretrained features apart) may end before its length:
+    ``until_teacher_entropy`` ends it once the teacher's targets carry information, and
+    ``skip_with_init_heads`` skips it when ``model.init_weights`` gave trained heads. Either moves
+    the later stages' boundaries; the boundaries a run realised are saved in its checkpoints.
     """
 
     name: str = setting("stage", "the stage's name (logged as the stage metric and in checkpoints)")
@@ -351,6 +357,13 @@ class StageSettings:
     weights: dict = setting({}, "loss-term weight overrides by section: dino, ibot, koleo, gram")
     crops: dict = setting({}, "crop overrides for the stage's samples: global_size, local_size, n_local, "
                           "global_scale, local_scale (the crops are made in the loader workers)")
+    until_teacher_entropy: float | None = setting(
+        None, "end the stage early once the teacher's mean target entropy (train/teacher_entropy) is "
+        "below this fraction of ln K (K = dino.n_prototypes; 1 = uniform targets); read at the logging "
+        "steps (trainer.log_every_n_steps); None = run the whole length", gt=0, le=1)
+    skip_with_init_heads: bool = setting(
+        False, "skip the stage when model.init_weights gives trained heads (a dinokit run or "
+        "checkpoint): a head warm-up that is not needed")
 
 
 #: Parts a stage may freeze besides head names.

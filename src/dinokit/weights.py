@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.models import adapt_input_conv, eva, vision_transformer
 from torch import Tensor, nn
@@ -307,6 +308,28 @@ def load_backbone_weights(backbone: nn.Module, state: Mapping[str, Tensor], *,
 def load_backbone_file(backbone: nn.Module, path: str | Path, which: str = "teacher") -> None:
     """Read ``path`` (export, checkpoint, timm or Meta weights) and load it into ``backbone``."""
     load_backbone_weights(backbone, backbone_state_dict(read_file(path), which), source=str(path))
+
+
+def gives_heads(path: str | Path | None) -> bool:
+    """Whether ``model.init_weights=path`` starts the heads too (a dinokit training checkpoint),
+    read from the file's key names without loading its tensors."""
+    if not path:
+        return False
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsError(f"weights file {str(p)!r} does not exist")
+    if p.suffix == ".safetensors":
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                return any(k.startswith("method.") for k in f.keys())  # noqa: SIM118 (a safe_open handle)
+        except Exception as e:
+            raise WeightsError(f"{p} is not a readable safetensors file (corrupt or truncated?): "
+                               f"{e}") from None
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format file (mmap needs one): read it whole
+        obj = read_file(p)
+    return isinstance(obj, dict) and kind_of(obj) == "dinokit_checkpoint"
 
 
 def apply_init_weights(method: nn.Module, cfg: Any) -> None:

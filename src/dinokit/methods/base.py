@@ -279,8 +279,9 @@ class SelfDistillationMethod(nn.Module):
 
     def freeze(self, parts: Sequence[str]) -> None:
         """Keep ``parts`` of student and teacher fixed (a stage's ``frozen``): their gradients are
-        dropped after backward (:meth:`drop_frozen_gradients`), they run in eval mode (BatchNorm
-        statistics stay) and the EMA leaves their teacher copies as they are."""
+        dropped after backward (:meth:`drop_frozen_gradients`), they run in eval mode in student
+        and teacher (BatchNorm statistics stay, so the frozen student and teacher compute the same
+        features) and the EMA leaves their teacher copies as they are."""
         prefixes = frozen_prefixes(parts, self.head_names)
         if prefixes == self._frozen:
             return
@@ -303,9 +304,10 @@ class SelfDistillationMethod(nn.Module):
     def train(self, mode: bool = True) -> SelfDistillationMethod:
         super().train(mode)
         if mode and self._frozen:
-            for name, m in self.student.named_modules():
-                if name and f"{name}.".startswith(self._frozen):
-                    m.eval()
+            for tree in (self.student, self.teacher):
+                for name, m in tree.named_modules():
+                    if name and f"{name}.".startswith(self._frozen):
+                        m.eval()
         return self
 
     # ----------------------------------------------------------------- driven by hand

@@ -319,13 +319,16 @@ def uses_cuda(cfg: Config) -> bool:
     return cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
-def build_module(cfg: Config, method: SelfDistillationMethod) -> DINOModule:
-    """The Lightning module: ``cfg.optim``, the run's precision, accumulation, guard and stages."""
+def build_module(cfg: Config, method: SelfDistillationMethod, heads_loaded: bool = False) -> DINOModule:
+    """The Lightning module: ``cfg.optim``, the run's precision, accumulation, guard and stages;
+    ``heads_loaded`` (``model.init_weights`` gave trained heads) skips the stages marked
+    ``skip_with_init_heads``."""
     precision = resolved_precision(cfg)
     settings = StepSettings(optim=cfg.optim,
                             precision=precision if precision in STEP_PRECISIONS else "32-true",
                             accumulate=cfg.trainer.accumulate_grad_batches,
                             max_nonfinite_steps=cfg.trainer.max_nonfinite_steps)
-    return DINOModule(method, settings, stages=cfg.stages,
+    skipped = {i: 0 for i, s in enumerate(cfg.stages) if heads_loaded and s.skip_with_init_heads}
+    return DINOModule(method, settings, stages=cfg.stages, stage_lengths=skipped,
                       augment=build_batched_augment(cfg) if cfg.data.augment_on == "device" else None,
                       seed=cfg.trainer.seed, n_global=cfg.crops.n_global, config=cfg.to_dict())

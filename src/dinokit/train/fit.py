@@ -66,7 +66,7 @@ from dinokit.train.run_lock import RunLock
 from dinokit.train.step import STEP_PRECISIONS
 from dinokit.train.strategy import prepare_for_strategy, with_launcher_env
 from dinokit.viz.curves import plot_training_curves
-from dinokit.weights import check_checkpoint_fits
+from dinokit.weights import check_checkpoint_fits, gives_heads
 from dinokit.worker_signals import IgnoreStopSignals
 
 #: Config keys that may change when resuming; any other change breaks exact continuation.
@@ -406,7 +406,9 @@ def _fit_in(cfg: Config, run_dir: Path) -> FitResult:
         build_cfg.model.init_weights = build_cfg.gram.teacher_path = None
     method = build_method(build_cfg)
     loader = build_train_loader(cfg, method)
-    module = build_module(cfg, method)
+    # starting fresh from a dinokit run's heads skips a head warm-up (a resumed run's checkpoint
+    # holds where its stages ended instead)
+    module = build_module(cfg, method, heads_loaded=ckpt is None and gives_heads(cfg.model.init_weights))
     if ckpt is not None:
         check_checkpoint_fits(ckpt, module)
     if cfg.trainer.compile:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -47,6 +47,8 @@ class DINOModule(pl.LightningModule):
             precision, accumulation, the non-finite guard); its ``"auto"`` rules are the method's
             official ones.
         stages: the run's stages (:class:`~dinokit.settings.StageSettings`).
+        stage_lengths: realised stage lengths known before the run (a skipped head warm-up: 0;
+            see :class:`~dinokit.train.step.TrainingStep`).
         optimizer: replaces ``settings.optim.optimizer``: an optimiser class or a callable
             ``groups -> Optimizer`` (the estimator's choices).
         optimizer_kwargs, exclude_bias_and_norm_wd: passed to
@@ -65,6 +67,7 @@ class DINOModule(pl.LightningModule):
         settings: StepSettings | None = None,
         *,
         stages: Sequence[StageSettings] = (),
+        stage_lengths: Mapping[int, int] | None = None,
         optimizer: OptimizerSpec | None = None,
         optimizer_kwargs: dict[str, Any] | None = None,
         exclude_bias_and_norm_wd: bool = True,
@@ -79,6 +82,7 @@ class DINOModule(pl.LightningModule):
         self.settings = settings or StepSettings()
         self.method = method
         self.stages = list(stages)
+        self.stage_lengths = dict(stage_lengths or {})
         self.optimizer_spec, self.optimizer_kwargs = optimizer, dict(optimizer_kwargs or {})
         self.exclude_bias_and_norm_wd, self.lr_interval = exclude_bias_and_norm_wd, lr_interval
         self.augment, self.seed = augment, int(seed)
@@ -119,7 +123,8 @@ class DINOModule(pl.LightningModule):
         use_tf32_matmuls()
         opt = self.optimizers()
         self.step_fn = TrainingStep(self.method, getattr(opt, "optimizer", opt), self.settings,
-                                    stages=self.stages, n_global=self.n_global, lr_interval=self.lr_interval)
+                                    stages=self.stages, n_global=self.n_global, lr_interval=self.lr_interval,
+                                    stage_lengths=self.stage_lengths)
         if self._pending_step_state is not None:
             self.step_fn.load_state_dict(self._pending_step_state)
             self._pending_step_state = None
@@ -177,6 +182,7 @@ class DINOModule(pl.LightningModule):
                 self.step_fn.check_nonfinite(self.global_step, self.current_epoch)
             except NonFiniteTrainingError as e:
                 self.pending_stop = e
+            self.step_fn.check_stage_end(result.output, self.global_step - 1)
         return result.output.loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

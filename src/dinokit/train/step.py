@@ -268,16 +268,21 @@ class TrainingStep:
         n_global: global views in list-style batches.
         lr_interval: ``"step"`` (the official per-iteration learning rate) or ``"epoch"`` (held
             within each epoch; the estimator's ``interval="epoch"``).
+        stage_lengths: realised lengths of stages known before the run, by index (0: a stage
+            skipped, e.g. a head warm-up when the starting weights gave heads); a resumed run's
+            checkpoint state replaces them (:meth:`load_state_dict`).
 
     Call :meth:`plan` once the run length is known (it builds the run's
     :class:`~dinokit.clock.Clock`), then call the object with each (micro-)batch.
     """
 
     def __init__(self, method: nn.Module, optimizer: torch.optim.Optimizer, settings: StepSettings, *,
-                 stages: Sequence[StageSettings] = (), n_global: int = 2, lr_interval: str = "step"):
+                 stages: Sequence[StageSettings] = (), n_global: int = 2, lr_interval: str = "step",
+                 stage_lengths: Mapping[int, int] | None = None):
         self.method, self.optimizer, self.settings = method, optimizer, settings
         self.optim = resolve_rules(settings.optim, getattr(method, "rules", {}))
         self.stages, self.n_global, self.lr_interval = list(stages), n_global, lr_interval
+        self.stage_lengths = {int(i): int(n) for i, n in (stage_lengths or {}).items()}
         align_kernel_flags(optimizer)  # a resumed state dict may carry another run's kernel choice
         method.prepare_for_training_step()
         self.autocast_dtype = STEP_PRECISIONS[settings.precision]
@@ -286,6 +291,7 @@ class TrainingStep:
             device = next(iter(method.parameters())).device.type
             self.scaler = torch.amp.GradScaler(device)
         self.clock: Clock | None = None
+        self._global_batch = 1
         self.stage: Stage | None = None
         self._values: StepValues | None = None
         self._bad_streak: Tensor | None = None
@@ -299,12 +305,13 @@ class TrainingStep:
     # ------------------------------------------------------------------ plan
     def plan(self, total_steps: int, steps_per_epoch: int, global_batch: int) -> Clock:
         """Build the run's clock over ``total_steps`` optimiser steps of ``global_batch`` images."""
+        self._global_batch = global_batch
         self.clock = Clock(self.optim, self.method.teacher_settings, self.method.term_timings(),
                            total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                            global_batch=global_batch,
                            stages=self.stages, temperature_endpoint=self.method.temperature_endpoint,
                            freeze_in_epochs=self.optim.freeze_last_layer_mode == "cancel_grad",
-                           lr_interval=self.lr_interval)
+                           lr_interval=self.lr_interval, stage_lengths=self.stage_lengths)
         return self.clock
 
     def values(self, step: int, epoch: int | None = None) -> StepValues:
@@ -428,6 +435,29 @@ class TrainingStep:
                         "stage": float(values.stage.index)})
         return metrics
 
+    # ------------------------------------------------------------------ a stage's early end
+    def check_stage_end(self, output: Any, step: int) -> bool:
+        """At logging steps only (one host read, and only inside a stage with
+        ``until_teacher_entropy``): end the stage of optimiser step ``step`` after that step when
+        the teacher's mean target entropy in ``output`` (averaged over the processes) is below
+        ``until_teacher_entropy x ln K``. Returns whether it ended."""
+        stage = self._values.stage if self._values is not None else None
+        if self.clock is None or stage is None or stage.until_teacher_entropy is None:
+            return False
+        entropy, logits = getattr(output, "teacher_entropy", None), getattr(output, "teacher_logits", None)
+        inside = stage.start <= step < stage.end - 1  # the stage's last step ends it anyway
+        if not (inside and isinstance(entropy, Tensor) and isinstance(logits, Tensor)):
+            return False
+        entropy = entropy.detach().float().clone()
+        if dist.is_available() and dist.is_initialized():  # every process decides alike
+            dist.all_reduce(entropy, op=dist.ReduceOp.SUM)
+            entropy /= dist.get_world_size()
+        value = float(entropy)
+        if not math.isfinite(value) or value >= stage.until_teacher_entropy * math.log(logits.shape[-1]):
+            return False
+        self.clock.end_stage(stage.index, step)
+        return True
+
     # ------------------------------------------------------------------ the non-finite guard
     def _count(self, bad: Tensor) -> None:
         b = bad.long()
@@ -465,12 +495,22 @@ class TrainingStep:
             )
 
     def state_dict(self) -> dict[str, Any]:
-        """Loss-scaler state (fp16 only)."""
-        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+        """The stages' realised lengths (where they ended otherwise than planned) and the
+        loss-scaler state (fp16 only)."""
+        lengths = self.clock.stage_lengths if self.clock is not None else self.stage_lengths
+        state: dict[str, Any] = {"stage_lengths": dict(lengths)}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if "stage_lengths" in state:
+            self.stage_lengths = {int(i): int(n) for i, n in state["stage_lengths"].items()}
+            if self.clock is not None:  # placed already: place the stages again where the run had them
+                c = self.clock
+                self.plan(c.total_steps, c.steps_per_epoch, self._global_batch)
 
 
 def _batch_size(out: Any) -> int | None:

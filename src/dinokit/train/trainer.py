@@ -104,6 +104,7 @@ class DINOTrainer:
                 self.global_step += 1
                 if self.global_step % self.log_every_n_steps == 0:
                     self.step_fn.check_nonfinite(self.global_step, self.epoch)
+                    self.step_fn.check_stage_end(result.output, self.global_step - 1)
         worst = self.step_fn.worst_streak
         # One host read per epoch: the summed loss (skipped steps count as 0) and the guard.
         total_, worst_ = torch.stack([total.float(), torch.zeros_like(total.float()) if worst is None
