@@ -51,6 +51,7 @@ class Stage:
     lr_mult: float = 1.0
     warmup_steps: int = 0
     weights: Mapping[str, float] = field(default_factory=dict)
+    gram_teacher_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,8 @@ class StepValues:
 
 def place_stages(stages: Sequence[StageSettings], total_steps: int, steps_per_epoch: int) -> list[Stage]:
     """The stages on ``[0, total_steps)``: each lasts its ``steps`` (or ``round(epochs x
-    steps_per_epoch)``), the last one to the end of the run; a stage that would start after the end
-    is empty (with a warning); no stages means one stage, ``all``."""
+    steps_per_epoch)``, or ``round(fraction x total_steps)``), the last one to the end of the run; a
+    stage that would start after the end is empty (with a warning); no stages means one stage, ``all``."""
     if not stages:
         return [Stage(0, "all", 0, total_steps)]
     placed, start = [], 0
@@ -92,6 +93,8 @@ def place_stages(stages: Sequence[StageSettings], total_steps: int, steps_per_ep
             length = int(s.steps)
         elif s.epochs is not None:
             length = max(1, round(s.epochs * steps_per_epoch))
+        elif getattr(s, "fraction", None) is not None:
+            length = max(1, round(s.fraction * total_steps))
         else:
             length = total_steps - start
         end = total_steps if i == len(stages) - 1 else min(total_steps, start + length)
@@ -99,7 +102,8 @@ def place_stages(stages: Sequence[StageSettings], total_steps: int, steps_per_ep
             warnings.warn(f"stage {s.name!r} starts after the run's {total_steps} steps: it does not run "
                           "(a longer trainer.epochs or trainer.max_steps reaches it)", stacklevel=2)
         placed.append(Stage(i, s.name, start, max(start, end), tuple(s.frozen), float(s.lr_mult),
-                            max(0, round(s.warmup_epochs * steps_per_epoch)), dict(s.weights)))
+                            max(0, round(s.warmup_epochs * steps_per_epoch)), dict(s.weights),
+                            getattr(s, "gram_teacher_size", None)))
         start = max(start, end)
     return placed
 

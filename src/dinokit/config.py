@@ -158,10 +158,12 @@ def _check_stages(stages: list[StageSettings], sections: tuple[str, ...]) -> Non
         raise ConfigError(f"stages: stage names must be unique, got {names}")
     for i, s in enumerate(stages):
         key = f"stages[{i}]"
-        if s.steps is not None and s.epochs is not None:
-            raise ConfigError(f"{key}: give steps or epochs, not both")
-        if s.steps is None and s.epochs is None and i != len(stages) - 1:
-            raise ConfigError(f"{key}: only the last stage may leave out its length (steps or epochs)")
+        lengths = [k for k in ("steps", "epochs", "fraction") if getattr(s, k, None) is not None]
+        if len(lengths) > 1:
+            raise ConfigError(f"{key}: give one of steps, epochs or fraction, not {' and '.join(lengths)}")
+        if not lengths and i != len(stages) - 1:
+            raise ConfigError(f"{key}: only the last stage may leave out its length (steps, epochs or "
+                              "fraction)")
         for part in s.frozen:
             if not isinstance(part, str) or not part:
                 raise ConfigError(f"{key}.frozen: expected part names, got {part!r}")
