@@ -117,7 +117,7 @@ def test_a_stage_length_as_a_fraction_keeps_its_share_of_any_run():
     for total in (10, 31, 1000):
         a, b = place_stages(stages, total, 7)
         assert (a.start, a.end, b.end) == (0, round(0.8 * total), total)
-    with pytest.raises(ConfigError, match="give one of steps, epochs or fraction, not steps and fraction"):
+    with pytest.raises(ConfigError, match="give steps, epochs or fraction, not steps and fraction"):
         load_config("demo", ["stages=[{name: a, steps: 3, fraction: 0.5}, {name: b}]"])
     with pytest.raises(ConfigError, match="fraction"):
         load_config("demo", ["stages=[{name: a, fraction: 1.5}, {name: b}]"])

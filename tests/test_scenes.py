@@ -50,7 +50,7 @@ def test_scene_labels_follow_their_construction():
         np.testing.assert_array_equal(image, ref_image)
         assert ((mask == BACKGROUND) == (image == 0)).all()  # ink and labels coincide
         assert 4 not in mask  # the faint item 3 never shows
-        x, m = ds[i]
+        _, m = ds[i]
         assert m.dtype == torch.long and torch.equal(m, torch.from_numpy(ref_mask.astype(np.int64)))
 
 

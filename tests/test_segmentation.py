@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import tiny_vit
 from dinokit.cli import main
 from dinokit.data.masks import MaskFolderDataset, MaskFolderError
 from dinokit.eval.segmentation import (
@@ -21,7 +22,6 @@ from dinokit.eval.segmentation import (
     segmentation_probe,
     segmentation_scores,
 )
-from tests.conftest import tiny_vit
 
 
 # ------------------------------------------------------------------ scores by hand

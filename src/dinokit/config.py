@@ -160,7 +160,7 @@ def _check_stages(stages: list[StageSettings], sections: tuple[str, ...]) -> Non
         key = f"stages[{i}]"
         lengths = [k for k in ("steps", "epochs", "fraction") if getattr(s, k, None) is not None]
         if len(lengths) > 1:
-            raise ConfigError(f"{key}: give one of steps, epochs or fraction, not {' and '.join(lengths)}")
+            raise ConfigError(f"{key}: give steps, epochs or fraction, not {' and '.join(lengths)}")
         if not lengths and i != len(stages) - 1:
             raise ConfigError(f"{key}: only the last stage may leave out its length (steps, epochs or "
                               "fraction)")

@@ -39,7 +39,8 @@ def add_parser(kinds: Any) -> None:
                    help="patch tokens of the last N blocks, concatenated (1: the last layer; 4: the "
                    "official '4 last')")
     q.add_argument("--size", type=int, default=None,
-                   help="images resized to SIZE x SIZE (default: 56 for scenes, else the training crop size)")
+                   help="images resized to SIZE x SIZE (default: scenes: 56 (whole patches), else the "
+                   "training crop size)")
     q.add_argument("--n-classes", type=int, default=None,
                    help="class ids 0..N-1 (default: one more than the largest id in the training masks)")
     q.add_argument("--ignore-index", type=int, default=DEFAULT_IGNORE_INDEX, help="mask value not scored")
@@ -86,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--checkpoint {args.checkpoint}: its backbone ({type(backbone).__name__}) gives "
                           "no "
                           "patch grid; the segmentation probe needs a ViT")
-    size = args.size or (SCENES.canvas if args.train_data in BUILT_IN else model.transform.crop_size)
+    patch = backbone.patch_size
+    scenes = -(-SCENES.canvas // patch) * patch  # the canvas, rounded up to whole patches
+    size = args.size or (scenes if args.train_data in BUILT_IN else model.transform.crop_size)
     if size % backbone.patch_size:
         raise ConfigError(f"--size {size}: must be a multiple of the patch size {backbone.patch_size}")
     view = DenseView(size, model.transform.mean, model.transform.std, model.transform.channels,

@@ -29,6 +29,7 @@ from torchvision.transforms import InterpolationMode, v2
 from tqdm.auto import tqdm
 
 from dinokit.data.multicrop import to_image_tensor
+from dinokit.data.preprocessing import Preprocessing
 from dinokit.distributed import rank_world
 from dinokit.eval.features import _backbone, gather_shards, shard_indices
 
@@ -77,9 +78,11 @@ class DenseView:
         ])
 
     @classmethod
-    def for_preprocessing(cls, prep: Any, size: int | None = None) -> DenseView:
-        """The view in a backbone's :class:`~dinokit.data.preprocessing.Preprocessing` (its
-        ``input_size`` unless ``size`` is given)."""
+    def for_preprocessing(cls, prep: Preprocessing | dict[str, Any], size: int | None = None) -> DenseView:
+        """The view in a backbone's :class:`~dinokit.data.preprocessing.Preprocessing` (or its dict
+        form, an exported backbone's ``preprocessing``): its ``input_size`` unless ``size`` is given."""
+        if isinstance(prep, dict):
+            prep = Preprocessing.from_dict(prep)
         return cls(size or prep.input_size, prep.mean, prep.std, prep.channels, prep.interpolation)
 
     def __call__(self, img: Any) -> Tensor:
