@@ -205,3 +205,14 @@ def test_eval_seg_on_the_built_in_scenes_writes_into_the_run(tiny_run):
     assert code == 0
     result = json.loads((tiny_run / "eval" / "seg.json").read_text())
     assert result["size"] == 56 and result["n_classes"] == 11 and "background" in result["per_class"]
+
+
+def test_eval_seg_reads_an_exported_backbone(tmp_path, tiny_run):
+    assert main(["export", "--checkpoint", str(tiny_run), "--output", str(tmp_path / "vit")]) == 0
+    data = _folder(tmp_path / "d", n=3, size=(28, 28))
+    code = main(["eval", "seg", "--checkpoint", str(tmp_path / "vit.safetensors"), "--train-data", str(data),
+                 "--val-data", str(data), "--epochs", "1", "--n-last-blocks", "2", "--show", "0",
+                 "--out", str(tmp_path / "out")])
+    assert code == 0
+    result = json.loads((tmp_path / "out" / "seg.json").read_text())
+    assert result["n_last_blocks"] == 2 and result["n_classes"] == 3
