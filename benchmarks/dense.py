@@ -12,7 +12,7 @@ here with the same code:
 - k-NN (k=20) and linear-probe top-1 on ``scene-items`` (one item per 56 px scene, random position
   and scale), next to the random-init backbone and raw pixels (4x4 pixel patches for the probe).
 
-    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/dense.py            # every row (about 35 min of one CPU core)
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/dense.py            # every row (about 40 min of one CPU core)
     .venv/bin/python benchmarks/dense.py --only "DINO" --seeds 0                 # one row
     .venv/bin/python benchmarks/dense.py --report                                # table + curves only
 
