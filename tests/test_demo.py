@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
+
+import torch
 
 from dinokit.config import load_config
-from dinokit.demo import MAIN_JOB_PRESET, DemoReport, run_demo
+from dinokit.demo import MAIN_JOB_PRESET, DemoReport, draw_pictures, run_demo
+from dinokit.train.build import build_method
 
 
 def test_main_job_preset_is_the_small_cnn_recipe():
@@ -41,3 +45,16 @@ def test_demo_runs_end_to_end_on_digits(tmp_path):
     saved = json.loads((tmp_path / "d" / "eval" / "demo_knn.json").read_text())
     assert saved["linear_top1"] == report.linear and saved["top1"] == report.knn
     assert (tmp_path / "d" / "pictures" / "tsne.png").is_file()
+
+
+def test_the_pictures_of_a_vit_run_hold_pca_maps_and_the_segmentation_probe(tmp_path):
+    cfg = load_config("demo", ["data.dataset=digits", "data.val_limit=20",
+                               "backbone.kwargs={img_size: 28, patch_size: 4, depth: 1, embed_dim: 16, "
+                               "num_heads: 2, in_chans: 1}", "dino.n_prototypes=16"])
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        written = draw_pictures(cfg, build_method(cfg), tmp_path, n_images=3)
+    names = {p.name for p in written}
+    assert {"pca.png", "segmentation.png"} <= names
+    assert (tmp_path / "pictures" / "segmentation.png").stat().st_size > 0

@@ -52,6 +52,7 @@ class Stage:
     warmup_steps: int = 0
     weights: Mapping[str, float] = field(default_factory=dict)
     until_teacher_entropy: float | None = None
+    gram_teacher_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,32 +84,45 @@ class StepValues:
 
 def place_stages(stages: Sequence[StageSettings], total_steps: int, steps_per_epoch: int,
                  lengths: Mapping[int, int] | None = None) -> list[Stage]:
-    """The stages on ``[0, total_steps)``: each lasts its ``steps`` (or ``round(epochs x
-    steps_per_epoch)``), the last one to the end of the run; a stage that would start after the end
-    is empty (with a warning); no stages means one stage, ``all``.
+    """The stages on ``[0, total_steps)``, in order: each lasts its ``steps``, ``round(epochs x
+    steps_per_epoch)`` or ``round(fraction x total_steps)``; the one stage that gives no length
+    lasts what the others leave, and the last stage runs to the end of the run. A stage that would
+    start after the end is empty (with a warning); no stages means one stage, ``all``.
 
     ``lengths`` gives the realised length of stages that ended otherwise than planned, by index (0:
-    skipped; fewer steps: ended early); the stages after them start that much sooner."""
+    skipped; fewer steps: ended early). The stage without a length takes the steps they did not
+    run when it follows them, so the stages after it keep their place (a high-resolution stage at
+    the end of the run stays there); otherwise the stages after them start that much sooner."""
     if not stages:
         return [Stage(0, "all", 0, total_steps)]
     lengths = lengths or {}
+    last = len(stages) - 1
+    planned: list[int | None] = []
+    for i, s in enumerate(stages):
+        if i in lengths and i != last:
+            planned.append(int(lengths[i]))
+        elif s.steps is not None:
+            planned.append(int(s.steps))
+        elif s.epochs is not None:
+            planned.append(max(1, round(s.epochs * steps_per_epoch)))
+        elif getattr(s, "fraction", None) is not None:
+            planned.append(max(1, round(s.fraction * total_steps)))
+        else:
+            planned.append(None)
+    rest = [i for i, n in enumerate(planned) if n is None and i != last]
+    if rest:  # a stage in the middle without a length: what the others leave
+        others = sum(n for i, n in enumerate(planned) if n is not None)
+        planned[rest[0]] = max(0, total_steps - others)
     placed, start = [], 0
     for i, s in enumerate(stages):
-        if i in lengths and i != len(stages) - 1:
-            length = int(lengths[i])
-        elif s.steps is not None:
-            length = int(s.steps)
-        elif s.epochs is not None:
-            length = max(1, round(s.epochs * steps_per_epoch))
-        else:
-            length = total_steps - start
-        end = total_steps if i == len(stages) - 1 else min(total_steps, start + length)
+        length = planned[i] if planned[i] is not None else total_steps - start
+        end = total_steps if i == last else min(total_steps, start + length)
         if start >= total_steps:
             warnings.warn(f"stage {s.name!r} starts after the run's {total_steps} steps: it does not run "
                           "(a longer trainer.epochs or trainer.max_steps reaches it)", stacklevel=2)
         placed.append(Stage(i, s.name, start, max(start, end), tuple(s.frozen), float(s.lr_mult),
                             max(0, round(s.warmup_epochs * steps_per_epoch)), dict(s.weights),
-                            s.until_teacher_entropy))
+                            s.until_teacher_entropy, getattr(s, "gram_teacher_size", None)))
         start = max(start, end)
     return placed
 
@@ -193,8 +207,9 @@ class Clock:
         self.stages = place_stages(self.stage_settings, total, spe, self.stage_lengths)
 
     def end_stage(self, index: int, step: int) -> Stage:
-        """End stage ``index`` after optimiser step ``step`` (its last step); the later stages
-        move up by the steps it did not run, keeping their lengths. Returns the next stage."""
+        """End stage ``index`` after optimiser step ``step`` (its last step); the steps it did not
+        run go to the stage without a length when one follows (the later stages keep their place),
+        else the later stages move up by them (:func:`place_stages`). Returns the next stage."""
         stage = self.stages[index]
         if not stage.start <= step < stage.end - 1 or index == len(self.stages) - 1:
             return self.stage_at(step + 1)

@@ -158,24 +158,43 @@ def _method_spec(name: str) -> Any:
     return METHODS[name]
 
 
+def _length_left_out(s: StageSettings) -> bool:
+    return all(getattr(s, k, None) is None for k in ("steps", "epochs", "fraction"))
+
+
+def _may_move(stages: list[StageSettings], i: int) -> bool:
+    """Whether stage ``i``'s start moves when an earlier stage ends early or is skipped: the stage
+    without a length takes up the difference, so only the stages between it and a movable stage move."""
+    for p in reversed(stages[:i]):
+        if _length_left_out(p):
+            return False
+        if p.until_teacher_entropy is not None or p.skip_with_init_heads:
+            return True
+    return False
+
+
 def _check_stages(stages: list[StageSettings], sections: tuple[str, ...]) -> None:
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"stages: stage names must be unique, got {names}")
     for i, s in enumerate(stages):
         key = f"stages[{i}]"
-        if s.steps is not None and s.epochs is not None:
-            raise ConfigError(f"{key}: give steps or epochs, not both")
-        if s.steps is None and s.epochs is None and i != len(stages) - 1:
-            raise ConfigError(f"{key}: only the last stage may leave out its length (steps or epochs)")
+        lengths = [k for k in ("steps", "epochs", "fraction") if getattr(s, k, None) is not None]
+        if len(lengths) > 1:
+            raise ConfigError(f"{key}: give steps, epochs or fraction, not {' and '.join(lengths)}")
+        open_before = [p.name for p in stages[:i] if _length_left_out(p)]
+        if not lengths and open_before:
+            raise ConfigError(f"{key}: only one stage may leave out its length (steps, epochs or fraction): "
+                              f"stage {open_before[0]!r} does already")
         movable = s.until_teacher_entropy is not None or s.skip_with_init_heads
         if movable and i == len(stages) - 1:
             knob = "until_teacher_entropy" if s.until_teacher_entropy is not None else "skip_with_init_heads"
             raise ConfigError(f"{key}.{knob}: the last stage runs to the end of the run; only a stage "
                               "followed by another may end early or be skipped")
-        if s.crops and any(p.until_teacher_entropy is not None or p.skip_with_init_heads for p in stages[:i]):
-            raise ConfigError(f"{key}.crops: a stage with its own crops cannot follow a stage that may end "
-                              "early or be skipped (the loader places the crops by planned step)")
+        if s.crops and _may_move(stages, i):
+            raise ConfigError(f"{key}.crops: a stage with its own crops cannot start where an earlier stage "
+                              "that may end early or be skipped would move it (the loader places the crops "
+                              "by planned step): put a stage without a length between them")
         for part in s.frozen:
             if not isinstance(part, str) or not part:
                 raise ConfigError(f"{key}.frozen: expected part names, got {part!r}")

@@ -2,8 +2,8 @@
 
 Trains on the small real dataset (Fashion-MNIST, else digits), then prints the k-NN and
 linear-probe accuracy of the trained teacher next to the same backbone at random initialisation
-and raw pixels, and draws attention maps, PCA maps (ViTs), a t-SNE plot and the training curves
-into the run directory.
+and raw pixels, and draws attention maps, PCA maps and the segmentation probe on the scene task
+(ViTs: backbones with patch features), a t-SNE plot and the training curves into the run directory.
 """
 
 from __future__ import annotations
@@ -13,21 +13,25 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from dinokit import atomic
 from dinokit.config import Config, load_config
+from dinokit.data.scenes import SCENES, scene_dataset
 from dinokit.eval.features import extract_features
 from dinokit.eval.knn import knn_evaluate
 from dinokit.eval.linear import linear_probe
+from dinokit.eval.segmentation import DenseView, extract_patch_features, predict_masks, segmentation_probe
 from dinokit.train.build import build_dataset, build_method, build_preprocessing
 from dinokit.train.fit import fit
 from dinokit.viz.attention import cls_attention_maps, plot_attention
 from dinokit.viz.curves import read_metrics
 from dinokit.viz.embedding import plot_embedding_2d
 from dinokit.viz.pca import pca_patch_maps, plot_pca
+from dinokit.viz.segmentation import plot_segmentation
 
 #: The preset ``dinokit demo`` trains without ``--config``: DINO with a small CNN on a small real
 #: dataset, sized to train in minutes on a laptop's CPU.
@@ -134,7 +138,7 @@ def _pixels(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def draw_pictures(cfg: Config, method: torch.nn.Module, run_dir: Path, n_images: int = 6) -> list[Path]:
-    """Attention maps, PCA maps and a t-SNE plot of the trained teacher."""
+    """Attention maps, PCA maps, the segmentation probe and a t-SNE plot of the trained teacher."""
     out = run_dir / "pictures"
     out.mkdir(parents=True, exist_ok=True)
     prep = build_preprocessing(cfg)
@@ -157,6 +161,7 @@ def draw_pictures(cfg: Config, method: torch.nn.Module, run_dir: Path, n_images:
         grid = backbone.grid_size(images.shape[-2], images.shape[-1])
         maps = pca_patch_maps(feats.patches, grid)
         written.append(plot_pca(images, maps, out / "pca.png", mean=mean, std=std))
+        written.append(draw_segmentation(backbone, prep, out / "segmentation.png", n_images=n_images))
     f, y = extract_features(method, DataLoader(test, batch_size=256), progress=False)
     names = getattr(getattr(test, "dataset", test), "classes", None)
     written.append(plot_embedding_2d(f, y, out / "tsne.png", method="tsne", class_names=names))
@@ -164,6 +169,25 @@ def draw_pictures(cfg: Config, method: torch.nn.Module, run_dir: Path, n_images:
     if curves.is_file():
         written.append(curves)
     return written
+
+
+def draw_segmentation(backbone: torch.nn.Module, prep: Any, path: Path, *, n_images: int = 6,
+                      n_train: int = 300, epochs: int = 10) -> Path:
+    """The linear segmentation probe (:mod:`dinokit.eval.segmentation`) trained on ``n_train``
+    scenes of the built-in dense task and drawn on held-out ones: image / mask / prediction."""
+    patch = backbone.patch_size
+    view = DenseView.for_preprocessing(prep, -(-SCENES.canvas // patch) * patch)
+    train = scene_dataset("scenes", "train", view, n_train, target="mask")
+    test = scene_dataset("scenes", "test", view, n_images, target="mask")
+    f_tr, m_tr = extract_patch_features(backbone, train, progress=False)
+    f_te, m_te = extract_patch_features(backbone, test, progress=False)
+    res = segmentation_probe(f_tr, m_tr, f_te, m_te, len(train.classes), epochs=epochs, progress=False)
+    assert res.head is not None
+    preds = predict_masks(res.head, f_te, [tuple(m.shape) for m in m_te])
+    images = torch.stack([test[i][0] for i in range(n_images)])
+    title = f"linear segmentation probe on held-out scenes (mIoU {res.miou:.1f} on these {n_images})"
+    return plot_segmentation(images, m_te, preds, path, len(train.classes), mean=view.mean, std=view.std,
+                             title=title)
 
 
 def run_demo(overrides: list[str] | None = None, config: str | None = None, *,

@@ -222,10 +222,13 @@ class CropSettings:
 class DataSettings:
     """Where the images come from and how they are read."""
 
-    dataset: Literal["folder", "shards", "fashion-mnist", "digits", "demo", "multiband"] = setting(
+    dataset: Literal["folder", "shards", "fashion-mnist", "digits", "demo", "multiband", "scenes",
+                     "scene-items"] = setting(
         "folder", "folder = your images under data.path; shards = WebDataset tar shards under "
         "data.path (dinokit data shard); demo = Fashion-MNIST, else digits; multiband = GeoTIFF/TIFF "
-        "or .npy images with data.channels bands under data.path")
+        "or .npy images with data.channels bands under data.path; scenes = 56 px scenes of 2-3 "
+        "Fashion-MNIST items (the dense task, unlabelled here); scene-items = one item per scene at a "
+        "random position and scale, labelled by its class")
     path: str | None = setting(None, "image folder (recursive; class sub-folders give labels), or for "
                                "shards: their folder, index.json or brace pattern")
     iterations_per_epoch: int | None = setting(None, "shards: batches per process per epoch (default: "
@@ -330,25 +333,34 @@ class TrainerSettings:
 class StageSettings:
     """A span of the run with its own overrides.
 
-    The stages run in order; each lasts ``steps`` optimiser steps or ``epochs`` epochs, and the last
-    may give neither (it lasts to the end of the run). ``frozen`` names student parts kept fixed,
-    teacher included: ``backbone``, ``heads`` (every head), a head by name (``head``,
+    The stages run in order; each lasts ``steps`` optimiser steps, ``epochs`` epochs or a
+    ``fraction`` of the run's steps. One stage may give no length: it lasts what the others leave
+    (the last stage, which always runs to the end of the run, or one in the middle, e.g. the main
+    stage between a head warm-up and a high-resolution stage). ``frozen`` names student parts kept
+    fixed, teacher included: ``backbone``, ``heads`` (every head), a head by name (``head``,
     ``patch_head``) or ``patch_embed``. ``lr_mult`` scales the learning rate; ``warmup_epochs``
     warms it up again from the stage's first step; ``weights`` overrides loss-term weights by
     section name (``{gram: 0}``); ``crops`` overrides the crops of the samples drawn for the stage
-    (e.g. DINOv3's high-resolution stage: ``{global_size: 512, local_size: 112}``).
+    (e.g. DINOv3's high-resolution stage: ``{global_size: 512, local_size: 112}``);
+    ``gram_teacher_size`` feeds the Gram teacher the stage's global crops resized to that size (in
+    place of ``gram.teacher_size``: the high-resolution stage's Gram teacher sees higher resolution).
 
     A head warm-up (the heads trained on a frozen pretrained backbone before it is unfrozen, so
     that fresh heads do not pull the pretrained features apart) may end before its length:
     ``until_teacher_entropy`` ends it once the teacher's targets carry information, and
-    ``skip_with_init_heads`` skips it when ``model.init_weights`` gave trained heads. Either moves
-    the later stages' boundaries; the boundaries a run realised are saved in its checkpoints.
+    ``skip_with_init_heads`` skips it when ``model.init_weights`` gave trained heads. The steps it
+    did not run go to the stage without a length that follows it (the stages after that keep their
+    place), or else move the later stages up; the boundaries a run realised are saved in its
+    checkpoints.
     """
 
     name: str = setting("stage", "the stage's name (logged as the stage metric and in checkpoints)")
     steps: int | None = setting(None, "length in optimiser steps", min=1)
     epochs: float | None = setting(None, "length in epochs (steps = round(epochs x steps per epoch))",
                                    gt=0)
+    fraction: float | None = setting(None, "length as a fraction of the run's optimiser steps (steps = "
+                                     "round(fraction x total steps)): the stage keeps its share whatever "
+                                     "trainer.epochs is", gt=0, le=1)
     frozen: list = setting([], "student (and teacher) parts kept fixed: backbone, heads, a head's "
                            "name, patch_embed")
     lr_mult: float = setting(1.0, "multiplier of the scheduled learning rate", ge=0)
@@ -364,6 +376,9 @@ class StageSettings:
     skip_with_init_heads: bool = setting(
         False, "skip the stage when model.init_weights gives trained heads (a dinokit run or "
         "checkpoint): a head warm-up that is not needed")
+    gram_teacher_size: int | None = setting(
+        None, "Gram teacher input size during the stage (None = gram.teacher_size; the global crops are "
+        "resized to it, the Gram teacher's patch grid resampled to the student's)", min=4)
 
 
 #: Parts a stage may freeze besides head names.

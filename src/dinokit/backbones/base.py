@@ -104,6 +104,13 @@ class Backbone(nn.Module):
             raise TypeError(f"{type(self).__name__} has no intermediate CLS tokens (n={n})")
         return self(x).cls
 
+    def intermediate_patches(self, x: Tensor, n: int) -> Tensor:
+        """Patch tokens of the last ``n`` blocks concatenated on the feature axis, ``[B, N, n * D]``
+        (DINOv2/v3's "last 4 layers" input of dense linear probes)."""
+        if n != 1:
+            raise TypeError(f"{type(self).__name__} has no intermediate patch tokens (n={n})")
+        return self(x).patches
+
     @torch.no_grad()
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """Patch grid ``(rows, cols)`` of an ``height x width`` input."""

@@ -101,3 +101,12 @@ class EvaBackbone(ViTBackbone):
         t, rope = self.tokens_and_rope(x)
         outs = self._blocks(t, rope)[depth - n :]
         return torch.cat([self._split(self.model.norm(o)).cls for o in outs], dim=-1)
+
+    def intermediate_patches(self, x: Tensor, n: int) -> Tensor:
+        """Normalised patch tokens of the last ``n`` blocks, concatenated: ``[B, N, n * D]``."""
+        depth = len(self.model.blocks)
+        if not 1 <= n <= depth:
+            raise ValueError(f"n must be in [1, {depth}] for this ViT, got {n}")
+        t, rope = self.tokens_and_rope(x)
+        outs = self._blocks(t, rope)[depth - n :]
+        return torch.cat([self._split(self.model.norm(o)).patches for o in outs], dim=-1)

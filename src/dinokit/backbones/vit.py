@@ -286,3 +286,16 @@ class ViTBackbone(Backbone):
             if i >= len(blocks) - n:
                 outs.append(self._split(self.model.norm(t)).cls)
         return torch.cat(outs, dim=-1)
+
+    def intermediate_patches(self, x: Tensor, n: int) -> Tensor:
+        """Normalised patch tokens of the last ``n`` blocks, concatenated: ``[B, N, n * D]``."""
+        blocks = list(self.model.blocks)
+        if not 1 <= n <= len(blocks):
+            raise ValueError(f"n must be in [1, {len(blocks)}] for this ViT, got {n}")
+        t = self.tokens(x)
+        outs = []
+        for i, blk in enumerate(blocks):
+            t = blk(t)
+            if i >= len(blocks) - n:
+                outs.append(self._split(self.model.norm(t)).patches)
+        return torch.cat(outs, dim=-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import re
 import sys
 import traceback
@@ -99,6 +100,20 @@ def dataset(spec: str, transform: Any, *, split: str, limit: int | None = None,
     if limit:
         ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
     return ds
+
+
+def keep_earlier(out: Path) -> Path | None:
+    """Rename an earlier result file after the time it was written; returns its new path."""
+    if not out.is_file():
+        return None
+    stamp = datetime.datetime.fromtimestamp(out.stat().st_mtime).strftime("%Y-%m-%dT%H-%M-%S")
+    kept = out.with_name(f"{out.stem}.{stamp}{out.suffix}")
+    n = 1
+    while kept.exists():
+        n += 1
+        kept = out.with_name(f"{out.stem}.{stamp}-{n}{out.suffix}")
+    out.rename(kept)
+    return kept
 
 
 def loader(ds: Dataset, batch_size: int = 256) -> DataLoader:

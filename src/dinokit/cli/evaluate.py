@@ -1,4 +1,5 @@
-"""``dinokit eval knn|linear``: k-NN and linear-probe accuracy of a trained backbone.
+"""``dinokit eval knn|linear|seg``: k-NN and linear-probe accuracy of a trained backbone (``seg``:
+the linear segmentation probe, :mod:`dinokit.cli.segment`).
 
 The results of a run go to ``<run>/eval/knn.json`` (``linear.json``); an earlier result file is
 kept, renamed after the time it was written (``knn.2026-01-31T12-00-00.json``), and the command
@@ -9,21 +10,20 @@ than the bank is said to be clamped to the bank's size.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
-from pathlib import Path
 
 import torch
 
 from dinokit import atomic
-from dinokit.cli._common import add_checkpoint_arg, dataset, load, loader
+from dinokit.cli import segment
+from dinokit.cli._common import add_checkpoint_arg, dataset, keep_earlier, load, loader
 from dinokit.config import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="k-NN or linear-probe accuracy of a trained backbone")
-    kinds = p.add_subparsers(dest="eval_kind", metavar="{knn,linear}", required=True)
+    p = sub.add_parser("eval", help="k-NN, linear-probe or segmentation-probe scores of a trained backbone")
+    kinds = p.add_subparsers(dest="eval_kind", metavar="{knn,linear,seg}", required=True)
     for name, text in (("knn", "weighted k-NN (DINO protocol)"),
                        ("linear", "linear probe on frozen features")):
         q = kinds.add_parser(name, help=text, description=text)
@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="learning rates swept (default: dinokit.eval.linear.DEFAULT_LRS, 1e-3..10)")
             q.add_argument("--epochs", type=int, default=100)
         q.set_defaults(func=run)
+    segment.add_parser(kinds)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                    "top5": res.top5, "per_lr": {str(k): v for k, v in res.per_lr.items()}}
     if model.run_dir is not None:
         out = model.run_dir / "eval" / f"{args.eval_kind}.json"
-        kept = _keep_earlier(out)
+        kept = keep_earlier(out)
         atomic.write_text(out, json.dumps(payload, indent=2))
         print(f"written: {out}" + (f" (the earlier results are kept as {kept.name})" if kept else ""))
     return 0
@@ -104,17 +105,3 @@ def _check_ks(ks: list[int], bank: int, spec: str) -> None:
     if over:
         print(f"dinokit eval: note: --ks {' '.join(map(str, over))}: more than the {bank} images of "
               f"--train-data {spec}; clamped to k={bank} (all of them vote)", file=sys.stderr)
-
-
-def _keep_earlier(out: Path) -> Path | None:
-    """Rename an earlier result file after the time it was written; returns its new path."""
-    if not out.is_file():
-        return None
-    stamp = datetime.datetime.fromtimestamp(out.stat().st_mtime).strftime("%Y-%m-%dT%H-%M-%S")
-    kept = out.with_name(f"{out.stem}.{stamp}{out.suffix}")
-    n = 1
-    while kept.exists():
-        n += 1
-        kept = out.with_name(f"{out.stem}.{stamp}-{n}{out.suffix}")
-    out.rename(kept)
-    return kept

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from dinokit.backbones import Backbone, BackboneOutput
-from dinokit.clock import StepValues, TermTiming
+from dinokit.clock import Stage, StepValues, TermTiming
 from dinokit.methods.base import (
     MethodOutput,
     SelfDistillationMethod,
@@ -217,8 +217,9 @@ class ComposedMethod(SelfDistillationMethod):
             w = float(weights.get(t.section, 0.0))
             if w > 0.0:
                 active.append((t, w))
+        stage = values.stage if values is not None else None
         total, emb, stacked, fields = self._step_terms(g, lv, masks, mask_indices, mask_weights, active,
-                                                       step, temp)
+                                                       step, temp, stage)
         losses: dict[str, Tensor] = {}
         for (t, _w), value in zip(active, stacked.unbind(), strict=False):
             losses[f"loss_{t.name}"] = value
@@ -233,7 +234,7 @@ class ComposedMethod(SelfDistillationMethod):
     def _step_terms(self, g: list[Tensor], lv: list[Tensor], masks: Tensor | None,
                     mask_indices: Tensor | None, mask_weights: Tensor | None,
                     active: list[tuple[LossTerm, float]], step: int, temp: float,
-                    ) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
+                    stage: Stage | None = None) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
         """The tensor work of a training step: the features the active terms consume, once, then
         each term. Returns ``(loss, embedding, each active term's loss [n_active], fields)``.
         :meth:`compile` compiles this function."""
@@ -270,7 +271,7 @@ class ComposedMethod(SelfDistillationMethod):
             n_global=n_g, batch_size=b, teacher_temperature=temp, step=step, training=self.training,
             global_images=torch.cat(g) if STUDENT_PATCHES in needs else None, student_global=s_global,
             student_local_cls=s_local, teacher_global=t_out, masks=m, mask_indices=idx,
-            mask_weights=wts,
+            mask_weights=wts, stage=stage,
         )
         total: Tensor | None = None
         term_losses: list[Tensor] = []

@@ -31,6 +31,7 @@ from dinokit.data import (
 from dinokit.data.batched import BatchedMultiCrop, DecodeUInt8, UInt8Collate
 from dinokit.data.multiband import MultiBandFolderDataset, band_statistics
 from dinokit.data.preprocessing import Preprocessing
+from dinokit.data.scenes import scene_dataset
 from dinokit.data.streaming import INDEX_FILE, ShardStream, StreamLoader
 from dinokit.masking import make_mask_generator
 from dinokit.methods.base import SelfDistillationMethod
@@ -160,6 +161,8 @@ def build_dataset(cfg: Config, split: str = "train", transform: Any = None) -> D
                                           strict=d.strict_images)
         return ImageFolderDataset(path, transform=transform, strict=d.strict_images,
                                   max_pixels=d.max_image_pixels)
+    if d.dataset in ("scenes", "scene-items"):
+        return scene_dataset(d.dataset, "train" if split == "train" else "test", transform, limit)
     name = {"demo": "auto"}.get(d.dataset, d.dataset)
     ds = load_demo_dataset(name, split="train" if split == "train" else "test", transform=transform,
                            limit=limit)

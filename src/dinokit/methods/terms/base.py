@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from dinokit.backbones import BackboneOutput
-from dinokit.clock import TermTiming
+from dinokit.clock import Stage, TermTiming
 
 #: Features a term may consume; the method computes only the union of what its terms declare.
 GLOBAL_CLS = "global_cls"  # student CLS of the global crops, [n_global * B, D]
@@ -45,6 +45,7 @@ class StepFeatures:
     mask_indices: Tensor | None = None  # long [U], flat indices into [n_global * B * N]
     mask_weights: Tensor | None = None  # float [U], 1 / masked count of the crop; 0 = padding
     cache: dict[str, Any] = field(default_factory=dict)  # values shared between terms of a step
+    stage: Stage | None = None  # the active stage (terms read their stage overrides from it)
 
     @property
     def n_local(self) -> int:

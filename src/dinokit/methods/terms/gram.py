@@ -5,7 +5,9 @@ As the official run: the Gram teacher is loaded from the EMA teacher when the Gr
 (``start_step``, the official ``it_load_ema_teacher``) or from a file, then refreshed from the EMA
 teacher every ``refresh_every`` steps after ``first_refresh_step`` (at most ``max_refreshes``
 times); ``ema_teacher=True`` uses the EMA teacher itself. ``teacher_size`` feeds the Gram teacher
-the global crops resized to that size and resamples its patch grid to the student's.
+the global crops resized to that size and resamples its patch grid to the student's; a stage's
+``gram_teacher_size`` does so within the stage (without either, the Gram teacher sees the global
+crops as they are: the larger crops of a high-resolution stage included).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinokit.clock import TermTiming
+from dinokit.clock import Stage, TermTiming
 from dinokit.losses.gram import gram_loss, resample_patch_grid
 from dinokit.methods.terms.base import (
     STUDENT_PATCHES,
@@ -123,6 +125,12 @@ class GramTerm(LossTerm):
         self._initialized = bool(self.initialized)
 
     # ------------------------------------------------------------------ the loss
+    def input_size(self, stage: Stage | None = None) -> int | None:
+        """The Gram teacher's input size in ``stage``: the stage's ``gram_teacher_size`` (DINOv3's
+        high-resolution stage), else ``teacher_size``; None = the global crops as they are."""
+        size = getattr(stage, "gram_teacher_size", None)
+        return int(size) if size else self.teacher_size
+
     @torch.no_grad()
     def _teacher_patches(self, f: StepFeatures, method_teacher_backbone: nn.Module | None) -> Tensor:
         if self.gram_teacher is None:
@@ -130,10 +138,10 @@ class GramTerm(LossTerm):
             return f.teacher_global.patches
         images = f.global_images
         student_grid = None
-        if self.teacher_size and self.teacher_size != images.shape[-1]:
+        size = self.input_size(f.stage)
+        if size and size != images.shape[-1]:
             student_grid = method_teacher_backbone.grid_size(*images.shape[-2:])
-            images = F.interpolate(images, size=(self.teacher_size, self.teacher_size), mode="bicubic",
-                                   align_corners=False)
+            images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
         patches = self.gram_teacher(images).patches
         if student_grid is not None:
             grid = self.gram_teacher.grid_size(*images.shape[-2:])

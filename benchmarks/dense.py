@@ -1,0 +1,344 @@
+"""Dense features at a small CPU budget: the segmentation probe on the scene task beside k-NN / linear.
+
+Trains DINO, DINOv2, DINOv3 without Gram anchoring, DINOv3 with Gram anchoring (from mid-run) and
+DINOv3 with Gram anchoring and the high-resolution stage (the ``dinov3_tiny_cpu`` preset's last
+fifth at 56 px global crops), each from its dinokit preset with the same tiny ViT (patch 4, depth
+3, width 64), on the ``scenes`` data (56 px scenes of 2-3 Fashion-MNIST items; the base crops are
+28 px global, 12 px local). Each row is one ``dinokit train`` subprocess; its checkpoints are scored
+here with the same code:
+
+- mIoU / pixel accuracy of the linear segmentation probe (:mod:`dinokit.eval.segmentation`) on the
+  held-out scenes, at 56 px (twice the base training crops) and at 28 px;
+- k-NN (k=20) and linear-probe top-1 on ``scene-items`` (one item per 56 px scene, random position
+  and scale), next to the random-init backbone and raw pixels (4x4 pixel patches for the probe).
+
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/dense.py            # every row (about 40 min of one CPU core)
+    .venv/bin/python benchmarks/dense.py --only "DINO" --seeds 0                 # one row
+    .venv/bin/python benchmarks/dense.py --report                                # table + curves only
+
+Each row writes ``benchmarks/results/dense/<row>.json`` and is skipped when that file exists (a
+killed run loses one row). ``--report`` writes ``benchmarks/results/dense_miou.png`` (mIoU over
+training steps) and the table between ``<!-- dense:begin -->`` and ``<!-- dense:end -->`` in
+BENCHMARKS.md. Runs are step-count based and seeded: a busy machine slows them, their numbers stay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from dinokit import atomic
+from dinokit.cli._common import load
+from dinokit.config import load_config
+from dinokit.data.scenes import scene_dataset
+from dinokit.demo import linear_top1
+from dinokit.eval.features import extract_features
+from dinokit.eval.knn import knn_evaluate
+from dinokit.eval.segmentation import (
+    DenseView,
+    extract_patch_features,
+    segmentation_probe,
+)
+from dinokit.train.build import build_method, build_preprocessing
+from dinokit.train.fit import load_run_config
+from dinokit.viz._figure import new_figure, save
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+ROWS_DIR = RESULTS / "dense"
+WORK = ROOT / "runs" / "bench-dense"
+
+#: row name -> (preset, overrides). ``{half}``/``{quarter}``: half / a quarter of the run's steps.
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "DINO": ("demo", []),
+    "DINOv2": ("dinov2_tiny_cpu", []),
+    "DINOv3": ("dinov3_tiny_cpu", ["gram.weight=0", "stages=[]"]),
+    "DINOv3 + Gram": ("dinov3_tiny_cpu", ["gram.weight=1.0", "gram.start_step={half}",
+                                          "gram.refresh_every={quarter}", "stages=[]"]),
+    "DINOv3 + Gram + high-res": ("dinov3_tiny_cpu", ["gram.weight=1.0", "gram.start_step={half}",
+                                                     "gram.refresh_every={quarter}"]),
+}
+#: The budget: steps of a short row (3 seeds) and of a long row (1 seed, the Gram question), the
+#: checkpoint interval of the curves, scenes for training / the probe, items for k-NN.
+BUDGET = {"short_steps": 150, "long_steps": 600, "short_every": 50, "long_every": 100,
+          "train_scenes": 4000, "seg_train": 500, "seg_test": 300, "knn_bank": 1000, "knn_test": 500,
+          "probe_epochs": 10, "linear_epochs": 20, "batch": 64, "n_local": 4}
+LONG = ("DINOv3", "DINOv3 + Gram")
+BASE_SIZE, HIGH_SIZE = 28, 56
+K = 20
+TRAIN = "import sys; from dinokit.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+
+
+def overrides(method: str, seed: int, steps: int, every: int, run_dir: Path) -> tuple[str, list[str]]:
+    preset, extra = METHODS[method]
+    b = BUDGET
+    common = [
+        "data.dataset=scenes", f"data.limit={b['train_scenes']}", "crops.source_size=56",
+        f"crops.global_size={BASE_SIZE}", "crops.local_size=12", f"crops.n_local={b['n_local']}",
+        f"data.batch_size={b['batch']}", "data.num_workers=0", "trainer.epochs=1000",
+        f"trainer.max_steps={steps}", f"trainer.seed={seed}", f"trainer.output_dir={run_dir.parent}",
+        f"trainer.run_name={run_dir.name}", "trainer.progress=false", "trainer.accelerator=cpu",
+        "trainer.devices=1", "trainer.knn_every_n_epochs=0", "trainer.log_every_n_steps=10",
+        f"trainer.checkpoint_every_n_steps={every}", "trainer.keep_checkpoints=-1",
+    ]
+    return preset, common + [e.format(half=steps // 2, quarter=max(1, steps // 4)) for e in extra]
+
+
+# ------------------------------------------------------------------------------- evaluation
+def _patch_pixels(images: torch.Tensor, patch: int = 4) -> torch.Tensor:
+    """Raw pixels of each ``patch x patch`` cell as its feature: ``[B, C * patch**2, h, w]``."""
+    b, c, h, w = images.shape
+    cells = torch.nn.functional.unfold(images, patch, stride=patch)
+    return cells.reshape(b, c * patch * patch, h // patch, w // patch)
+
+
+def _pixel_features(ds: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    xs, ms = zip(*[ds[i] for i in range(len(ds))], strict=True)
+    return _patch_pixels(torch.stack(xs)), list(ms)
+
+
+def seg_scores(backbone: Any, prep: Any, size: int, seed: int) -> dict[str, float]:
+    """mIoU and pixel accuracy (%) of the probe on the held-out scenes at ``size`` px
+    (``backbone=None``: raw 4x4 pixel patches)."""
+    b = BUDGET
+    view = DenseView.for_preprocessing(prep, size)
+    train = scene_dataset("scenes", "train", view, b["seg_train"], target="mask")
+    test = scene_dataset("scenes", "test", view, b["seg_test"], target="mask")
+    if backbone is None:
+        (f_tr, m_tr), (f_te, m_te) = _pixel_features(train), _pixel_features(test)
+    else:
+        f_tr, m_tr = extract_patch_features(backbone, train, progress=False)
+        f_te, m_te = extract_patch_features(backbone, test, progress=False)
+    r = segmentation_probe(f_tr, m_tr, f_te, m_te, len(train.classes), epochs=b["probe_epochs"], seed=seed,
+                           progress=False)
+    return {f"miou@{size}": r.miou, f"pixel_acc@{size}": r.pixel_accuracy}
+
+
+def cls_scores(backbone: Any, prep: Any, seed: int) -> dict[str, float]:
+    """k-NN and linear-probe top-1 (%) on the one-item scenes at 56 px (``None``: raw pixels)."""
+    b = BUDGET
+    view = DenseView.for_preprocessing(prep, HIGH_SIZE)
+    bank = DataLoader(scene_dataset("scene-items", "train", view, b["knn_bank"]), batch_size=256)
+    test = DataLoader(scene_dataset("scene-items", "test", view, b["knn_test"]), batch_size=256)
+    if backbone is None:
+        (f_b, y_b), (f_t, y_t) = ([torch.cat(t) for t in zip(*[(x.flatten(1), y) for x, y in dl], strict=True)]
+                                  for dl in (bank, test))
+    else:
+        f_b, y_b = extract_features(backbone, bank, progress=False)
+        f_t, y_t = extract_features(backbone, test, progress=False)
+    return {"knn_top1": knn_evaluate(f_b, y_b, f_t, y_t, ks=(K,))[K]["top1"],
+            "linear_top1": linear_top1(f_b, y_b, f_t, y_t, epochs=b["linear_epochs"], seed=seed)}
+
+
+def score_all(backbone: Any, prep: Any, seed: int, full: bool) -> dict[str, float]:
+    out = seg_scores(backbone, prep, HIGH_SIZE, seed)
+    if full:
+        out.update(seg_scores(backbone, prep, BASE_SIZE, seed))
+        out.update(cls_scores(backbone, prep, seed))
+    return out
+
+
+# ------------------------------------------------------------------------------- rows
+def cpu_now() -> float:
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + kids.ru_utime + kids.ru_stime
+
+
+def run_row(method: str, seed: int, long: bool) -> dict[str, Any]:
+    b = BUDGET
+    steps, every = (b["long_steps"], b["long_every"]) if long else (b["short_steps"], b["short_every"])
+    run_dir = WORK / f"{slug(method)}_s{seed}{'_long' if long else ''}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    preset, over = overrides(method, seed, steps, every, run_dir)
+    c0, t0 = cpu_now(), time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, "-c", TRAIN, "train", "--config", preset, *over],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{method} seed {seed}: training failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    train_cpu, train_wall = cpu_now() - c0, time.perf_counter() - t0
+    curve = []
+    ckpts = sorted((run_dir / "checkpoints").glob("step*.ckpt"), key=lambda p: int(p.stem[4:]))
+    # the curves: seed 0's checkpoints (the last one gets every score below)
+    for ckpt in (ckpts[:-1] if seed == 0 else []):
+        loaded = load(str(ckpt))
+        curve.append({"step": int(ckpt.stem[4:]), **seg_scores(loaded.backbone, _prep(run_dir), HIGH_SIZE, seed)})
+    loaded = load(str(run_dir))
+    final = score_all(loaded.backbone, _prep(run_dir), seed, full=True)
+    curve.append({"step": steps, **{k: v for k, v in final.items() if k.endswith(f"@{HIGH_SIZE}")}})
+    return {"method": method, "seed": seed, "steps": steps, "long": long, **final, "curve": curve,
+            **student_scores(run_dir, seed), "train_cpu_s": train_cpu, "train_wall_s": train_wall,
+            "cpu_s": cpu_now() - c0}
+
+
+def student_scores(run_dir: Path, seed: int) -> dict[str, float]:
+    """The student's mIoU at 56 px and k-NN / linear top-1 (``student_`` keys). The EMA teacher's
+    momentum nears 1 at the end of a run (cosine to 1), so the teacher takes up little of what a
+    short last stage (the high-resolution one) teaches the student."""
+    loaded = load(str(run_dir), "student")
+    out = {**seg_scores(loaded.backbone, _prep(run_dir), HIGH_SIZE, seed),
+           **cls_scores(loaded.backbone, _prep(run_dir), seed)}
+    return {f"student_{k}": v for k, v in out.items()}
+
+
+def add_student_scores() -> None:
+    """Score the students of finished rows whose JSON lacks them (their run directories kept)."""
+    for path in sorted(ROWS_DIR.glob("*.json")):
+        row = json.loads(path.read_text())
+        run_dir = WORK / path.stem
+        if "student_miou@56" in row or not (run_dir / "checkpoints" / "last.ckpt").is_file():
+            continue
+        c0 = cpu_now()
+        row.update(student_scores(run_dir, row["seed"]))
+        row["cpu_s"] += cpu_now() - c0
+        atomic.write_text(path, json.dumps(row, indent=1))
+        print(f"{row['method']} seed {row['seed']}: student mIoU@56 {row['student_miou@56']:.1f}", flush=True)
+
+
+def _prep(run_dir: Path) -> Any:
+    return build_preprocessing(load_run_config(run_dir))
+
+
+def baseline_row(name: str) -> dict[str, Any]:
+    """Random init (the DINOv3 preset's tiny ViT at seed 0) or raw pixels."""
+    c0 = cpu_now()
+    preset, over = overrides("DINOv3", 0, BUDGET["short_steps"], BUDGET["short_every"], WORK / "init")
+    cfg = load_config(preset, over)
+    prep = build_preprocessing(cfg)
+    backbone = None
+    if name == "random init":
+        torch.manual_seed(0)
+        backbone = build_method(cfg).teacher_backbone.eval()
+    final = score_all(backbone, prep, 0, full=True)
+    return {"method": name, "seed": 0, "steps": 0, "long": False, **final, "curve": [], "cpu_s": cpu_now() - c0}
+
+
+def rows_wanted(seeds: list[int], only: list[str] | None) -> list[tuple[str, int, bool]]:
+    # seed 0 of every method, then the long rows, then the other seeds: a cut run has one of each
+    out = [(m, s, False) for s in seeds[:1] for m in METHODS]
+    out += [(m, seeds[0], True) for m in LONG]
+    out += [(m, s, False) for s in seeds[1:] for m in METHODS]
+    return [r for r in out if not only or r[0] in only]
+
+
+# ------------------------------------------------------------------------------- report
+def load_rows() -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(ROWS_DIR.glob("*.json"))]
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    cols = (("miou@56", "mIoU @56"), ("pixel_acc@56", "pixel acc @56"), ("miou@28", "mIoU @28"),
+            ("knn_top1", "k-NN (items)"), ("linear_top1", "linear (items)"),
+            ("student_miou@56", "student mIoU @56"), ("student_knn_top1", "student k-NN"))
+    head = "| row | steps | seeds | " + " | ".join(c[1] for c in cols) + " | CPU s / run |"
+    lines = [head, "|" + "---|" * (len(cols) + 4)]
+    order = ["raw pixels", "random init", *METHODS]
+    for long in (False, True):
+        for name in order:
+            group = [r for r in rows if r["method"] == name and r["long"] == long]
+            if not group:
+                continue
+            vals = [_mean_std([r[k] for r in group if r.get(k) is not None]) for k, _ in cols]
+            cpu = statistics.fmean(r["cpu_s"] for r in group)
+            lines.append(f"| {name}{' (long)' if long else ''} | {group[0]['steps']} | {len(group)} | "
+                         + " | ".join(vals) + f" | {cpu:.0f} |")
+    return "\n".join(lines)
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path:
+    fig = new_figure(10, 3.6)
+    for i, long in enumerate((False, True)):
+        ax = fig.add_subplot(1, 2, i + 1)
+        base = next((r for r in rows if r["method"] == "random init"), None)
+        for r in rows:
+            if r["long"] != long or r["seed"] != 0 or not r["curve"]:
+                continue
+            pts = [(0, base["miou@56"])] if base else []
+            pts += [(c["step"], c["miou@56"]) for c in r["curve"]]
+            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=r["method"])
+        ax.set_xlabel("training step")
+        ax.set_ylabel("mIoU (%) at 56 px, held-out scenes")
+        ax.set_title("long runs (seed 0)" if long else "short runs (seed 0)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save(fig, path)
+
+
+def write_report() -> None:
+    rows = load_rows()
+    if not rows:
+        print("no rows yet")
+        return
+    png = plot_curves(rows, RESULTS / "dense_miou.png")
+    body = table(rows)
+    total = sum(r["cpu_s"] for r in rows)
+    body += f"\n\nCPU time of all rows above: {total:.0f} s (training and scoring, one thread)."
+    md = ROOT / "BENCHMARKS.md"
+    text = md.read_text()
+    begin, end = "<!-- dense:begin -->", "<!-- dense:end -->"
+    if begin in text and end in text:
+        text = text[: text.index(begin) + len(begin)] + "\n" + body + "\n" + text[text.index(end):]
+        atomic.write_text(md, text)
+    print(body)
+    print(f"curves: {png}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--only", nargs="+", default=None, help="row names (methods, 'random init', 'raw pixels')")
+    p.add_argument("--report", action="store_true", help="only write the table and the curves")
+    p.add_argument("--students", action="store_true",
+                   help="only score the students of finished rows that lack them, then report")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    ROWS_DIR.mkdir(parents=True, exist_ok=True)
+    if a.students:
+        add_student_scores()
+    elif not a.report:
+        for name in ("raw pixels", "random init"):
+            out = ROWS_DIR / f"{slug(name)}.json"
+            if (not a.only or name in a.only) and not out.exists():
+                row = baseline_row(name)
+                atomic.write_text(out, json.dumps(row, indent=1))
+                print(f"{name}: mIoU@56 {row['miou@56']:.1f}  ({row['cpu_s']:.0f} CPU s)", flush=True)
+        for method, seed, long in rows_wanted(a.seeds, a.only):
+            out = ROWS_DIR / f"{slug(method)}_s{seed}{'_long' if long else ''}.json"
+            if out.exists():
+                continue
+            row = run_row(method, seed, long)
+            atomic.write_text(out, json.dumps(row, indent=1))
+            print(f"{method} seed {seed}{' long' if long else ''}: mIoU@56 {row['miou@56']:.1f} "
+                  f"k-NN {row['knn_top1']:.1f} ({row['cpu_s']:.0f} CPU s)", flush=True)
+    write_report()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
