@@ -165,7 +165,7 @@ def tiny_continue(row: dict[str, Any], warmup: bool, b: dict[str, Any]) -> list[
         head, steps = cont.stages[0], max(1, b["steps"] // 5)
         until = "" if head.until_teacher_entropy is None else f", until_teacher_entropy: {head.until_teacher_entropy}"
         ov.append(f"stages=[{{name: {head.name}, steps: {steps}, frozen: [{', '.join(head.frozen)}]{until}}}, "
-                  f"{{name: {cont.stages[-1].name}, warmup_epochs: {_warmup_epochs(b, steps)}}}]")
+                  f"{{name: {cont.stages[1].name}, warmup_epochs: {_warmup_epochs(b, steps)}}}]")
     else:
         ov.append("stages=[]")
     if cont.gram.weight > 0:

@@ -50,13 +50,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 #: run name -> (dinokit preset, overrides on top of the common budget). ``{gram_start}`` is half
-#: the run's steps (Gram anchoring from mid-run, as the DINOv3 paper's late Gram stage).
+#: the run's steps (Gram anchoring from mid-run, as the DINOv3 paper's late Gram stage). The DINOv3
+#: rows leave out the preset's high-resolution stage (``stages=[]``): every row trains at one
+#: resolution here, and ``benchmarks/dense.py`` measures that stage.
 RUNS: dict[str, tuple[str, list[str]]] = {
     "DINO": ("demo", []),
     "DINOv2": ("dinov2_tiny_cpu", []),
-    "DINOv3": ("dinov3_tiny_cpu", ["gram.weight=0"]),
+    "DINOv3": ("dinov3_tiny_cpu", ["gram.weight=0", "stages=[]"]),
     "DINOv3 + Gram": ("dinov3_tiny_cpu", ["gram.weight=1.0", "gram.start_step={gram_start}",
-                                          "gram.refresh_every={gram_refresh}"]),
+                                          "gram.refresh_every={gram_refresh}", "stages=[]"]),
     "iBOT": ("dinov2_tiny_cpu", ["model.method=ibot"]),
     # The README's main job: DINO on timm's resnet10t (its own milder crops), same budget otherwise.
     "DINO resnet10t (demo_cnn)": ("demo_cnn", []),
