@@ -67,6 +67,10 @@ class BackboneSettings:
     pretrained: bool = setting(False, "start from the published weights of the named backbone")
     n_registers: int | None = setting(
         None, "register tokens of the ViT (None = official: DINO/iBOT/DINOv2 0, DINOv3 4)", min=0, max=64)
+    init: Literal["timm", "xavier"] = setting(
+        "timm", "weight initialisation of a new timm ViT: timm = as timm builds it (the official DINOv2 "
+        "init: trunc-normal(0.02) linear layers); xavier = MAE's and lightly's (xavier-uniform linear and "
+        "patch-embedding weights, class token N(0, 0.02))")
     drop_path_rate: float = setting(0.0, "stochastic depth of the student ViT", ge=0, le=1)
     drop_path_mode: Literal["auto", "sample", "subset"] = setting(
         "auto", "stochastic depth form in plain ViT blocks: sample = timm DropPath (every sample through "

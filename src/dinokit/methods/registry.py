@@ -23,6 +23,7 @@ from torch import nn
 
 from dinokit.backbones import Backbone, build_backbone, use_channels_last
 from dinokit.backbones.stochastic_depth import set_uniform_drop_path
+from dinokit.backbones.weight_init import apply_init, check_init
 from dinokit.methods.base import SelfDistillationMethod
 from dinokit.settings import BackboneSettings, MethodSettings
 
@@ -110,13 +111,16 @@ def build_method(name: str, settings: MethodSettings | None = None,
 
 def make_backbone(spec: MethodSpec, b: BackboneSettings,
                   given: Backbone | nn.Module | str | None = None) -> Backbone:
-    """The student backbone of ``spec`` from its (resolved) settings: registers, stochastic depth
-    in the method's official form, packed crops, channels-last memory format."""
+    """The student backbone of ``spec`` from its (resolved) settings: registers, weight
+    initialisation, stochastic depth in the method's official form, packed crops, channels-last
+    memory format."""
     kwargs = dict(b.kwargs)
     if b.drop_path_rate:
         kwargs.setdefault("drop_path_rate", b.drop_path_rate)
+    check_init(b.init, pretrained=b.pretrained)
     backbone = build_backbone(b.name if given is None else given, pretrained=b.pretrained,
                               num_registers=b.n_registers or 0, encoder_kwargs=kwargs)
+    apply_init(backbone, b.init)
     backbone.packed_crops = {"true": True, "false": False}.get(b.packed_crops, "auto")
     configure_stochastic_depth(spec, backbone, b, float(kwargs.get("drop_path_rate", 0.0)))
     if b.channels_last:
