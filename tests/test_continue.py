@@ -331,4 +331,5 @@ def test_continue_presets_start_with_a_head_warm_up(preset):
     cfg = load_config(preset)
     head = cfg.stages[0]
     assert head.frozen == ["backbone"] and head.until_teacher_entropy and head.skip_with_init_heads
-    assert cfg.stages[-1].warmup_epochs > 0 and not cfg.stages[-1].frozen
+    main = cfg.stages[1]  # the backbone's own stage follows, its learning rate warmed up again
+    assert main.warmup_epochs > 0 and not main.frozen
