@@ -127,6 +127,19 @@ def test_an_early_end_or_a_skip_moves_the_later_stages_up_keeping_their_lengths(
     assert clock.end_stage(2, 10).name == "all" and spans(clock.stages)[-1] == (7, 20)  # the last never ends early
 
 
+def test_the_stage_without_a_length_takes_what_the_others_leave_and_absorbs_an_early_end():
+    # heads 5, main (no length), high_res 4 of 20 steps: main = 20 - 5 - 4 = 11 steps
+    stages = [StageSettings(name="heads", steps=5, until_teacher_entropy=0.3), StageSettings(name="main"),
+              StageSettings(name="high_res", steps=4, crops={"global_size": 56})]
+    spans = lambda placed: [(s.start, s.end) for s in placed]  # noqa: E731
+    assert spans(place_stages(stages, 20, 5)) == [(0, 5), (5, 16), (16, 20)]
+    # the warm-up ends after 2 steps or is skipped: main starts sooner, high_res keeps its place
+    assert spans(place_stages(stages, 20, 5, {0: 2})) == [(0, 2), (2, 16), (16, 20)]
+    assert spans(place_stages(stages, 20, 5, {0: 0})) == [(0, 0), (0, 16), (16, 20)]
+    clock = Clock(OPTIM, teacher("epoch"), {}, total_steps=20, steps_per_epoch=5, global_batch=256, stages=stages)
+    assert clock.end_stage(0, 1).name == "main" and spans(clock.stages) == [(0, 2), (2, 16), (16, 20)]
+
+
 def test_the_lr_can_be_held_per_epoch():
     clock = Clock(OPTIM, teacher("epoch"), {}, total_steps=EPOCHS * SPE, steps_per_epoch=SPE,
                   global_batch=256, lr_interval="epoch")

@@ -106,7 +106,9 @@ def test_heads_from_a_dinokit_run_skip_the_warm_up_and_a_backbone_file_does_not(
      r"stages\[1\].until_teacher_entropy: the last stage runs to the end"),
     ("[{name: a, steps: 2}, {name: b, skip_with_init_heads: true}]", r"stages\[1\].skip_with_init_heads"),
     ("[{name: a, steps: 2, until_teacher_entropy: 0.5}, {name: b, crops: {global_size: 16}}]",
-     r"stages\[1\].crops: a stage with its own crops cannot follow"),
+     r"stages\[1\].crops: a stage with its own crops cannot start where an earlier stage"),
+    ("[{name: a, steps: 2, skip_with_init_heads: true}, {name: b, steps: 5}, {name: c, crops: {global_size: 16}}]",
+     r"stages\[2\].crops: a stage with its own crops cannot start where"),
     ("[{name: a, steps: 2, until_teacher_entropy: 1.5}, {name: b}]", r"until_teacher_entropy: must be <= 1"),
 ])
 def test_stages_that_cannot_move_are_refused(stages, message):

@@ -82,7 +82,7 @@ def test_the_stage_is_logged_and_checkpointed(tmp_path):
 
 @pytest.mark.parametrize("stages, message", [
     ("[{name: a, steps: 2, epochs: 1}]", "give steps, epochs or fraction, not steps and epochs"),
-    ("[{name: a}, {name: b, steps: 2}]", "only the last stage may leave out its length"),
+    ("[{name: a}, {name: b}]", "only one stage may leave out its length"),
     ("[{name: a, steps: 2, weights: {gram: 0}}]", "weights.gram: the method has no gram term"),
     ("[{name: a, steps: 2, weights: {dinov: 1}}]", "unknown loss term 'dinov'"),
     ("[{name: a, step: 2}]", "unknown key 'step'; did you mean 'steps'"),
