@@ -9,6 +9,7 @@ driver (``step_time.py``) can interleave the libraries round-robin in one invoca
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -146,3 +147,26 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """The machine line of a result: the CPU's model name, the cores this process may use, the OS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu_name()}, {cores} cores available, {platform.system()} {platform.release()}"
+
+
+def write_section(path: Path, key: str, heading: str, body: str) -> None:
+    """Put ``body`` between the markers ``<!-- key:begin -->`` and ``<!-- key:end -->`` of ``path``
+    (BENCHMARKS.md), everything around them kept; a file without them gains a ``## heading``
+    section at its end. Written to a temporary name and renamed, so a killed run leaves the old file."""
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + f"\n\n## {heading}\n\n{block}\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -35,7 +35,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -52,6 +51,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import machine, write_section  # noqa: E402
 from PIL import Image  # noqa: E402
 from quality import feature_diagnostics, score  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -472,30 +472,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_markdown(path: Path, body: str) -> None:
-    begin, end = "<!-- continue:begin -->", "<!-- continue:end -->"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + f"\n\n## Continued pretraining (benchmarks/continue.py)\n\n{block}\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
-def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {platform.system()} {platform.release()}"
+
+
 
 
 # ------------------------------------------------------------------------------- a user's own run
@@ -629,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     body = markdown(report)
     md = a.md or (ROOT / "BENCHMARKS.md" if mode == "full" else None)
     if md is not None:
-        write_markdown(md, body)
+        write_section(md, "continue", "Continued pretraining (benchmarks/continue.py)", body)
     print(body)
     say(f"wrote {out}, {png}" + (f" and the continue table of {md}" if md else ""))
     return 0

@@ -44,7 +44,7 @@ from torchvision.transforms import InterpolationMode, v2
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cpu_name  # noqa: E402
+from common import cpu_name, write_section  # noqa: E402
 
 from dinokit.data import MultiCropConfig, MultiCropTransform  # noqa: E402
 from dinokit.data.batched import BatchedMultiCrop, DecodeUInt8  # noqa: E402
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(info)
     print(table)
     if args.write_md:
-        write_md(ROOT / "BENCHMARKS.md", table)
+        write_section(ROOT / "BENCHMARKS.md", "data-path", "Data path", table)
     return 0
 
 
@@ -229,14 +229,7 @@ def markdown(info: dict) -> str:
     return "\n".join(lines)
 
 
-def write_md(path: Path, table: str) -> None:
-    begin, end = "<!-- data-path:begin -->", "<!-- data-path:end -->"
-    text = path.read_text()
-    if begin not in text:
-        text = text.rstrip("\n") + f"\n\n## Data path\n\n{begin}\n{end}\n"
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
+
 
 
 if __name__ == "__main__":

@@ -55,6 +55,9 @@ from dinokit.train.build import build_method, build_preprocessing
 from dinokit.train.fit import load_run_config
 from dinokit.viz._figure import new_figure, save
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this script
+from common import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 ROWS_DIR = RESULTS / "dense"
@@ -299,12 +302,7 @@ def write_report() -> None:
     body = table(rows)
     total = sum(r["cpu_s"] for r in rows)
     body += f"\n\nCPU time of all rows above: {total:.0f} s (training and scoring, one thread)."
-    md = ROOT / "BENCHMARKS.md"
-    text = md.read_text()
-    begin, end = "<!-- dense:begin -->", "<!-- dense:end -->"
-    if begin in text and end in text:
-        text = text[: text.index(begin) + len(begin)] + "\n" + body + "\n" + text[text.index(end):]
-        atomic.write_text(md, text)
+    write_section(ROOT / "BENCHMARKS.md", "dense", "Dense features (benchmarks/dense.py)", body)
     print(body)
     print(f"curves: {png}")
 

@@ -38,7 +38,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import eval_loaders, feature_diagnostics, machine, score
+from common import machine, write_section
+from quality import eval_loaders, feature_diagnostics, score
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "distill"
@@ -195,16 +196,7 @@ def markdown(rows: dict[str, dict[str, Any]], args: argparse.Namespace, seeds: l
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, body: str) -> None:
-    begin, end = "<!-- distill:begin -->", "<!-- distill:end -->"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + f"\n\n## Distillation: students from a tiny DINOv3 teacher\n\n{block}\n"
-    path.write_text(text)
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             key = f"resnet10t/peer_long/{seed}"
             rows[key] = row(args.out / f"{key}.json",
                             lambda s=seed: peer_and_score(args, s, teacher_dir, args.peer_long_steps))
-    write_markdown(args.md, markdown(rows, args, seeds))
+    write_section(args.md, "distill", "Distillation: students from a tiny DINOv3 teacher", markdown(rows, args, seeds))
     return 0
 
 

@@ -46,6 +46,9 @@ from typing import Any
 
 from dinokit.atomic import atomic_path, write_text
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this script
+from common import machine, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -407,17 +410,7 @@ def versions(peer: dict[str, Any] | None) -> dict[str, str]:
     return out
 
 
-def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{name}, {cores} cores available, {platform.system()} {platform.release()}"
+
 
 
 def fmt(agg: dict[str, Any] | None, digits: int = 2) -> str:
@@ -474,19 +467,10 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, mode: str, body: str) -> None:
-    begin, end = f"<!-- quality-{mode}:begin -->", f"<!-- quality-{mode}:end -->"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        title = {"full": "## Learning quality (full)", "quick": "## Learning quality (--quick)",
-                 "peers-full": "## Learning quality against every peer (full)",
-                 "peers-quick": "## Learning quality against every peer (--quick)"}[mode]
-        text = text.rstrip("\n") + f"\n\n{title}\n\n{block}\n"
-    write_text(path, text)
+#: BENCHMARKS.md's heading of each table quality.py writes.
+TITLES = {"full": "Learning quality (full)", "quick": "Learning quality (--quick)",
+          "peers-full": "Learning quality against every peer (full)",
+          "peers-quick": "Learning quality against every peer (--quick)"}
 
 
 def merge_reports(paths: list[Path]) -> dict[str, Any]:
@@ -670,11 +654,11 @@ def knn_chart(report: dict[str, Any], path: Path) -> bool:
 def write_tables(report: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
     mode = report["mode"]
     if "main" in args.tables:
-        write_markdown(args.md, mode, markdown(report))
+        write_section(args.md, f"quality-{mode}", TITLES[mode], markdown(report))
     if "peers" in args.tables and any(n in report["runs"] for n in ALL_PEERS):
         png = out.parent / f"quality_peers_{mode}.png"
         rel = os.path.relpath(png, args.md.parent) if knn_chart(report, png) else None
-        write_markdown(args.md, f"peers-{mode}", peer_markdown(report, rel))
+        write_section(args.md, f"quality-peers-{mode}", TITLES[f"peers-{mode}"], peer_markdown(report, rel))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BF16_PEAK, cpu_name, make_views, median, serve
+from common import BF16_PEAK, cpu_name, make_views, median, serve, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 #: each peer library's own venv (``benchmarks/setup_peers.sh``)
@@ -314,14 +314,7 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write_md(text: str, key: str) -> None:
-    begin, end = f"<!-- step-time-{key}:begin -->", f"<!-- step-time-{key}:end -->"
-    doc = MD.read_text() if MD.exists() else "# Benchmarks\n"
-    if begin in doc and end in doc:
-        doc = doc[: doc.index(begin) + len(begin)] + "\n" + text + "\n" + doc[doc.index(end):]
-    else:
-        doc = doc.rstrip() + f"\n\n## Training step ({key})\n\n{begin}\n{text}\n{end}\n"
-    MD.write_text(doc)
+
 
 
 def main() -> None:
@@ -402,7 +395,8 @@ def main() -> None:
     out.write_text(json.dumps(res, indent=2))
     print(f"written: {out}")
     if args.write_md:
-        write_md(markdown(res), {"cpu": "cpu", "gpu": "gpu"}.get(args.config, args.config))
+        key = {"cpu": "cpu", "gpu": "gpu"}.get(args.config, args.config)
+        write_section(MD, f"step-time-{key}", f"Training step ({key})", markdown(res))
         print(f"written: {MD}")
 
 

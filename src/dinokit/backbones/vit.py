@@ -274,8 +274,8 @@ class ViTBackbone(Backbone):
         scores = (q * attn_mod.scale) @ k.transpose(-2, -1)
         return scores.softmax(dim=-1)
 
-    def intermediate_cls(self, x: Tensor, n: int) -> Tensor:
-        """Normalised CLS tokens of the last ``n`` blocks, concatenated: ``[B, n * D]``."""
+    def _last_blocks(self, x: Tensor, n: int) -> list[BackboneOutput]:
+        """The normalised tokens of the last ``n`` blocks, split into CLS and patches."""
         blocks = list(self.model.blocks)
         if not 1 <= n <= len(blocks):
             raise ValueError(f"n must be in [1, {len(blocks)}] for this ViT, got {n}")
@@ -284,18 +284,13 @@ class ViTBackbone(Backbone):
         for i, blk in enumerate(blocks):
             t = blk(t)
             if i >= len(blocks) - n:
-                outs.append(self._split(self.model.norm(t)).cls)
-        return torch.cat(outs, dim=-1)
+                outs.append(self._split(self.model.norm(t)))
+        return outs
+
+    def intermediate_cls(self, x: Tensor, n: int) -> Tensor:
+        """Normalised CLS tokens of the last ``n`` blocks, concatenated: ``[B, n * D]``."""
+        return torch.cat([o.cls for o in self._last_blocks(x, n)], dim=-1)
 
     def intermediate_patches(self, x: Tensor, n: int) -> Tensor:
         """Normalised patch tokens of the last ``n`` blocks, concatenated: ``[B, N, n * D]``."""
-        blocks = list(self.model.blocks)
-        if not 1 <= n <= len(blocks):
-            raise ValueError(f"n must be in [1, {len(blocks)}] for this ViT, got {n}")
-        t = self.tokens(x)
-        outs = []
-        for i, blk in enumerate(blocks):
-            t = blk(t)
-            if i >= len(blocks) - n:
-                outs.append(self._split(self.model.norm(t)).patches)
-        return torch.cat(outs, dim=-1)
+        return torch.cat([o.patches for o in self._last_blocks(x, n)], dim=-1)
