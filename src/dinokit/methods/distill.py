@@ -54,9 +54,10 @@ from dinokit.losses.centering import EMACenter
 from dinokit.losses.gram import resample_patch_grid
 from dinokit.methods.base import MethodOutput, SelfDistillationMethod, check_views, forward_views
 from dinokit.methods.composed import indices_from_masks, random_mask_indices
+from dinokit.methods.dinov2 import dinov2_terms
 from dinokit.methods.registry import make_backbone, method_spec, register_method, resolve_settings
 from dinokit.methods.teacher_file import TeacherSource, read_teacher
-from dinokit.methods.terms import DINOClsTerm, IBOTPatchTerm, KoLeoTerm, LossTerm, StepFeatures
+from dinokit.methods.terms import DINOClsTerm, IBOTPatchTerm, LossTerm, StepFeatures
 from dinokit.methods.terms.feature_distill import FeatureDistillTerm
 from dinokit.settings import BackboneSettings, MethodSettings
 
@@ -194,12 +195,7 @@ class Distillation(SelfDistillationMethod):
     def _make_terms(self, s: MethodSettings, teacher_dim: int) -> list[LossTerm]:
         if self.objective == "features":
             return [FeatureDistillTerm(s.distillation, teacher_dim=teacher_dim)]
-        terms: list[LossTerm] = [DINOClsTerm(s.dino, s.heads, s.teacher)]
-        if s.ibot.weight > 0:
-            terms.append(IBOTPatchTerm(s.ibot, s.heads, s.teacher))
-        if s.koleo.weight > 0:
-            terms.append(KoLeoTerm(s.koleo))
-        return terms
+        return dinov2_terms(s)  # the teacher's targets, learned as DINOv2's terms learn them
 
     def _check_student(self, name: str, backbone: Backbone, terms: Sequence[LossTerm]) -> None:
         t_bb = self.teacher["backbone"]
