@@ -56,6 +56,7 @@ from PIL import Image  # noqa: E402
 from quality import feature_diagnostics, score  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from dinokit import atomic  # noqa: E402
 from dinokit.config import load_config  # noqa: E402
 from dinokit.data.datasets import FASHION_MNIST_FILES, FASHION_MNIST_ROOT, fashion_mnist_available, load_idx  # noqa: E402
 from dinokit.eval.features import extract_features  # noqa: E402
@@ -574,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
                                               f"data.path={data['target']}", "data.dataset=folder"])
             torch.manual_seed(0)
             source_scores = scorer_for(cfg)(build_method(cfg), 0)
-            src_file.write_text(json.dumps(source_scores))
+            atomic.write_text(src_file, json.dumps(source_scores))
         sources[name] = (source, source_scores)
         say(f"{name}: source as is: k-NN {source_scores['knn_top1']:.2f}, linear {source_scores['linear_top1']:.2f}")
     rows = []

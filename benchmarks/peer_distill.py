@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -52,7 +53,9 @@ def main() -> int:
     )
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     path = a.out / "student_state.pt"
-    torch.save(student.state_dict(), path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(student.state_dict(), tmp)
+    os.replace(tmp, path)  # a killed run leaves no half-written state
     print(json.dumps({"train_wall_s": wall, "train_cpu_s": cpu, "steps": a.steps, "state": str(path),
                       "lightly_train": lightly_train.__version__}))
     return 0
