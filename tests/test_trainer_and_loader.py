@@ -138,3 +138,24 @@ def test_backbone_weights_from_checkpoints_and_mismatches(tmp_path):
         read_file(tmp_path / "junk.pt")
     with pytest.raises(WeightsError, match="does not exist"):
         read_file(tmp_path / "nope.pt")
+
+
+def test_plain_trainer_ends_a_warm_up_early_on_the_teacher_entropy():
+    """The plain loop reads the teacher entropy at its logging steps as the Lightning engine does:
+    ``until_teacher_entropy: 1.0`` (any entropy is below ln K) ends the frozen warm-up after step 0,
+    so the backbone trains from step 1 on; a threshold never reached keeps it frozen."""
+    from dinokit.settings import StageSettings
+
+    def run(threshold):
+        method = _method()
+        start = {k: v.clone() for k, v in method.student_backbone.state_dict().items()}
+        stages = [StageSettings(name="heads", steps=5, frozen=["backbone"], until_teacher_entropy=threshold),
+                  StageSettings(name="all")]
+        trainer = DINOTrainer(method, _batches(3), settings=step_settings(lr=0.01, lr_scaling="none"),
+                              stages=stages, epochs=2, log_every_n_steps=1, device="cpu")
+        trainer.train_epoch()  # steps 0-2, all inside the planned warm-up
+        moved = any(not torch.equal(v, start[k]) for k, v in method.student_backbone.state_dict().items())
+        return trainer.step_fn.state_dict()["stage_lengths"], moved
+
+    assert run(1.0) == ({0: 1}, True)
+    assert run(1e-6) == ({}, False)
