@@ -47,6 +47,7 @@ from dinokit.demo import linear_top1
 from dinokit.eval.features import extract_features
 from dinokit.eval.knn import knn_evaluate
 from dinokit.eval.segmentation import (
+    PROBE_LRS,
     DenseView,
     extract_patch_features,
     segmentation_probe,
@@ -77,7 +78,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
 #: checkpoint interval of the curves, scenes for training / the probe, items for k-NN.
 BUDGET = {"short_steps": 150, "long_steps": 600, "short_every": 50, "long_every": 100,
           "train_scenes": 4000, "seg_train": 500, "seg_test": 300, "knn_bank": 1000, "knn_test": 500,
-          "probe_epochs": 10, "linear_epochs": 20, "batch": 64, "n_local": 4}
+          "probe_epochs": 10, "probe_lrs": list(PROBE_LRS), "linear_epochs": 20, "batch": 64, "n_local": 4}
 LONG = ("DINOv3", "DINOv3 + Gram")
 BASE_SIZE, HIGH_SIZE = 28, 56
 K = 20
@@ -128,9 +129,9 @@ def seg_scores(backbone: Any, prep: Any, size: int, seed: int) -> dict[str, floa
     else:
         f_tr, m_tr = extract_patch_features(backbone, train, progress=False)
         f_te, m_te = extract_patch_features(backbone, test, progress=False)
-    r = segmentation_probe(f_tr, m_tr, f_te, m_te, len(train.classes), epochs=b["probe_epochs"], seed=seed,
-                           progress=False)
-    return {f"miou@{size}": r.miou, f"pixel_acc@{size}": r.pixel_accuracy}
+    r = segmentation_probe(f_tr, m_tr, f_te, m_te, len(train.classes), epochs=b["probe_epochs"],
+                           lrs=b["probe_lrs"], seed=seed, progress=False)
+    return {f"miou@{size}": r.miou, f"pixel_acc@{size}": r.pixel_accuracy, f"probe_lr@{size}": r.lr}
 
 
 def cls_scores(backbone: Any, prep: Any, seed: int) -> dict[str, float]:
@@ -243,8 +244,18 @@ def rows_wanted(seeds: list[int], only: list[str] | None) -> list[tuple[str, int
 
 
 # ------------------------------------------------------------------------------- report
+def probe_tag() -> dict[str, Any]:
+    """What a row's scores depend on besides its training: the probe's protocol."""
+    return {k: BUDGET[k] for k in ("seg_train", "seg_test", "probe_epochs", "probe_lrs")}
+
+
+def current(path: Path) -> bool:
+    """Whether the row at ``path`` exists and was scored with the current probe."""
+    return path.is_file() and json.loads(path.read_text()).get("probe") == probe_tag()
+
+
 def load_rows() -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(ROWS_DIR.glob("*.json"))]
+    return [row for p in sorted(ROWS_DIR.glob("*.json")) if (row := json.loads(p.read_text())).get("probe") == probe_tag()]
 
 
 def _mean_std(values: list[float]) -> str:
@@ -322,15 +333,15 @@ def main(argv: list[str] | None = None) -> int:
     elif not a.report:
         for name in ("raw pixels", "random init"):
             out = ROWS_DIR / f"{slug(name)}.json"
-            if (not a.only or name in a.only) and not out.exists():
-                row = baseline_row(name)
+            if (not a.only or name in a.only) and not current(out):
+                row = {**baseline_row(name), "probe": probe_tag()}
                 atomic.write_text(out, json.dumps(row, indent=1))
                 print(f"{name}: mIoU@56 {row['miou@56']:.1f}  ({row['cpu_s']:.0f} CPU s)", flush=True)
         for method, seed, long in rows_wanted(a.seeds, a.only):
             out = ROWS_DIR / f"{slug(method)}_s{seed}{'_long' if long else ''}.json"
-            if out.exists():
+            if current(out):
                 continue
-            row = run_row(method, seed, long)
+            row = {**run_row(method, seed, long), "probe": probe_tag()}
             atomic.write_text(out, json.dumps(row, indent=1))
             print(f"{method} seed {seed}{' long' if long else ''}: mIoU@56 {row['miou@56']:.1f} "
                   f"k-NN {row['knn_top1']:.1f} ({row['cpu_s']:.0f} CPU s)", flush=True)

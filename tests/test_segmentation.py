@@ -216,3 +216,26 @@ def test_eval_seg_reads_an_exported_backbone(tmp_path, tiny_run):
     assert code == 0
     result = json.loads((tmp_path / "out" / "seg.json").read_text())
     assert result["n_last_blocks"] == 2 and result["n_classes"] == 3
+
+
+def test_several_learning_rates_are_chosen_on_a_held_out_fifth_of_the_training_images():
+    """Two epochs at the official 1e-3 leave the toy's head under-trained (its logits barely move
+    from their N(0, 0.01) start); the sweep scores each rate on the held-out fifth, keeps the one
+    that reads best there and retrains it on every training image."""
+    f_tr, m_tr = _toy(40, 0, noise=0.5)
+    f_va, m_va = _toy(32, 1, noise=0.5)
+    slow = segmentation_probe(f_tr, m_tr, f_va, m_va, 3, lrs=(1e-4,), epochs=2, progress=False)
+    res = segmentation_probe(f_tr, m_tr, f_va, m_va, 3, lrs=(1e-4, 1e-1), epochs=2, progress=False)
+    assert slow.lr == 1e-4 and slow.lr_sweep == {}
+    assert set(res.lr_sweep) == {1e-4, 1e-1} and res.lr_sweep[1e-1] > res.lr_sweep[1e-4]
+    assert res.lr == 1e-1 and res.miou > slow.miou + 20
+    assert res.to_dict()["lr"] == 1e-1
+    few = segmentation_probe(f_tr[:4], m_tr[:4], f_va, m_va, 3, lrs=(1e-2, 1e-3), epochs=1, progress=False)
+    assert few.lr == 1e-3 and few.lr_sweep == {}  # nothing to hold out: the official rate
+
+
+def test_the_cli_knows_the_probe_s_learning_rates_without_loading_the_module():
+    from dinokit.cli import segment
+    from dinokit.eval import segmentation
+
+    assert segment.PROBE_LRS == segmentation.PROBE_LRS and segment.DEFAULT_LR == segmentation.DEFAULT_LR

@@ -23,9 +23,11 @@ from dinokit.data.masks import DEFAULT_IGNORE_INDEX, MaskFolderDataset
 from dinokit.data.scenes import SCENES, scene_dataset
 
 BUILT_IN = ("scenes",)
-#: The official linear head's learning rate (dinokit.eval.segmentation.DEFAULT_LR; that module loads
-#: torchvision, which `dinokit --help` need not wait for).
+#: The official linear head's learning rate and the rates a short probe picks from
+#: (dinokit.eval.segmentation's DEFAULT_LR and PROBE_LRS; that module loads torchvision, which
+#: `dinokit --help` need not wait for).
 DEFAULT_LR = 1e-3
+PROBE_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 
 
 def add_parser(kinds: Any) -> None:
@@ -45,7 +47,10 @@ def add_parser(kinds: Any) -> None:
                    help="class ids 0..N-1 (default: one more than the largest id in the training masks)")
     q.add_argument("--ignore-index", type=int, default=DEFAULT_IGNORE_INDEX, help="mask value not scored")
     q.add_argument("--epochs", type=int, default=20)
-    q.add_argument("--lr", type=float, default=DEFAULT_LR)
+    q.add_argument("--lr", type=float, nargs="+", default=list(PROBE_LRS),
+                   help="learning rate(s); with several, each is scored on a held-out fifth of the training "
+                   f"images and the best retrained on all (default {' '.join(map(str, PROBE_LRS))}; the "
+                   f"official protocol: {DEFAULT_LR} for 40,000 iterations)")
     q.add_argument("--batch-size", type=int, default=64)
     q.add_argument("--limit-train", type=int, default=None)
     q.add_argument("--limit-val", type=int, default=None)
@@ -81,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("epochs", "batch_size", "n_last_blocks"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if min(args.lr) <= 0:
+        raise ConfigError(f"--lr: learning rates must be > 0, got {' '.join(map(str, args.lr))}")
     model = load(args.checkpoint, args.which)
     backbone = model.backbone
     if backbone.patch_size is None:
@@ -107,10 +114,15 @@ def run(args: argparse.Namespace) -> int:
     f_va, m_va = extract_patch_features(backbone, val, n_last_blocks=args.n_last_blocks,
                                         batch_size=args.batch_size)
     res = segmentation_probe(f_tr, m_tr, f_va, m_va, n_classes, ignore_index=ignore, class_names=names,
-                             epochs=args.epochs, lr=args.lr)
+                             epochs=args.epochs, lrs=args.lr)
     print(f"linear segmentation probe ({args.n_last_blocks} last block(s), {size} px, {len(train)} train / "
           f"{len(val)} val images):")
     print(f"  mIoU {res.miou:.2f}   pixel accuracy {res.pixel_accuracy:.2f}")
+    if res.lr_sweep:
+        tried = "  ".join(f"{lr:g}: {m:.2f}" for lr, m in res.lr_sweep.items())
+        print(f"  learning rate {res.lr:g}, the best held-out mIoU of {tried}")
+    else:
+        print(f"  learning rate {res.lr:g}")
     width = max(len(n) for n in names)
     for n, c in zip(names, res.per_class, strict=True):
         iou = "-" if c["iou"] is None else f"{c['iou']:6.2f}"
@@ -118,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (model.run_dir / "eval" if model.run_dir else Path("eval"))
     payload = {"checkpoint": str(args.checkpoint), "train_data": args.train_data, "val_data": args.val_data,
                "size": size, "n_last_blocks": args.n_last_blocks, "n_classes": n_classes,
-               "ignore_index": ignore, "epochs": args.epochs, "lr": args.lr, **res.to_dict()}
+               "ignore_index": ignore, "epochs": args.epochs, **res.to_dict()}
     target = out / "seg.json"
     kept = keep_earlier(target)
     atomic.write_text(target, json.dumps(payload, indent=2))

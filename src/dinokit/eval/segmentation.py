@@ -6,8 +6,13 @@ concatenated, each through the backbone's final norm) form a feature map ``[D, h
 The head is batch norm and a 1x1 convolution (dropout 0.1 before them in training, as the official
 ``LinearHead``); its logits ``[C, h, w]`` are upsampled bilinearly to the mask's resolution, where
 the cross-entropy is taken (pixels of the ignore index left out) and where predictions are scored.
-It trains with AdamW (lr 1e-3, weight decay 1e-3, linear warm-up then cosine, the official
-``config-ade20k-linear-training.yaml`` optimiser) on features computed once.
+It trains with AdamW (weight decay 1e-3, linear warm-up then cosine, the official
+``config-ade20k-linear-training.yaml`` optimiser) on features computed once. The official run
+takes lr 1e-3 for 40,000 iterations; a probe of a few epochs on a small folder takes a small
+fraction of that and is under-trained at 1e-3, so several learning rates may be given: each is
+trained on four fifths of the training images and scored (mIoU) on the last fifth, and the best
+is retrained on all of them (the classification probe's rule, DINO's and DINOv2's grid of linear
+heads). ``lrs=(1e-3,)`` with enough epochs is the official protocol.
 
 Scores, in %: mIoU (the mean over classes that occur in the ground truth or the predictions of
 ``TP / (TP + FP + FN)``, as mmsegmentation's ``nanmean``), pixel accuracy (``sum TP / pixels``)
@@ -36,6 +41,8 @@ from dinokit.eval.features import _backbone, gather_shards, shard_indices
 #: The official linear head's training (config-ade20k-linear-training.yaml).
 DEFAULT_LR = 1e-3
 DEFAULT_WEIGHT_DECAY = 1e-3
+#: Learning rates a short probe picks from on a held-out fifth of its training images.
+PROBE_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 
 
 class LinearSegmentationHead(nn.Module):
@@ -174,6 +181,8 @@ class SegmentationResult:
             ``pixels`` (ground-truth count).
         confusion: ``[C, C]`` counts (rows: truth).
         head: the trained head (for predictions).
+        lr: the learning rate it was trained with.
+        lr_sweep: held-out mIoU of each learning rate tried (empty when one was given).
     """
 
     miou: float
@@ -182,10 +191,13 @@ class SegmentationResult:
     confusion: Tensor
     head: LinearSegmentationHead | None = None
     class_names: list[str] = field(default_factory=list)
+    lr: float | None = None
+    lr_sweep: dict[float, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         names = self.class_names or [str(i) for i in range(len(self.per_class))]
-        return {"miou": self.miou, "pixel_accuracy": self.pixel_accuracy,
+        return {"miou": self.miou, "pixel_accuracy": self.pixel_accuracy, "lr": self.lr,
+                "lr_sweep": {str(k): v for k, v in self.lr_sweep.items()},
                 "per_class": {n: c for n, c in zip(names, self.per_class, strict=True)}}
 
 
@@ -286,17 +298,46 @@ def score_head(head: LinearSegmentationHead, features: Tensor, masks: Sequence[T
 
 
 def segmentation_probe(train_features: Tensor, train_masks: Sequence[Tensor], val_features: Tensor,
-                       val_masks: Sequence[Tensor], n_classes: int, *, ignore_index: int | None = None,
-                       class_names: Sequence[str] | None = None, **train_kwargs: Any) -> SegmentationResult:
-    """Train the linear head on the training features and score it on the validation ones
-    (``train_kwargs``: those of :func:`train_segmentation_head`)."""
+                       val_masks: Sequence[Tensor], n_classes: int, *,
+                       lrs: Sequence[float] | float = PROBE_LRS, ignore_index: int | None = None,
+                       class_names: Sequence[str] | None = None, seed: int = 0,
+                       **train_kwargs: Any) -> SegmentationResult:
+    """Train the linear head on the training features and score it on the validation ones.
+
+    With several learning rates in ``lrs``, each is trained on four fifths of the training images
+    (a seeded split) and scored on the last fifth; the best is retrained on every training image.
+    Fewer than 5 training images leave nothing to hold out: the official rate is taken when it is
+    among ``lrs``, else the first (``lr_sweep`` stays empty).
+    ``train_kwargs``: those of :func:`train_segmentation_head` (``lr`` excepted)."""
     if train_features.shape[1] != val_features.shape[1]:
         raise ValueError(f"train features have D={train_features.shape[1]} but validation features "
                          f"D={val_features.shape[1]}")
-    head = train_segmentation_head(train_features, train_masks, n_classes, ignore_index=ignore_index,
-                                   **train_kwargs)
+    if "lr" in train_kwargs:
+        lrs = train_kwargs.pop("lr")
+    lrs = [float(lr) for lr in ((lrs,) if isinstance(lrs, (int, float)) else lrs)]
+    if not lrs or min(lrs) <= 0:
+        raise ValueError(f"learning rates must be > 0, got {lrs}")
+    sweep: dict[float, float] = {}
+    if len(lrs) > 1 and len(train_masks) < 5:
+        lrs = [DEFAULT_LR if DEFAULT_LR in lrs else lrs[0]]
+    if len(lrs) > 1:
+        order = torch.randperm(len(train_masks), generator=torch.Generator().manual_seed(seed)).tolist()
+        cut = len(order) * 4 // 5
+        fit_idx, held = order[:cut], order[cut:]
+        for lr in lrs:
+            head = train_segmentation_head(train_features[fit_idx], [train_masks[i] for i in fit_idx],
+                                           n_classes, lr=lr, ignore_index=ignore_index, seed=seed,
+                                           **train_kwargs)
+            sweep[lr] = score_head(head, train_features[held], [train_masks[i] for i in held], n_classes,
+                                   ignore_index).miou
+        best = max(lrs, key=lambda lr: sweep[lr])  # of equals, the first in ``lrs``
+    else:
+        best = lrs[0]
+    head = train_segmentation_head(train_features, train_masks, n_classes, lr=best, ignore_index=ignore_index,
+                                   seed=seed, **train_kwargs)
     result = score_head(head, val_features, val_masks, n_classes, ignore_index)
     result.class_names = list(class_names or [])
+    result.lr, result.lr_sweep = best, sweep
     return result
 
 
