@@ -403,3 +403,40 @@ def test_teacher_files_load_the_same_weights_and_name_what_they_lack(tmp_path):
         Distillation(raw, MapNet(), settings=settings())
     with pytest.raises(WeightsError, match="does not exist"):
         Distillation(tmp_path / "missing.pth", MapNet(), settings=settings())
+
+
+def test_every_command_reads_the_student_it_is_named(tmp_path, capsys):
+    """A run with two students: ``--student NAME`` picks that student in eval, embed and export
+    alike (the first one without it); an unknown name, or a name given for a run that is not a
+    distillation, is one line and exit 2."""
+    import numpy as np
+
+    assert main(["train", "--config", "dinov3_tiny_cpu", *TEACHER_RUN, f"trainer.output_dir={tmp_path}",
+                 "trainer.run_name=teacher"]) == 0
+    two = ("model.students=[{name: cnn, backbone: {name: resnet10t, kwargs: {in_chans: 1}}}, "
+           "{name: vit, backbone: {name: vit_tiny_patch16_224, kwargs: {img_size: 28, patch_size: 4, depth: 1, "
+           "embed_dim: 16, num_heads: 2, in_chans: 1}}}]")
+    assert main(["train", "--config", "distill_tiny_cpu", *STUDENT_RUN, "trainer.epochs=1", two,
+                 f"model.teacher={tmp_path / 'teacher'}", f"trainer.output_dir={tmp_path}",
+                 "trainer.run_name=two"]) == 0
+    run = str(tmp_path / "two")
+    dims = {}
+    for name in (None, "cnn", "vit"):
+        pick = ["--student", name] if name else []
+        out = tmp_path / f"emb-{name}"
+        assert main(["embed", "--checkpoint", run, *pick, "--data", "digits", "--limit", "8", "--output",
+                     str(out), "--no-progress"]) == 0
+        dims[name] = np.load(f"{out}.npy").shape[1]
+    assert dims == {None: 512, "cnn": 512, "vit": 16}  # resnet10t's 512 features, the ViT's width
+    from dinokit.cli._common import load
+
+    assert type(load(run, "student:vit").backbone.model).__name__ == "VisionTransformer"
+    assert main(["export", "--checkpoint", run, "--student", "vit", "--output", str(tmp_path / "vit"),
+                 "--format", "file"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "knn", "--checkpoint", run, "--student", "nope", "--train-data", "digits", "--val-data", "digits"]) == 2
+    assert main(["eval", "knn", "--checkpoint", str(tmp_path / "teacher"), "--student", "vit",
+                 "--train-data", "digits", "--val-data", "digits"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "nope" in err[0] and "not a distillation" in err[1]
+    assert "Traceback" not in "".join(err)

@@ -112,6 +112,9 @@ def _resolve(source: Any, which: str, *, timm_name: str | None, timm_kwargs: dic
             return _Export(backbone, arch, _kwargs_of(backbone), config["model"].get("method"),
                            int(steps) if steps is not None else None,
                            {**run_preprocessing(config), **(preprocessing or {})}, which=f"student:{name}")
+        if which.startswith("student:"):
+            raise WeightsError(f"{ckpt}: {which!r} names a student of a distillation run; this is a "
+                               f"{config['model'].get('method', 'dino')} run (its student: 'student')")
         state = backbone_state_dict(obj, which)
         backbone, _ = _run_backbone(config)
         try:

@@ -40,6 +40,18 @@ def add_checkpoint_arg(p: Any) -> None:
                    help="run directory, training .ckpt, or exported .safetensors")
     p.add_argument("--which", choices=("teacher", "student"), default="teacher",
                    help="which backbone of a training checkpoint (default: teacher)")
+    add_student_arg(p)
+
+
+def add_student_arg(p: Any) -> None:
+    p.add_argument("--student", default=None, metavar="NAME",
+                   help="a distillation run with several students (model.students): the student of this "
+                        "name (default: the first)")
+
+
+def which_of(args: Any) -> str:
+    """``--which``, or ``student:NAME`` when ``--student NAME`` is given."""
+    return f"student:{args.student}" if getattr(args, "student", None) else args.which
 
 
 def load(checkpoint: str, which: str = "teacher") -> Loaded:
@@ -64,6 +76,9 @@ def load(checkpoint: str, which: str = "teacher") -> Loaded:
         raise WeightsError(f"{ckpt} is not a dinokit training checkpoint (no run config inside)")
     cfg = from_dict(config)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    if which.startswith("student:") and method_spec(cfg.model.method).deploys != "student":
+        raise ConfigError(f"--student {which.split(':', 1)[1]}: {ckpt} is a {cfg.model.method} run, not a "
+                          "distillation with named students (use --which student)")
     if method_spec(cfg.model.method).deploys == "student":  # a distillation: its student, not its input
         from dinokit.embed import load_for_embedding  # commands load their heavy parts when run
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dinokit.cli._common import add_student_arg, which_of
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -18,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pool", choices=("cls", "mean"), default="cls",
                    help="CLS embedding or mean of the patch tokens (default: cls)")
     p.add_argument("--which", choices=("teacher", "student"), default="teacher")
+    add_student_arg(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--split", choices=("train", "test"), default="train", help="split of a preset dataset")
@@ -30,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dinokit.embed import embed, save_embeddings
 
-    emb = embed(args.checkpoint, args.data, pool=args.pool, batch_size=args.batch_size, which=args.which,
+    emb = embed(args.checkpoint, args.data, pool=args.pool, batch_size=args.batch_size, which=which_of(args),
                 device=args.device, split=args.split, limit=args.limit, num_workers=args.num_workers,
                 progress=not args.no_progress)
     paths = save_embeddings(emb, args.output)

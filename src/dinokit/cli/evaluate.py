@@ -17,7 +17,7 @@ import torch
 
 from dinokit import atomic
 from dinokit.cli import segment
-from dinokit.cli._common import add_checkpoint_arg, dataset, keep_earlier, load, loader
+from dinokit.cli._common import add_checkpoint_arg, dataset, keep_earlier, load, loader, which_of
 from dinokit.config import ConfigError
 
 
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from dinokit.eval import extract_features, knn_evaluate, linear_probe
     from dinokit.eval.linear import DEFAULT_LRS
 
-    model = load(args.checkpoint, args.which)
+    model = load(args.checkpoint, which_of(args))
     feats = []
     for spec, split, limit in ((args.train_data, "train", args.limit_train),
                                (args.val_data, "test", args.limit_val)):

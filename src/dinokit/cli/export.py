@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from dinokit.cli import interop_export
+from dinokit.cli._common import add_student_arg, which_of
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,9 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "is complete; a folder holding anything else is refused)")
     p.add_argument("--which", choices=("teacher", "student"), default="teacher",
                    help="which backbone (default: the EMA teacher; a distillation run gives its student)")
-    p.add_argument("--student", default=None,
-                   help="a distillation run with several students: the student of this name (default: the "
-                        "first)")
+    add_student_arg(p)
     p.add_argument("--format", choices=("both", "folder", "file", *interop_export.FORMATS), default="both",
                    help="timm/Hub folder, single file, or both (default); onnx = PATH.onnx (onnxruntime, "
                         "needs dinokit[onnx]); hf = PATH/ for transformers' AutoModel (needs dinokit[hf])")
@@ -32,8 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    if args.student:
-        args.which = f"student:{args.student}"
+    args.which = which_of(args)
     if args.format in interop_export.FORMATS:
         return interop_export.run(args)
 

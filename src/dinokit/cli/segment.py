@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Subset
 
 from dinokit import atomic
-from dinokit.cli._common import add_checkpoint_arg, keep_earlier, load
+from dinokit.cli._common import add_checkpoint_arg, keep_earlier, load, which_of
 from dinokit.config import ConfigError
 from dinokit.data.masks import DEFAULT_IGNORE_INDEX, MaskFolderDataset
 from dinokit.data.scenes import SCENES, scene_dataset
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     if min(args.lr) <= 0:
         raise ConfigError(f"--lr: learning rates must be > 0, got {' '.join(map(str, args.lr))}")
-    model = load(args.checkpoint, args.which)
+    model = load(args.checkpoint, which_of(args))
     backbone = model.backbone
     if backbone.patch_size is None:
         raise ConfigError(f"--checkpoint {args.checkpoint}: its backbone ({type(backbone).__name__}) gives "

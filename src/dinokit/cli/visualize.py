@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from dinokit.cli._common import add_checkpoint_arg, dataset, load, loader
+from dinokit.cli._common import add_checkpoint_arg, dataset, load, loader, which_of
 from dinokit.config import ConfigError
 
 
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
         print(plot_training_curves(args.run, args.output))
         return 0
-    model = load(args.checkpoint, args.which)
+    model = load(args.checkpoint, which_of(args))
     tf = model.transform
     if args.viz_kind == "tsne":
         from dinokit.eval import extract_features
