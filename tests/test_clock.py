@@ -100,6 +100,19 @@ def test_a_multi_stage_run_gives_each_stage_its_overrides():
         assert v.weight_decay == pytest.approx(cosine_scheduler(0.04, 0.4, EPOCHS, SPE)[step])  # not staged
 
 
+def test_a_stage_may_hold_the_teacher_momentum_constant():
+    """DINOv3's high-resolution adaptation runs its own momentum (0.999): the stage's value replaces
+    the run's cosine inside the stage only."""
+    stages = [StageSettings(name="main", fraction=0.8), StageSettings(name="high_res", teacher_momentum=0.9)]
+    clock = Clock(OPTIM, teacher("epoch"), {"dino": TermTiming(1.0)}, total_steps=EPOCHS * SPE,
+                  steps_per_epoch=SPE, global_batch=BATCH, stages=stages)
+    momentum = cosine_scheduler(0.996, 1.0, EPOCHS, SPE)
+    assert [(s.start, s.end) for s in clock.stages] == [(0, 24), (24, 30)]
+    for step in range(EPOCHS * SPE):
+        want = momentum[step] if step < 24 else 0.9
+        assert clock.at(step).momentum == pytest.approx(want, rel=1e-12)
+
+
 def test_stages_that_end_early_give_the_rest_to_the_last_and_stages_past_the_end_are_empty():
     assert [(s.start, s.end) for s in place_stages([StageSettings(name="a", steps=3),
                                                    StageSettings(name="b", steps=4)], 10, 5)] == [(0, 3), (3, 10)]

@@ -98,15 +98,16 @@ def test_learned_position_embeddings_are_interpolated_to_the_larger_grid():
 
 
 @pytest.mark.parametrize("preset, sizes", [
-    ("dinov3_tiny_cpu", (56, 16, 84)),
-    ("dinov3_vit_small", (512, 112, 768)),
-    ("continue_dinov3", (512, 112, 768)),
+    ("dinov3_tiny_cpu", (56, 16, 84, 0.98)),
+    ("dinov3_vit_small", (512, 112, 768, 0.999)),  # the official high-resolution adaptation's
+    ("continue_dinov3", (512, 112, 768, 0.999)),
 ])
 def test_the_dinov3_presets_end_with_the_high_resolution_stage(preset, sizes):
     cfg = load_config(preset)
     last = cfg.stages[-1]
     assert last.name == "high_res"
-    assert (last.crops["global_size"], last.crops["local_size"], last.gram_teacher_size) == sizes
+    assert (last.crops["global_size"], last.crops["local_size"], last.gram_teacher_size,
+            last.teacher_momentum) == sizes
     assert last.crops["global_size"] > (cfg.crops.global_size or 28)
     placed = place_stages(cfg.stages, 100_000, 1000)  # a run longer than continue_dinov3's warm-up
     assert placed[-1].end == 100_000 and 0.05 <= 1 - placed[-1].start / 100_000 <= 0.2  # the run's last part

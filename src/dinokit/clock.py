@@ -53,6 +53,7 @@ class Stage:
     weights: Mapping[str, float] = field(default_factory=dict)
     until_teacher_entropy: float | None = None
     gram_teacher_size: int | None = None
+    teacher_momentum: float | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,8 @@ def place_stages(stages: Sequence[StageSettings], total_steps: int, steps_per_ep
                           "(a longer trainer.epochs or trainer.max_steps reaches it)", stacklevel=2)
         placed.append(Stage(i, s.name, start, max(start, end), tuple(s.frozen), float(s.lr_mult),
                             max(0, round(s.warmup_epochs * steps_per_epoch)), dict(s.weights),
-                            s.until_teacher_entropy, getattr(s, "gram_teacher_size", None)))
+                            s.until_teacher_entropy, getattr(s, "gram_teacher_size", None),
+                            getattr(s, "teacher_momentum", None)))
         start = max(start, end)
     return placed
 
@@ -258,7 +260,9 @@ class Clock:
                   else step < self.freeze_steps)
         return StepValues(step=step, epoch=epoch, lr=self.lr(step, stage),
                           weight_decay=self.wd_schedule(step),
-                          last_layer_frozen=frozen, momentum=self.teacher_schedule.momentum(step),
+                          last_layer_frozen=frozen,
+                          momentum=(self.teacher_schedule.momentum(step) if stage.teacher_momentum is None
+                                    else stage.teacher_momentum),
                           teacher_temperature=self.teacher_temperature(step, epoch),
                           weights=self.weights(step, stage), stage=stage)
 

@@ -347,7 +347,10 @@ class StageSettings:
     section name (``{gram: 0}``); ``crops`` overrides the crops of the samples drawn for the stage
     (e.g. DINOv3's high-resolution stage: ``{global_size: 512, local_size: 112}``);
     ``gram_teacher_size`` feeds the Gram teacher the stage's global crops resized to that size (in
-    place of ``gram.teacher_size``: the high-resolution stage's Gram teacher sees higher resolution).
+    place of ``gram.teacher_size``: the high-resolution stage's Gram teacher sees higher resolution);
+    ``teacher_momentum`` holds the EMA teacher's momentum constant over the stage (DINOv3's
+    high-resolution adaptation runs its own schedule, a constant 0.999, where the run's cosine
+    would be close to 1 and the teacher would no longer follow what the stage teaches).
 
     A head warm-up (the heads trained on a frozen pretrained backbone before it is unfrozen, so
     that fresh heads do not pull the pretrained features apart) may end before its length:
@@ -383,6 +386,9 @@ class StageSettings:
     gram_teacher_size: int | None = setting(
         None, "Gram teacher input size during the stage (None = gram.teacher_size; the global crops are "
         "resized to it, the Gram teacher's patch grid resampled to the student's)", min=4)
+    teacher_momentum: float | None = setting(
+        None, "the EMA teacher's momentum held constant during the stage (None = the run's cosine "
+        "schedule; DINOv3's high-resolution adaptation: 0.999)", ge=0, le=1)
 
 
 #: Parts a stage may freeze besides head names.
