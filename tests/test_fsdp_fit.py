@@ -46,3 +46,23 @@ def test_other_fsdp_flavours_are_refused_with_the_key_named(tmp_path, capsys):
     assert main(args) == 2
     out = capsys.readouterr()
     assert "trainer.strategy" in out.out + out.err and "Traceback" not in out.out + out.err
+
+
+@pytest.mark.slow
+def test_a_distillation_under_fsdp_equals_one_process_and_keeps_the_teacher_frozen(tmp_path, monkeypatch):
+    from test_world_size import INVARIANT
+
+    assert main(["train", *TINY, "model.method=dinov3", *V2, "trainer.max_steps=1", "data.batch_size=8",
+                 f"trainer.output_dir={tmp_path}", "trainer.run_name=teacher"]) == 0
+    extra = ["model.method=distill", f"model.teacher={tmp_path / 'teacher'}", *V2, *INVARIANT,
+             "teacher.warmup_epochs=0"]
+    one = _one_process(tmp_path, extra)
+    monkeypatch.setenv("STRATEGY", "fsdp")
+    two = _two_processes(tmp_path, extra)
+    assert two["dinokit"]["fsdp"]
+    _compare(one, two)
+    start = torch.load(tmp_path / "teacher" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    teacher = {k: v for k, v in two["state_dict"].items() if k.startswith("method.teacher.")}
+    assert teacher and teacher.keys() <= start.keys()
+    for k, v in teacher.items():
+        assert torch.equal(v, start[k]), k  # the teacher run's EMA teacher and heads, unchanged

@@ -128,3 +128,17 @@ def test_resume_at_another_world_size_continues_exactly(tmp_path, first, stages)
     resumed = run[3 - first](tmp_path, [*extra, "trainer.max_steps=4", "trainer.resume=last"], "cut")
     one = _one_process(tmp_path, [*extra, "trainer.max_steps=4"])
     _compare(one, resumed, steps=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["dinov3", "features"])
+def test_a_distillation_on_two_processes_equals_one_process(tmp_path, objective):
+    """The frozen teacher's targets (Sinkhorn-Knopp over the global batch for the DINOv3-style
+    objective) and the students' gradients are world-size invariant as for the other methods."""
+    assert main(["train", *TINY, "model.method=dinov3", *V2, "trainer.max_steps=1", "data.batch_size=8",
+                 f"trainer.output_dir={tmp_path}", "trainer.run_name=teacher"]) == 0
+    extra = ["model.method=distill", f"model.teacher={tmp_path / 'teacher'}", *V2, *INVARIANT,
+             f"distillation.objective={objective}", "teacher.warmup_epochs=0"]
+    one = _one_process(tmp_path, extra)
+    two = _two_processes(tmp_path, extra)
+    _compare(one, two)
