@@ -42,7 +42,7 @@ def test_golden_losses(tmp_path):
         GOLDEN.write_text(json.dumps(losses, indent=1))
     expected = json.loads(GOLDEN.read_text())
     assert losses == pytest.approx(expected, rel=2e-3)
-    for f in ("config.yaml", "checkpoints/last.ckpt", "pictures/curves.png", "tb"):
+    for f in ("config.yaml", "checkpoints/last.ckpt", "pictures/curves.png", "pictures/pca.png", "tb"):
         assert (run / f).exists(), f
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["dinokit"]["config"]["dino"]["n_prototypes"] == 64
@@ -173,3 +173,14 @@ def test_step_checkpoints_keep_the_newest_and_a_short_run_is_quiet(tmp_path, kee
     assert steps == kept
     messages = [str(w.message) for w in caught]
     assert not [m for m in messages if "manual optimization" in m or "curves not drawn" in m], messages
+
+
+def test_a_run_without_a_patch_grid_draws_no_pca_maps(tmp_path):
+    """PCA maps need patch tokens on a grid (a ViT); a CNN run draws its curves only."""
+    cnn = ["train", "--config", "demo_cnn", "data.dataset=digits", "data.limit=64", "data.batch_size=32",
+           "data.num_workers=0", "trainer.epochs=1", "trainer.progress=false", "trainer.log_every_n_steps=1",
+           "backbone.kwargs={in_chans: 1}", "dino.n_prototypes=64", "heads.hidden_dim=32", "heads.bottleneck_dim=16",
+           f"trainer.output_dir={tmp_path}", "trainer.run_name=cnn"]
+    assert main(cnn) == 0
+    assert (tmp_path / "cnn" / "pictures" / "curves.png").exists()
+    assert not (tmp_path / "cnn" / "pictures" / "pca.png").exists()

@@ -2,7 +2,8 @@
 
 A run directory holds ``config.yaml`` (the resolved config), ``checkpoints/`` (``last.ckpt``,
 the latest epochs, and the newest ``trainer.keep_checkpoints`` step checkpoints),
-``logs/metrics.csv``, ``tb/`` (TensorBoard), ``pictures/curves.png``, and while it trains
+``logs/metrics.csv``, ``tb/`` (TensorBoard), ``pictures/curves.png`` (and ``pictures/pca.png`` for
+backbones with a patch grid), and while it trains
 ``train.lock`` (:mod:`dinokit.train.run_lock`). ``trainer.resume`` continues a run exactly:
 weights, optimiser, schedules, centre, EMA teacher, loss scaler, RNG and data position.
 
@@ -42,6 +43,7 @@ from dinokit.train.build import (
     build_method,
     build_module,
     build_multicrop_config,
+    build_preprocessing,
     build_train_loader,
     check_devices,
     planned_world_size,
@@ -433,6 +435,7 @@ def _fit_in(cfg: Config, run_dir: Path) -> FitResult:
     if trainer.is_global_zero:
         _write_curves(run_dir, cfg.dino.n_prototypes,
                       logged=trainer.global_step >= cfg.trainer.log_every_n_steps)
+        _write_pca(cfg, method, run_dir)
     guard = next((c for c in trainer.callbacks if isinstance(c, CollapseGuard)), None)
     return FitResult(run_dir, newest_finite_checkpoint(trainer, run_dir), method, module, trainer,
                      collapse=guard.status if guard else "", skipped_images=skipped,
@@ -492,6 +495,35 @@ def _write_curves(run_dir: Path, n_prototypes: int, logged: bool = True) -> None
         plot_training_curves(run_dir, run_dir / "pictures" / "curves.png", n_prototypes)
     except (ValueError, FileNotFoundError) as e:
         warnings.warn(f"training curves not drawn: {e}", stacklevel=2)
+
+
+def _write_pca(cfg: Config, method: Any, run_dir: Path, n_images: int = 6) -> None:
+    """Draw ``pictures/pca.png``: the first three principal components of the deployed backbone's
+    patch tokens (the teacher; a distillation's student) on the first training images, as RGB,
+    when the backbone gives a patch grid (ViTs). A stream of shards or an FSDP-sharded model
+    draws nothing; a failure is a warning, never a lost run."""
+    backbone = getattr(method, "deployed_backbone", None) or getattr(method, "teacher_backbone", None)
+    if getattr(backbone, "patch_size", None) is None or cfg.data.dataset == "shards":
+        return
+    if any(hasattr(p, "full_tensor") for p in backbone.parameters()):
+        return
+    from dinokit.viz.pca import pca_patch_maps, plot_pca  # matplotlib: only when drawing
+
+    try:
+        prep = build_preprocessing(cfg)
+        data = build_dataset(cfg, "train", transform=prep.eval_transform())
+        images = torch.stack([data[i][0] for i in range(min(n_images, len(data)))])
+        was_training = backbone.training
+        device = next(backbone.parameters()).device
+        with torch.no_grad():
+            patches = backbone.eval()(images.to(device)).patches
+        backbone.train(was_training)
+        if patches is None:
+            return
+        maps = pca_patch_maps(patches.float().cpu(), backbone.grid_size(images.shape[-2], images.shape[-1]))
+        plot_pca(images, maps, run_dir / "pictures" / "pca.png", mean=tuple(prep.mean), std=tuple(prep.std))
+    except Exception as e:  # a picture is never worth the run
+        warnings.warn(f"PCA maps not drawn: {type(e).__name__}: {e}", stacklevel=2)
 
 
 def load_run_config(run_dir: str | Path) -> Config:
