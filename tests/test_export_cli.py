@@ -88,7 +88,7 @@ def test_viz_commands_write_pictures(run_dir, tmp_path, capsys):
 
 
 def test_cnn_attention_and_unlabelled_knn_are_explained(tmp_path, capsys):
-    assert main(["train", "--config", "demo", *TINY, "backbone.name=resnet18",
+    assert main(["train", "--config", "demo", *TINY, "backbone.name=resnet18", "backbone.init=timm",
                  "backbone.kwargs={in_chans: 1}", "dino.n_prototypes=16", "heads.hidden_dim=16",
                  "heads.bottleneck_dim=8", f"trainer.output_dir={tmp_path}", "trainer.run_name=cnn"]) == 0
     capsys.readouterr()
