@@ -238,7 +238,8 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path):
 
 # --------------------------------------------------------------------------- collapse summary
 ONE_PROTOTYPE = ["teacher.temperature=0.0001", "teacher.warmup_temperature=0.0001",
-                 "teacher.center_momentum=1.0", "trainer.epochs=1"]  # no centring, argmax targets
+                 "teacher.center_momentum=1.0", "trainer.epochs=1",  # no centring, argmax targets
+                 "backbone.init=timm"]  # timm's small-scale start collapses onto one prototype at once
 
 
 @pytest.mark.parametrize(("config", "symptom"), [

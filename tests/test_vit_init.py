@@ -128,8 +128,8 @@ def test_config_key_and_one_line_errors():
 def test_the_tiny_cpu_vit_presets_use_xavier_and_the_others_keep_the_official_init():
     from dinokit.config import load_config
 
-    for preset in ("dinov2_tiny_cpu", "dinov3_tiny_cpu"):
+    for preset in ("demo", "dinov2_tiny_cpu", "dinov3_tiny_cpu"):
         assert load_config(preset).backbone.init == "xavier", preset
-    for preset in ("demo", "demo_cnn", "dinov2_vit_small", "dinov3_vit_small", "vit_small_imagenet",
+    for preset in ("demo_cnn", "dinov2_vit_small", "dinov3_vit_small", "vit_small_imagenet",
                    "continue_dinov2", "continue_dinov3"):
         assert load_config(preset).backbone.init == "timm", preset
