@@ -435,7 +435,7 @@ def _fit_in(cfg: Config, run_dir: Path) -> FitResult:
     if trainer.is_global_zero:
         _write_curves(run_dir, cfg.dino.n_prototypes,
                       logged=trainer.global_step >= cfg.trainer.log_every_n_steps)
-        _write_pca(cfg, method, run_dir)
+        _write_pca(cfg, method, getattr(loader.dataset, "dataset", None), run_dir)
     guard = next((c for c in trainer.callbacks if isinstance(c, CollapseGuard)), None)
     return FitResult(run_dir, newest_finite_checkpoint(trainer, run_dir), method, module, trainer,
                      collapse=guard.status if guard else "", skipped_images=skipped,
@@ -497,33 +497,35 @@ def _write_curves(run_dir: Path, n_prototypes: int, logged: bool = True) -> None
         warnings.warn(f"training curves not drawn: {e}", stacklevel=2)
 
 
-def _write_pca(cfg: Config, method: Any, run_dir: Path, n_images: int = 6) -> None:
+def _write_pca(cfg: Config, method: Any, images: Any, run_dir: Path, n_images: int = 6) -> None:
     """Draw ``pictures/pca.png``: the first three principal components of the deployed backbone's
-    patch tokens (the teacher; a distillation's student) on the first training images, as RGB,
-    when the backbone gives a patch grid (ViTs). A stream of shards or an FSDP-sharded model
-    draws nothing; a failure is a warning, never a lost run."""
+    patch tokens (the teacher; a distillation's student) on the first ``n_images`` of ``images``
+    (the training loader's own dataset, before its crops) in the run's eval transform, as RGB,
+    when the backbone gives a patch grid (ViTs). A stream (no indexable dataset) or an
+    FSDP-sharded model draws nothing; a failure is a warning, never a lost run."""
     backbone = getattr(method, "deployed_backbone", None) or getattr(method, "teacher_backbone", None)
-    if getattr(backbone, "patch_size", None) is None or cfg.data.dataset == "shards":
+    if getattr(backbone, "patch_size", None) is None or not hasattr(images, "__getitem__"):
         return
     if any(hasattr(p, "full_tensor") for p in backbone.parameters()):
         return
     from dinokit.viz.pca import pca_patch_maps, plot_pca  # matplotlib: only when drawing
 
+    was_training = backbone.training
     try:
         prep = build_preprocessing(cfg)
-        data = build_dataset(cfg, "train", transform=prep.eval_transform())
-        images = torch.stack([data[i][0] for i in range(min(n_images, len(data)))])
-        was_training = backbone.training
-        device = next(backbone.parameters()).device
+        tf = prep.eval_transform()
+        firsts = [images[i] for i in range(min(n_images, len(images)))]
+        x = torch.stack([tf(item[0] if isinstance(item, (tuple, list)) else item) for item in firsts])
         with torch.no_grad():
-            patches = backbone.eval()(images.to(device)).patches
-        backbone.train(was_training)
+            patches = backbone.eval()(x.to(next(backbone.parameters()).device)).patches
         if patches is None:
             return
-        maps = pca_patch_maps(patches.float().cpu(), backbone.grid_size(images.shape[-2], images.shape[-1]))
-        plot_pca(images, maps, run_dir / "pictures" / "pca.png", mean=tuple(prep.mean), std=tuple(prep.std))
+        maps = pca_patch_maps(patches.float().cpu(), backbone.grid_size(x.shape[-2], x.shape[-1]))
+        plot_pca(x, maps, run_dir / "pictures" / "pca.png", mean=tuple(prep.mean), std=tuple(prep.std))
     except Exception as e:  # a picture is never worth the run
         warnings.warn(f"PCA maps not drawn: {type(e).__name__}: {e}", stacklevel=2)
+    finally:
+        backbone.train(was_training)
 
 
 def load_run_config(run_dir: str | Path) -> Config:
