@@ -440,3 +440,10 @@ def test_every_command_reads_the_student_it_is_named(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "nope" in err[0] and "not a distillation" in err[1]
     assert "Traceback" not in "".join(err)
+    teacher = str(tmp_path / "teacher")
+    assert main(["embed", "--checkpoint", teacher, "--student", "vit", "--data", "digits", "--limit", "4",
+                 "--output", str(tmp_path / "e"), "--no-progress"]) == 2
+    assert main(["export", "--checkpoint", teacher, "--student", "vit", "--output", str(tmp_path / "x"),
+                 "--format", "file"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("names a student of a distillation run" in line for line in err)

@@ -60,11 +60,11 @@ def test_the_probe_solves_a_separable_toy_and_not_a_scrambled_one():
     score near chance (3 classes: mIoU about 20 %)."""
     f_tr, m_tr = _toy(64, 0)
     f_va, m_va = _toy(32, 1)
-    res = segmentation_probe(f_tr, m_tr, f_va, m_va, 3, epochs=30, lr=1e-2, progress=False)
+    res = segmentation_probe(f_tr, m_tr, f_va, m_va, 3, epochs=30, lrs=1e-2, progress=False)
     assert res.miou == pytest.approx(100.0) and res.pixel_accuracy == pytest.approx(100.0)
     assert res.head is not None and tuple(res.head(f_va[:2], (8, 8)).shape) == (2, 3, 8, 8)
     scrambled = torch.randn(f_tr.shape, generator=torch.Generator().manual_seed(2))
-    res = segmentation_probe(scrambled, m_tr, torch.randn_like(f_va), m_va, 3, epochs=30, lr=1e-2,
+    res = segmentation_probe(scrambled, m_tr, torch.randn_like(f_va), m_va, 3, epochs=30, lrs=1e-2,
                              progress=False)
     assert res.miou < 40
 

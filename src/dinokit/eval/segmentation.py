@@ -308,12 +308,10 @@ def segmentation_probe(train_features: Tensor, train_masks: Sequence[Tensor], va
     (a seeded split) and scored on the last fifth; the best is retrained on every training image.
     Fewer than 5 training images leave nothing to hold out: the official rate is taken when it is
     among ``lrs``, else the first (``lr_sweep`` stays empty).
-    ``train_kwargs``: those of :func:`train_segmentation_head` (``lr`` excepted)."""
+    ``train_kwargs``: those of :func:`train_segmentation_head` but ``lr`` (``lrs`` sets it)."""
     if train_features.shape[1] != val_features.shape[1]:
         raise ValueError(f"train features have D={train_features.shape[1]} but validation features "
                          f"D={val_features.shape[1]}")
-    if "lr" in train_kwargs:
-        lrs = train_kwargs.pop("lr")
     lrs = [float(lr) for lr in ((lrs,) if isinstance(lrs, (int, float)) else lrs)]
     if not lrs or min(lrs) <= 0:
         raise ValueError(f"learning rates must be > 0, got {lrs}")
