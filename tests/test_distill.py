@@ -99,6 +99,43 @@ def test_the_teacher_gets_no_gradient_and_is_bit_identical_after_training():
     assert not torch.equal(method.student_backbone.model.blocks[0].attn.qkv.weight, student_before)
 
 
+def test_checkpoints_leave_the_teacher_out_and_a_resume_refuses_another_teacher():
+    """A training checkpoint holds the students, not the frozen teacher (an input of the run, as
+    large as it is): it records the teacher's fingerprint. A resumed run rebuilds the teacher from
+    model.teacher and loads strictly only when the fingerprint is the same; one changed weight
+    is refused. ``distillation.checkpoint_teacher=true`` writes the teacher in."""
+    import copy
+
+    from dinokit.train.module import DINOModule
+    from dinokit.weights import WeightsError
+
+    module = DINOModule(Distillation(tiny_teacher(), settings=settings()))
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    assert not any(k.startswith("method.teacher.") for k in ckpt["state_dict"])
+    assert any(k.startswith("method.students.student.") for k in ckpt["state_dict"])
+    assert set(ckpt["dinokit"]["external"]) == {"teacher"}
+
+    again = DINOModule(Distillation(tiny_teacher(), settings=settings()))  # the same teacher, rebuilt
+    loaded = copy.deepcopy(ckpt)
+    again.on_load_checkpoint(loaded)
+    again.load_state_dict(loaded["state_dict"], strict=True)
+    for k, v in module.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v) if isinstance(v, torch.Tensor) else True, k
+
+    other = tiny_teacher()
+    with torch.no_grad():
+        other["head"].mlp[0].weight[0, 0] += 1e-6  # one weight of one head
+    with pytest.raises(WeightsError, match="model.teacher: not the teacher this run was trained with"):
+        DINOModule(Distillation(other, settings=settings())).on_load_checkpoint(copy.deepcopy(ckpt))
+
+    whole = DINOModule(Distillation(tiny_teacher(), settings=settings(checkpoint_teacher=True)))
+    ckpt = {"state_dict": whole.state_dict()}
+    whole.on_save_checkpoint(ckpt)
+    assert "external" not in ckpt["dinokit"]
+    assert {k for k in whole.state_dict() if k.startswith("method.teacher.")} <= set(ckpt["state_dict"])
+
+
 # ----------------------------------------------------------------------------- the DINOv3 objective
 def official_multidist_loss(teacher, student, g, lv, m, idx, w, temp, koleo_weight=0.1, ibot_weight=1.0):
     """dinov3/train/multidist_meta_arch.py ``forward_backward`` + ``get_teacher_output`` with
@@ -305,7 +342,7 @@ STUDENT_RUN = [
 ]
 
 
-def test_a_cnn_student_of_a_vit_teacher_trains_resumes_after_sigterm_and_exports_to_timm(tmp_path):
+def test_a_cnn_student_of_a_vit_teacher_trains_resumes_after_sigterm_and_exports_to_timm(tmp_path, capsys):
     assert main(["train", "--config", "dinov3_tiny_cpu", *TEACHER_RUN, f"trainer.output_dir={tmp_path}",
                  "trainer.run_name=teacher"]) == 0
     args = ["train", "--config", "distill_tiny_cpu", *STUDENT_RUN, f"model.teacher={tmp_path / 'teacher'}",
@@ -317,6 +354,22 @@ def test_a_cnn_student_of_a_vit_teacher_trains_resumes_after_sigterm_and_exports
     assert main([*args, "trainer.run_name=pre", "trainer.resume=auto"]) == 0
     assert main([*args, "trainer.run_name=ref"]) == 0
     _assert_same_weights(last, tmp_path / "ref" / "checkpoints" / "last.ckpt")
+    saved = torch.load(last, weights_only=True)
+    assert not any(k.startswith("method.teacher.") for k in saved["state_dict"])  # the teacher: a fingerprint
+    assert set(saved["dinokit"]["external"]) == {"teacher"}
+
+    # resuming against a teacher file whose weights changed is refused on one line
+    teacher_ckpt = tmp_path / "teacher" / "checkpoints" / "last.ckpt"
+    changed = torch.load(teacher_ckpt, weights_only=True)
+    key = next(k for k in changed["state_dict"] if k.startswith("method.teacher.head."))
+    changed["state_dict"][key] = changed["state_dict"][key] + 1e-3
+    torch.save(changed, tmp_path / "changed.ckpt")
+    before = last.read_bytes()
+    assert main([*args[:-1], f"model.teacher={tmp_path / 'changed.ckpt'}", f"trainer.output_dir={tmp_path}",
+                 "trainer.run_name=pre", "trainer.resume=last", "trainer.epochs=3"]) == 2
+    err = capsys.readouterr().err
+    assert "model.teacher: not the teacher this run was trained with" in err and "Traceback" not in err
+    assert last.read_bytes() == before
 
     out = tmp_path / "student"
     assert main(["export", "--checkpoint", str(tmp_path / "pre"), "--output", str(out)]) == 0
@@ -336,6 +389,15 @@ def test_a_cnn_student_of_a_vit_teacher_trains_resumes_after_sigterm_and_exports
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(model(x), backbone(x).cls, rtol=1e-5, atol=1e-5)
+
+    # a new run started from the distillation's checkpoint starts from its student (heads fresh)
+    from dinokit.config import load_config
+    from dinokit.train.build import build_method
+
+    dino = build_method(load_config("demo_cnn", [f"model.init_weights={last}"]))
+    for k, v in dino.student_backbone.state_dict().items():
+        assert torch.equal(v, state["method.students.student.backbone." + k]), k
+    assert torch.equal(dino.teacher_backbone.model.conv1[0].weight, dino.student_backbone.model.conv1[0].weight)
 
 
 def test_a_distillation_without_a_teacher_fails_in_one_line(tmp_path, capsys):

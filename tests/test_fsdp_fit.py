@@ -61,8 +61,15 @@ def test_a_distillation_under_fsdp_equals_one_process_and_keeps_the_teacher_froz
     two = _two_processes(tmp_path, extra)
     assert two["dinokit"]["fsdp"]
     _compare(one, two)
+    # the checkpoints record the teacher's fingerprint, not its weights; the sharded run resumes
+    # from one (the teacher rebuilt from model.teacher), and writes it in on request
+    assert not any(k.startswith("method.teacher.") for k in two["state_dict"])
+    assert two["dinokit"]["external"] == one["dinokit"]["external"]
+    resumed = _two_processes(tmp_path, [*extra, "trainer.resume=last", f"trainer.max_steps={STEPS + 1}",
+                                        "distillation.checkpoint_teacher=true"])
+    assert resumed["global_step"] == STEPS + 1 and "external" not in resumed["dinokit"]
     start = torch.load(tmp_path / "teacher" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    teacher = {k: v for k, v in two["state_dict"].items() if k.startswith("method.teacher.")}
+    teacher = {k: v for k, v in resumed["state_dict"].items() if k.startswith("method.teacher.")}
     assert teacher and teacher.keys() <= start.keys()
     for k, v in teacher.items():
         assert torch.equal(v, start[k]), k  # the teacher run's EMA teacher and heads, unchanged

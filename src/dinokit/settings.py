@@ -205,6 +205,10 @@ class DistillationSettings:
     teacher_backbone: str | None = setting(
         None, "the teacher's architecture (a timm name) for backbone-only weights without dinokit metadata")
     teacher_kwargs: dict = setting({}, "extra timm.create_model arguments of teacher_backbone")
+    checkpoint_teacher: bool = setting(
+        False, "write the frozen teacher into training checkpoints (self-contained, larger by the "
+        "teacher's size); off: a checkpoint records the teacher's fingerprint and a resumed run re-reads "
+        "model.teacher, refusing weights that differ")
 
 
 @dataclass

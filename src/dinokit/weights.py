@@ -12,6 +12,7 @@ kept for continued masked training.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import re
 from collections.abc import Mapping
@@ -137,8 +138,22 @@ def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
     return obj
 
 
+def distilled_student_prefix(obj: Mapping[str, Any]) -> str | None:
+    """The key prefix of the first student's backbone in a distillation run's checkpoint (the
+    network it deploys); None for any other file."""
+    tensors = _tensors(obj)
+    if not any(k.startswith("method.students.") for k in tensors):
+        return None
+    config = (obj.get("dinokit") or {}).get("config") or {}
+    students = (config.get("model") or {}).get("students") or []
+    names = [s["name"] for s in students if isinstance(s, Mapping) and "name" in s] or ["student"]
+    return f"method.students.{names[0]}.backbone."
+
+
 def backbone_state_dict(obj: Mapping[str, Any], which: str = "teacher") -> dict[str, Tensor]:
-    """The backbone's tensors from a training checkpoint, an export or a plain state dict.
+    """The backbone's tensors from a training checkpoint, an export or a plain state dict; from a
+    distillation run's checkpoint, its first student's (the network it deploys), whatever
+    ``which`` says.
 
     Keys come back as the wrapped model's own keys (timm naming, or Meta's for official files),
     plus dinokit's extra ``mask_token`` / ``register_tokens`` when present.
@@ -152,6 +167,9 @@ def backbone_state_dict(obj: Mapping[str, Any], which: str = "teacher") -> dict[
             raise WeightsError(f"the official checkpoint's {which!r} entry has no 'backbone.' tensors")
         return out
     tensors = _tensors(obj)
+    student = distilled_student_prefix(obj)
+    if student is not None:  # a distillation run: what it deploys, its (first) student
+        return backbone_state_dict({k[len(student):]: v for k, v in tensors.items() if k.startswith(student)})
     for prefixes in (CHECKPOINT_PREFIXES, META_PREFIXES):
         prefix = prefixes[which]
         if any(k.startswith(prefix) for k in tensors):
@@ -203,6 +221,20 @@ def to_timm_layout(state: Mapping[str, Tensor], backbone: nn.Module) -> dict[str
     return state
 
 
+def fingerprint(module: nn.Module) -> str:
+    """SHA-256 of a module's weights: every tensor of its state dict with its name, dtype and
+    shape, in name order. Identifies a frozen network that training checkpoints leave out (a
+    distillation's teacher) without storing it; equal fingerprints mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        if not isinstance(t, Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def fit_problems(module: nn.Module, state: Mapping[str, Tensor], *, optional: tuple[str, ...] = (),
                  strip: str = "") -> list[str]:
     """Missing, unexpected and mis-shaped keys of ``state`` against ``module`` (empty if it fits);
@@ -230,9 +262,11 @@ def fit_problems(module: nn.Module, state: Mapping[str, Tensor], *, optional: tu
     return parts
 
 
-def first_mismatch(module: nn.Module, state: Mapping[str, Any]) -> tuple[str | None, int]:
+def first_mismatch(module: nn.Module, state: Mapping[str, Any],
+                   left_out: tuple[str, ...] = ()) -> tuple[str | None, int]:
     """The first key of ``state`` that a strict ``module.load_state_dict`` would reject (unexpected,
-    mis-shaped, or missing), in words, and how many keys are wrong in all."""
+    mis-shaped, or missing, except under the ``left_out`` prefixes), in words, and how many keys
+    are wrong in all."""
     target = module.state_dict()
     problems = []
     for k, v in state.items():
@@ -240,7 +274,8 @@ def first_mismatch(module: nn.Module, state: Mapping[str, Any]) -> tuple[str | N
             problems.append(f"unexpected key {k}")
         elif isinstance(v, Tensor) and tuple(v.shape) != tuple(target[k].shape):
             problems.append(f"{k}: {tuple(v.shape)} in the file, {tuple(target[k].shape)} in the model")
-    problems += [f"missing key {k}" for k in target if k not in state and not k.endswith("_extra_state")]
+    problems += [f"missing key {k}" for k in target if k not in state and not k.endswith("_extra_state")
+                 and not (left_out and k.startswith(left_out))]
     return (problems[0] if problems else None), len(problems)
 
 
@@ -251,7 +286,10 @@ def check_checkpoint_fits(path: str | Path, module: nn.Module) -> None:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise WeightsError(f"{path} does not load: {load_failure(e)}") from None
-    first, n = first_mismatch(module, obj.get("state_dict") or {})
+    # networks the checkpoint left out on purpose (a distillation's frozen teacher) are rebuilt from
+    # the config; their fingerprints are checked when the checkpoint is loaded
+    left_out = tuple(f"method.{name}." for name in ((obj.get("dinokit") or {}).get("external") or {}))
+    first, n = first_mismatch(module, obj.get("state_dict") or {}, left_out)
     if first is not None:
         more = f" (and {n - 1} more)" if n > 1 else ""
         raise WeightsError(f"{path} does not fit the model of this config: {first}{more}")
@@ -329,19 +367,21 @@ def gives_heads(path: str | Path | None) -> bool:
         obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # not a zip-format file (mmap needs one): read it whole
         obj = read_file(p)
-    return isinstance(obj, dict) and kind_of(obj) == "dinokit_checkpoint"
+    return (isinstance(obj, dict) and kind_of(obj) == "dinokit_checkpoint"
+            and distilled_student_prefix(obj) is None)  # a distillation's student starts without heads
 
 
 def apply_init_weights(method: nn.Module, cfg: Any) -> None:
     """Start a method from ``cfg.model.init_weights``; apply ``cfg.backbone.freeze_patch_embed`` and
     ``cfg.backbone.grad_checkpointing`` (activation checkpointing of the student backbone).
 
-    A backbone file (timm, Meta DINOv2/DINOv3, dinokit export, or the teacher of an official
-    training checkpoint) goes into the student, the teacher and, for DINOv3 with Gram anchoring,
-    the Gram teacher (unless ``gram.teacher_path`` names its own); the heads start fresh. RGB
-    weights for a backbone of other input channels are adapted as timm adapts them
-    (:func:`adapt_input_channels`). A dinokit training checkpoint also gives its heads. Everything
-    is checked before anything is copied.
+    A backbone file (timm, Meta DINOv2/DINOv3, dinokit export, the teacher of an official
+    training checkpoint, or the first student of a dinokit distillation run) goes into the
+    student, the teacher and, for DINOv3 with Gram anchoring, the Gram teacher (unless
+    ``gram.teacher_path`` names its own); the heads start fresh. RGB weights for a backbone of
+    other input channels are adapted as timm adapts them (:func:`adapt_input_channels`). A dinokit
+    training checkpoint (not a distillation's) also gives its heads. Everything is checked before
+    anything is copied.
     """
     path = cfg.model.init_weights
     gram = getattr(method, "gram_teacher", None)
@@ -349,7 +389,7 @@ def apply_init_weights(method: nn.Module, cfg: Any) -> None:
         gram = None
     if path:
         obj = read_file(path)
-        if kind_of(obj) == "dinokit_checkpoint":
+        if kind_of(obj) == "dinokit_checkpoint" and distilled_student_prefix(obj) is None:
             _load_method_parts(method, obj, str(path), gram)
         else:
             state = backbone_state_dict(obj, "teacher")

@@ -289,6 +289,17 @@ class SelfDistillationMethod(nn.Module):
         self._ema.exclude(prefixes)
         self.train(self.training)
 
+    #: whether training checkpoints hold the networks of :meth:`external_networks`
+    checkpoint_external: bool = True
+
+    def external_networks(self) -> dict[str, str]:
+        """Networks the method reads from outside the run and never trains (a distillation's
+        teacher), by attribute name, each with the fingerprint of its weights
+        (:func:`~dinokit.weights.fingerprint`). Unless :attr:`checkpoint_external`, training
+        checkpoints leave them out and record the fingerprints: a resumed run rebuilds them from
+        its config and must find the same weights."""
+        return {}
+
     @property
     def frozen(self) -> tuple[str, ...]:
         """Parameter-name prefixes of the frozen parts (see :meth:`freeze`)."""

@@ -60,6 +60,7 @@ from dinokit.methods.teacher_file import TeacherSource, read_teacher
 from dinokit.methods.terms import DINOClsTerm, IBOTPatchTerm, LossTerm, StepFeatures
 from dinokit.methods.terms.feature_distill import FeatureDistillTerm
 from dinokit.settings import BackboneSettings, MethodSettings
+from dinokit.weights import fingerprint
 
 __all__ = ["DEFAULT_STUDENT", "DistillOutput", "Distillation", "distill", "feature_grid",
            "student_backbone_settings"]
@@ -142,6 +143,8 @@ class Distillation(SelfDistillationMethod):
         if d.objective not in OBJECTIVES:
             raise ValueError(f"distillation.objective must be one of {OBJECTIVES}, got {d.objective!r}")
         self.teacher = read_teacher(teacher, d)
+        self.teacher_fingerprint = fingerprint(self.teacher)
+        self.checkpoint_external = d.checkpoint_teacher
         t_bb: Backbone = self.teacher["backbone"]
         has_heads = "head" in self.teacher
         objective = ("dinov3" if has_heads else "features") if d.objective == "auto" else d.objective
@@ -180,6 +183,10 @@ class Distillation(SelfDistillationMethod):
             self.students[name] = nn.ModuleDict({"backbone": backbone, **heads})
             self.student_terms[name] = nn.ModuleList(terms)
             self.lr_mults[name] = float(e.get("lr_mult", 1.0))
+
+    def external_networks(self) -> dict[str, str]:
+        """The frozen teacher: an input of the run (``model.teacher``), not its state."""
+        return {"teacher": self.teacher_fingerprint}
 
     # ----------------------------------------------------------------- construction
     def _settings_from_teacher_heads(self, s: MethodSettings) -> MethodSettings:

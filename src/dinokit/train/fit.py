@@ -62,6 +62,7 @@ from dinokit.train.checkpoint_io import (
 )
 from dinokit.train.fsdp import FSDP2Strategy
 from dinokit.train.guards import CollapseGuard, NonFiniteStopCheckpoint
+from dinokit.train.module import check_external_networks
 from dinokit.train.preemption import Preempted, PreemptionCallback
 from dinokit.train.quiet import FIT_NOISE, LIGHTNING_NOISE, quiet_lightning
 from dinokit.train.run_lock import RunLock
@@ -80,6 +81,8 @@ RESUMABLE_CHANGES = {
     "trainer.num_nodes", "trainer.strategy", "trainer.precision", "trainer.compile",
     "data.num_workers", "data.strict_images", "data.max_image_pixels", "data.val_path", "data.val_limit",
     "trainer.stop_on_collapse", "trainer.collapse_window", "trainer.slurm_requeue",
+    # the teacher's file may move: a checkpoint without the teacher checks its fingerprint instead
+    "model.teacher", "distillation.checkpoint_teacher",
 }
 
 
@@ -413,6 +416,7 @@ def _fit_in(cfg: Config, run_dir: Path) -> FitResult:
     module = build_module(cfg, method, heads_loaded=ckpt is None and gives_heads(cfg.model.init_weights))
     if ckpt is not None:
         check_checkpoint_fits(ckpt, module)
+        check_external_networks(ckpt, method)
     if cfg.trainer.compile:
         method.compile()  # the whole forward: student, teacher, heads and every loss term
     with quiet_lightning((*LIGHTNING_NOISE, *FIT_NOISE)):

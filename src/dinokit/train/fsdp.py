@@ -75,8 +75,19 @@ class FSDP2Strategy(ModelParallelStrategy):
         path = Path(self.broadcast(str(checkpoint_path)))
         checkpoint = torch.load(path, map_location="cpu", mmap=True,
                                 weights_only=True if weights_only is None else weights_only)
-        options = StateDictOptions(full_state_dict=True, strict=self.lightning_module.strict_loading)
-        set_model_state_dict(self.model, checkpoint.pop("state_dict"), options=options)
+        # networks the checkpoint left out (a distillation's frozen teacher, checked by its
+        # fingerprint in on_load_checkpoint) keep the weights this run rebuilt: loaded non-strictly,
+        # then every other key is required as a strict load requires it
+        left_out = tuple(f"method.{n}." for n in ((checkpoint.get("dinokit") or {}).get("external") or {}))
+        strict = self.lightning_module.strict_loading
+        options = StateDictOptions(full_state_dict=True, strict=strict and not left_out)
+        result = set_model_state_dict(self.model, checkpoint.pop("state_dict"), options=options)
+        if strict and left_out:
+            missing = [k for k in result.missing_keys
+                       if not k.startswith(left_out) and "_extra_state" not in k]
+            if missing or result.unexpected_keys:
+                raise RuntimeError(f"{path}: the checkpoint does not fit the model: missing {missing[:8]}, "
+                                   f"unexpected {list(result.unexpected_keys)[:8]}")
         for optimizer, state in zip(self.optimizers, checkpoint.pop("optimizer_states", []), strict=False):
             raw = _raw(optimizer)
             named = to_name_keys(state, _param_names(self.model, raw))

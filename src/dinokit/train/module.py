@@ -33,6 +33,7 @@ from dinokit.train.step import (
     use_tf32_matmuls,
     zero_grads_if_,
 )
+from dinokit.weights import WeightsError
 
 __all__ = ["DINOModule", "NonFiniteTrainingError", "method_inputs", "nonfinite_flag", "unpack_batch",
            "zero_grads_if_"]
@@ -207,12 +208,28 @@ class DINOModule(pl.LightningModule):
         step_state = self.step_fn.state_dict() if self.step_fn is not None else {}
         checkpoint["dinokit"] = {"config": self.run_config, "rng": rng, "format": 1, "step": step_state,
                                  "fsdp": is_sharded(self.method)}
+        external = left_out_networks(self.method)
+        if external:  # a distillation's frozen teacher: its fingerprint, not its weights
+            state = checkpoint.get("state_dict") or {}
+            prefixes = tuple(f"method.{name}." for name in external)
+            for k in [k for k in state if k.startswith(prefixes)]:
+                del state[k]
+            checkpoint["dinokit"]["external"] = external
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("dinokit")
         if not meta:
             return
         self._pending_step_state = meta.get("step") or None
+        recorded = meta.get("external") or {}
+        problem = external_mismatch(self.method, recorded)
+        if problem:
+            raise WeightsError(problem)
+        state = checkpoint.get("state_dict")  # absent under FSDP2, whose strategy loaded it already
+        if recorded and isinstance(state, dict):  # the networks left out: as this run rebuilt them
+            for name in recorded:
+                for k, v in getattr(self.method, name).state_dict().items():
+                    state.setdefault(f"method.{name}.{k}", v)
         rng = meta.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
@@ -220,6 +237,38 @@ class DINOModule(pl.LightningModule):
             random.setstate(_as_random_state(rng["python"]))
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def left_out_networks(method: torch.nn.Module) -> dict[str, str]:
+    """The method's external networks that its training checkpoints leave out, with their
+    fingerprints (see :meth:`~dinokit.methods.base.SelfDistillationMethod.external_networks`)."""
+    if getattr(method, "checkpoint_external", True):
+        return {}
+    return dict(method.external_networks())
+
+
+def external_mismatch(method: torch.nn.Module, recorded: Mapping[str, str]) -> str | None:
+    """Why a checkpoint that left networks out (``recorded``: name -> fingerprint) cannot resume
+    ``method``, in one line; None when every network was rebuilt with the same weights."""
+    have = method.external_networks() if hasattr(method, "external_networks") else {}
+    for name, fp in recorded.items():
+        if name not in have:
+            return (f"the checkpoint was written without its {name} (a distillation's frozen teacher), "
+                    "which this run does not rebuild: resume it with its own config")
+        if have[name] != fp:
+            return (f"model.teacher: not the teacher this run was trained with (the checkpoint records "
+                    f"weights with fingerprint {fp[:12]}, model.teacher gives {have[name][:12]}); give the "
+                    "same teacher file, unchanged")
+    return None
+
+
+def check_external_networks(ckpt: Any, method: torch.nn.Module) -> None:
+    """Fail on one line, before training, when the networks a checkpoint left out are not
+    rebuilt with the weights it records (see :func:`external_mismatch`)."""
+    obj = torch.load(str(ckpt), map_location="cpu", weights_only=True, mmap=True)
+    problem = external_mismatch(method, (obj.get("dinokit") or {}).get("external") or {})
+    if problem:
+        raise WeightsError(f"trainer.resume: {problem}")
 
 
 def is_sharded(method: torch.nn.Module) -> bool:
