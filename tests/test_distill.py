@@ -467,6 +467,69 @@ def test_teacher_files_load_the_same_weights_and_name_what_they_lack(tmp_path):
         Distillation(tmp_path / "missing.pth", MapNet(), settings=settings())
 
 
+class OfficialHead(nn.Module):
+    """The official DINO head as ``dinov3/layers/dino_head.py`` builds it (``_build_mlp``: Linear,
+    [BatchNorm1d], GELU per hidden layer, a bare Linear when ``nlayers=1``; L2 normalisation; bias-free
+    prototypes), with DINOv2's ``nn.utils.weight_norm`` prototypes when ``weight_norm``."""
+
+    def __init__(self, in_dim, out_dim, nlayers=3, hidden_dim=16, bottleneck_dim=8, use_bn=False,
+                 weight_norm=False):
+        super().__init__()
+        if nlayers == 1:
+            self.mlp = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            layers = [nn.Linear(in_dim, hidden_dim)] + ([nn.BatchNorm1d(hidden_dim)] if use_bn else []) + [nn.GELU()]
+            for _ in range(nlayers - 2):
+                layers += [nn.Linear(hidden_dim, hidden_dim)] + ([nn.BatchNorm1d(hidden_dim)] if use_bn else [])
+                layers += [nn.GELU()]
+            self.mlp = nn.Sequential(*layers, nn.Linear(hidden_dim, bottleneck_dim))
+        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        if weight_norm:
+            with pytest.warns(FutureWarning):  # DINOv2's (deprecated) torch.nn.utils.weight_norm
+                self.last_layer = nn.utils.weight_norm(self.last_layer)
+            self.last_layer.weight_g.data.uniform_(0.5, 2.0)  # a trained gain, not the initial 1
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2, eps=1e-12))
+
+
+@pytest.mark.parametrize("layout", ["dinov3_eval", "dinov2_train_bn_1layer_ibot"])
+def test_an_official_training_file_brings_the_teachers_heads(tmp_path, layout):
+    """DINOv2/DINOv3 training writes the EMA teacher with its heads (``teacher_checkpoint.pth``:
+    ``{"teacher": {backbone., dino_head., ibot_head.}}``; training checkpoints ``{"model":
+    {"teacher.…"}}``): read as a teacher, the heads give the official heads' logits and the
+    DINOv3-style objective runs with their prototype counts."""
+    torch.manual_seed(0)
+    bb = tiny_teacher(heads=False)["backbone"]
+    if layout == "dinov3_eval":
+        dino, ibot = OfficialHead(24, 12), OfficialHead(24, 20)
+    else:
+        dino = OfficialHead(24, 12, nlayers=1, use_bn=True, weight_norm=True)
+        ibot = OfficialHead(24, 20, nlayers=2, use_bn=True, weight_norm=True)
+        for m in (dino, ibot):  # trained batch-norm statistics
+            for b in m.modules():
+                if isinstance(b, nn.BatchNorm1d):
+                    b.running_mean.uniform_(-1, 1), b.running_var.uniform_(0.5, 2)
+    teacher = {**{f"backbone.{k}": v for k, v in bb.model.state_dict().items()},
+               **{f"dino_head.{k}": v for k, v in dino.state_dict().items()},
+               **{f"ibot_head.{k}": v for k, v in ibot.state_dict().items()}}
+    obj = {"teacher": teacher} if layout == "dinov3_eval" else {"model": {f"teacher.{k}": v for k, v in teacher.items()}}
+    torch.save(obj, tmp_path / "teacher_checkpoint.pth")
+    method = Distillation(tmp_path / "teacher_checkpoint.pth",
+                          settings=settings(teacher_backbone="vit_tiny_patch16_224", teacher_kwargs=VIT))
+    assert method.objective == "dinov3"
+    x = torch.randn(5, 24)
+    dino.eval(), ibot.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(method.teacher["head"](x), dino(x))
+        torch.testing.assert_close(method.teacher["patch_head"](x), ibot(x))
+    student = method.students["student"]
+    assert student["head"].out_dim == 12 and student["patch_head"].out_dim == 20
+    g, lv = views()
+    m, idx, w = masks()
+    assert torch.isfinite(method(global_views=g, local_views=lv, masks=m, mask_indices=idx, mask_weights=w).loss)
+
+
 def test_every_command_reads_the_student_it_is_named(tmp_path, capsys):
     """A run with two students: ``--student NAME`` picks that student in eval, embed and export
     alike (the first one without it); an unknown name, or a name given for a run that is not a

@@ -1,8 +1,9 @@
 """The frozen teacher of a distillation, read from what a user has: a dinokit run (its EMA teacher
-with its DINO and iBOT heads), a dinokit export, or published backbone weights.
+with its DINO and iBOT heads), a file of the official DINOv2/DINOv3 training code (the same), a
+dinokit export, or published backbone weights.
 
 The teacher comes back as an ``nn.ModuleDict`` with ``backbone`` (a
-:class:`~dinokit.backbones.Backbone`) and, from a dinokit run, the heads it was trained with
+:class:`~dinokit.backbones.Backbone`) and, from a training run, the heads it was trained with
 (``head``, and ``patch_head`` for DINOv2/DINOv3 runs): the DINOv3-style objective needs them, the
 feature objective only the backbone. Nothing in a file is executed (``weights_only=True`` or
 safetensors), and every tensor is checked against the rebuilt network before it is copied.
@@ -20,6 +21,7 @@ import timm
 from torch import Tensor, nn
 
 from dinokit.backbones import Backbone, build_backbone
+from dinokit.heads import DINOHead
 from dinokit.methods.base import SelfDistillationMethod
 from dinokit.methods.registry import build_method
 from dinokit.settings import DistillationSettings, MethodSettings
@@ -42,8 +44,9 @@ def read_teacher(source: TeacherSource, distillation: DistillationSettings | Non
 
     ``source``: a run directory or training checkpoint of dinokit (backbone + heads), a dinokit
     export (a timm folder, or ``.safetensors`` with its ``.json``), backbone weights in timm or
-    Meta's DINOv2/DINOv3 layout (``distillation.teacher_backbone`` names the architecture), a
-    method (its teacher), an ``nn.ModuleDict`` with ``backbone``, or any backbone module.
+    Meta's DINOv2/DINOv3 layout (``distillation.teacher_backbone`` names the architecture; an
+    official training file brings the teacher's heads too, :func:`official_heads`), a method (its
+    teacher), an ``nn.ModuleDict`` with ``backbone``, or any backbone module.
     """
     d = distillation or DistillationSettings()
     if isinstance(source, SelfDistillationMethod):
@@ -83,9 +86,62 @@ def _read_path(path: Path, d: DistillationSettings) -> nn.ModuleDict:
     if not d.teacher_backbone:
         raise WeightsError(f"model.teacher: {path} holds {describe(obj)}; name its architecture with "
                            "distillation.teacher_backbone=<timm name> (and distillation.teacher_kwargs)")
+    heads = official_heads(obj, str(path))
     backbone = build_backbone(d.teacher_backbone, encoder_kwargs=dict(d.teacher_kwargs))
     load_backbone_weights(backbone, backbone_state_dict(obj, "teacher"), source=str(path))
-    return nn.ModuleDict({"backbone": backbone})
+    return nn.ModuleDict({"backbone": backbone, **heads})
+
+
+#: The teacher's heads in an official DINOv2/DINOv3 training file -> their names here.
+OFFICIAL_HEADS = {"dino_head.": "head", "ibot_head.": "patch_head"}
+
+
+def official_heads(obj: Mapping[str, Any], source: str) -> dict[str, DINOHead]:
+    """The EMA teacher's DINO and iBOT heads of an official DINOv2/DINOv3 training file: the
+    ``teacher_checkpoint.pth`` their training writes for evaluation (``{"teacher": ...}``) or a
+    training checkpoint (``{"model": {"teacher.…": ...}}``); empty for anything else. Each head's
+    architecture (layers, widths, batch norm, weight-normalised or plain prototypes) is read from
+    its tensors. An iBOT head shared with the DINO head (DINOv2's default) gives no patch head."""
+    if isinstance(obj.get("teacher"), Mapping):
+        teacher = {k: v for k, v in obj["teacher"].items() if isinstance(v, Tensor)}
+    else:
+        inner = obj.get("model") if isinstance(obj.get("model"), Mapping) else obj
+        teacher = {k[len("teacher."):]: v for k, v in inner.items()
+                   if isinstance(v, Tensor) and k.startswith("teacher.")}
+    heads: dict[str, DINOHead] = {}
+    for prefix, name in OFFICIAL_HEADS.items():
+        state = {k[len(prefix):]: v for k, v in teacher.items() if k.startswith(prefix)}
+        if state:
+            heads[name] = _official_head(state, f"{source}: the teacher's {prefix[:-1]}")
+    if "patch_head" in heads and "head" not in heads:
+        raise WeightsError(f"model.teacher: {source} has the teacher's ibot_head but no dino_head")
+    return heads
+
+
+def _official_head(state: dict[str, Tensor], source: str) -> DINOHead:
+    state = {("mlp.0." + k[len("mlp."):] if k in ("mlp.weight", "mlp.bias") else k): v
+             for k, v in state.items()}  # a 1-layer official head is a bare Linear
+    state = {k.replace("last_layer.parametrizations.weight.original0", "last_layer.weight_g")
+              .replace("last_layer.parametrizations.weight.original1", "last_layer.weight_v"): v
+             for k, v in state.items()}  # torch.nn.utils.parametrizations.weight_norm's names
+    linear = sorted(int(k.split(".")[1]) for k, v in state.items()
+                    if k.startswith("mlp.") and k.endswith(".weight") and v.ndim == 2)
+    prototypes = state.get("last_layer.weight_v", state.get("last_layer.weight"))
+    if not linear or prototypes is None:
+        raise WeightsError(f"model.teacher: {source} is not a DINO head (no mlp Linear or last_layer)")
+    if any(f"mlp.{i}.bias" not in state for i in linear):
+        raise WeightsError(f"model.teacher: {source} has Linear layers without biases (mlp_bias=False), "
+                           "which dinokit's DINOHead does not build")
+    first, last = state[f"mlp.{linear[0]}.weight"], state[f"mlp.{linear[-1]}.weight"]
+    head = DINOHead(int(first.shape[1]), int(prototypes.shape[0]), hidden_dim=int(first.shape[0]),
+                    bottleneck_dim=int(last.shape[0]), layers=len(linear),
+                    batch_norm=any(k.endswith("running_mean") for k in state), norm_last_layer=False,
+                    weight_norm="last_layer.weight_g" in state)
+    problems = fit_problems(head, state)
+    if problems:
+        raise WeightsError(f"model.teacher: {source} does not fit a DINO head: " + "; ".join(problems))
+    head.load_state_dict(state)
+    return head
 
 
 def _from_run(ckpt: Path) -> nn.ModuleDict:
