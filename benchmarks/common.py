@@ -155,6 +155,22 @@ def machine() -> str:
     return f"{cpu_name()}, {cores} cores available, {platform.system()} {platform.release()}"
 
 
+def demo_data(strict: bool, what: str) -> str:
+    """Which images ``data.dataset=demo`` and the scenes read on this machine: ``"fashion-mnist"``,
+    or ``"digits"`` (scikit-learn's) where Fashion-MNIST is not installed. ``strict``: a benchmark
+    whose figures go beside BENCHMARKS.md's (all on Fashion-MNIST) stops with one line instead."""
+    from dinokit.data.datasets import FASHION_MNIST_INSTALL, fashion_mnist_available
+
+    if fashion_mnist_available():
+        return "fashion-mnist"
+    why = (f"Fashion-MNIST is not installed ({FASHION_MNIST_INSTALL}), so the demo data would be "
+           "scikit-learn's digits")
+    if strict:
+        raise SystemExit(f"{what}: {why}, whose figures are not comparable with BENCHMARKS.md's")
+    print(f"{what}: warning: {why}; these figures are on digits", file=sys.stderr, flush=True)
+    return "digits"
+
+
 def write_section(path: Path, key: str, heading: str, body: str) -> None:
     """Put ``body`` between the markers ``<!-- key:begin -->`` and ``<!-- key:end -->`` of ``path``
     (BENCHMARKS.md), everything around them kept; a file without them gains a ``## heading``

@@ -57,7 +57,7 @@ from dinokit.train.fit import load_run_config
 from dinokit.viz._figure import new_figure, save
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this script
-from common import write_section
+from common import demo_data, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -327,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="only score the students of finished rows that lack them, then report")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
+    if not a.report:
+        demo_data(strict=True, what="dense.py")
     ROWS_DIR.mkdir(parents=True, exist_ok=True)
     if a.students:
         add_student_scores()

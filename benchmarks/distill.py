@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_section
+from common import demo_data, machine, write_section
 from quality import eval_loaders, feature_diagnostics, score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-python", type=Path, default=PEER_PY, help="python of lightly-train's own venv")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    demo_data(strict=True, what="distill.py")
     seeds = list(range(args.seeds))
     runs = args.out / "runs"
     rows: dict[str, dict[str, Any]] = {}

@@ -47,7 +47,7 @@ from typing import Any
 from dinokit.atomic import atomic_path, write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this script
-from common import machine, write_section
+from common import demo_data, machine, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -424,7 +424,8 @@ def markdown(report: dict[str, Any]) -> str:
     b = report["budget"]
     cap = "" if b["steps"] <= 0 else f", capped at {b['steps']} steps"
     lines = [
-        f"Budget: {b['limit']} training images, batch {b['batch']}, {b['epochs']} epochs"
+        f"Budget: {b['limit']} training images ({DATA_NAMES[b.get('data', 'fashion-mnist')]}), batch "
+        f"{b['batch']}, {b['epochs']} epochs"
         f"{cap} ({b['total_steps']} steps), "
         f"2 global + {b['n_local']} local crops, the `demo` preset's tiny ViT"
         f"{' (resnet10t in its row)' if any('resnet10t' in n for n in report['runs']) else ''}; "
@@ -467,6 +468,8 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: how a table names the data its budget was run on
+DATA_NAMES = {"fashion-mnist": "Fashion-MNIST", "digits": "scikit-learn's digits: Fashion-MNIST was missing"}
 #: BENCHMARKS.md's heading of each table quality.py writes.
 TITLES = {"full": "Learning quality (full)", "quick": "Learning quality (--quick)",
           "peers-full": "Learning quality against every peer (full)",
@@ -477,6 +480,8 @@ def merge_reports(paths: list[Path]) -> dict[str, Any]:
     """One report from jobs that split the seeds or runs of one budget (``--first-seed``,
     ``--runs``): their per-seed results side by side, aggregates recomputed, times summed."""
     reports = [json.loads(p.read_text()) for p in paths]
+    for r in reports:  # reports written before the budget named its data were all on Fashion-MNIST
+        r["budget"].setdefault("data", "fashion-mnist")
     first = reports[0]
     for r in reports[1:]:
         if r["budget"] != first["budget"] or r["mode"] != first["mode"]:
@@ -552,7 +557,8 @@ def peer_markdown(report: dict[str, Any], png: str | None) -> str:
     """The per-method table: dinokit's row and every peer's for DINO, DINOv2 and DINOv3."""
     b = report["budget"]
     lines = [
-        f"Budget: {b['limit']} training images, batch {b['batch']}, {b['total_steps']} steps, 2 global + "
+        f"Budget: {b['limit']} training images ({DATA_NAMES[b.get('data', 'fashion-mnist')]}), batch "
+        f"{b['batch']}, {b['total_steps']} steps, 2 global + "
         f"{b['n_local']} local crops, the `demo` preset's tiny ViT and each method's dinokit preset "
         f"(`{RUNS['DINO'][0]}`, `{RUNS['DINOv2'][0]}`, `{RUNS['DINOv3'][0]}` without Gram); seeds "
         f"{report['seeds']}; k-NN (k={K}) bank {b['bank']}, test {b['test']} images, CLS token of the "
@@ -708,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     b.update({k: v for k, v in (("epochs", args.epochs), ("limit", args.limit)) if v is not None})
     b["steps"] = args.steps
     b["total_steps"] = total_steps(b)
+    b["data"] = demo_data(strict=not args.quick, what="quality.py")  # rows and merges never mix the two
     n_seeds = args.seeds if args.seeds is not None else b.pop("seeds")
     seeds = list(range(args.first_seed, args.first_seed + n_seeds))
     b.pop("seeds", None)

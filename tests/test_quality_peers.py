@@ -74,3 +74,33 @@ def test_the_peers_schedules_warm_up_then_follow_a_cosine():
     assert peer_quality.warmup_cosine(3, 1.0, 0.0, 10, 3) == 1.0
     assert peer_quality.warmup_cosine(10, 1.0, 0.0, 10, 3) == 0.0
     assert peer_quality.warmup_cosine(5, 0.98, 1.0, 10, 0) == pytest.approx(0.99)
+
+
+def test_a_benchmark_never_mixes_digits_with_fashion_mnist(monkeypatch, tmp_path, capsys):
+    """Where Fashion-MNIST is missing, the demo data falls back to digits: a full benchmark stops
+    with one line, a --quick one says so and names the data in its budget; old reports (all on
+    Fashion-MNIST) merge with new Fashion-MNIST ones, never with digits ones."""
+    import json
+
+    import dinokit.data.datasets as datasets
+
+    common = sys.modules["common"]  # benchmarks/common.py, imported by quality.py
+    monkeypatch.setattr(datasets, "fashion_mnist_available", lambda *a, **k: False)
+    with pytest.raises(SystemExit, match="Fashion-MNIST is not installed.*not comparable"):
+        common.demo_data(strict=True, what="quality.py")
+    assert common.demo_data(strict=False, what="quality.py") == "digits"
+    assert "these figures are on digits" in capsys.readouterr().err
+    monkeypatch.setattr(datasets, "fashion_mnist_available", lambda *a, **k: True)
+    assert common.demo_data(strict=True, what="quality.py") == "fashion-mnist"
+
+    budget = {"limit": 12000, "batch": 64}
+    paths = []
+    for name, data in (("old", None), ("new", "fashion-mnist"), ("digits", "digits")):
+        b = dict(budget) if data is None else {**budget, "data": data}
+        report = {"mode": "full", "budget": b, "date": "d", "command": name, "total_wall_s": 1.0,
+                  "total_cpu_s": 1.0, "runs": {"DINO": {"seeds": {"0": {"knn_top1": 1.0}}}}}
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(report))
+    assert quality.merge_reports(paths[:2])["budget"]["data"] == "fashion-mnist"
+    with pytest.raises(SystemExit, match="different budgets"):
+        quality.merge_reports(paths)
