@@ -72,7 +72,7 @@ def _batch(step: int, rows: slice) -> dict:
 
 
 def _optimizer(method):
-    return torch.optim.AdamW(method.student_parameters(), lr=1e-3, weight_decay=0.04)
+    return torch.optim.AdamW(method.student_parameters(), lr=LR, weight_decay=0.04)
 
 
 def _train(method, opt, steps: range, rows: slice, sharded: bool) -> list:
@@ -139,14 +139,27 @@ def _worker(rank: int, init: str, one_process_ckpt: dict, out: str) -> None:
     dist.destroy_process_group()
 
 
+LR = 1e-3  # the optimiser's (see _optimizer)
+
+
 def _assert_same(got: dict, want: dict) -> None:
     a, b = got["model"], want["model"]
     assert a.keys() == b.keys()
     for k in a:
-        if isinstance(b[k], torch.Tensor):
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
-        else:
+        if not isinstance(b[k], torch.Tensor):
             assert a[k] == b[k], k  # the method's step / epoch counters
+        elif k.endswith("attn.qkv.bias"):
+            # The key bias adds q.b_k to every logit of a query: softmax ignores it, its gradient is
+            # zero up to rounding, and AdamW's normalisation turns that rounding (which differs with
+            # the reduction order of one process or two, and with the CPU's kernels) into steps of
+            # up to lr each. Queries and values are compared as closely as the rest; the key bias,
+            # which changes no output, within those steps.
+            d = a[k].numel() // 3
+            for part in (slice(0, d), slice(2 * d, 3 * d)):
+                torch.testing.assert_close(a[k][part], b[k][part], rtol=1e-4, atol=1e-6, msg=k)
+            assert (a[k][d:2 * d] - b[k][d:2 * d]).abs().max() <= 1.01 * LR * STEPS, k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
     sa, sb = got["optim"]["state"], want["optim"]["state"]
     assert sa.keys() == sb.keys() and sa
     for n in sb:
