@@ -564,9 +564,9 @@ def peer_markdown(report: dict[str, Any], png: str | None) -> str:
         f"{report['seeds']}; k-NN (k={K}) bank {b['bank']}, test {b['test']} images, CLS token of the "
         "teacher. Mean ± std over seeds.",
         "",
-        "| method | library | k-NN top-1 | linear top-1 | final loss | feature std | eff. rank | train CPU s | "
-        "the peer's own choices (the rest: dinokit's recipe) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| method | library | seeds | k-NN top-1 | linear top-1 | final loss | feature std | eff. rank | "
+        "train CPU s | the peer's own choices (the rest: dinokit's recipe) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for method in ("DINO", "DINOv2", "DINOv3"):
         rows = [(method, "dinokit", "-")] if method in report["runs"] else []
@@ -575,17 +575,18 @@ def peer_markdown(report: dict[str, Any], png: str | None) -> str:
         for name, lib, own in rows:
             r = report["runs"][name]
             if r.get("skipped"):
-                lines.append(f"| {method} | {lib} | skipped: {r['skipped']} | | | | | | |")
+                lines.append(f"| {method} | {lib} | - | skipped: {r['skipped']} | | | | | | |")
                 continue
             ag = r["aggregate"]
-            cells = [fmt(ag.get(m), 3 if m in ("final_loss", "feature_std") else (1 if m.endswith("_s") else 2))
+            seeds = ", ".join(sorted(r.get("seeds", {}), key=int))
+            cells = [seeds] + [fmt(ag.get(m), 3 if m in ("final_loss", "feature_std") else (1 if m.endswith("_s") else 2))
                      for m in ("knn_top1", "linear_top1", "final_loss", "feature_std", "effective_rank",
                                "train_cpu_s")]
             lines.append(f"| {method} | {lib} | " + " | ".join(cells) + f" | {own} |")
     for name in ("random init (DINO backbone)", "raw pixels"):
         if name in report["runs"]:
             ag = report["runs"][name]["aggregate"]
-            lines.append(f"| baseline | {name} | {fmt(ag.get('knn_top1'))} | {fmt(ag.get('linear_top1'))} "
+            lines.append(f"| baseline | {name} | - | {fmt(ag.get('knn_top1'))} | {fmt(ag.get('linear_top1'))} "
                          "| - | - | - | - | |")
     lines += [
         "",
