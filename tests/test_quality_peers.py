@@ -104,3 +104,23 @@ def test_a_benchmark_never_mixes_digits_with_fashion_mnist(monkeypatch, tmp_path
     assert quality.merge_reports(paths[:2])["budget"]["data"] == "fashion-mnist"
     with pytest.raises(SystemExit, match="different budgets"):
         quality.merge_reports(paths)
+
+
+def test_dense_benchmark_trains_the_long_rows_for_seed_0_only():
+    """``dense.py --seeds 1`` (a later start for one more seed) adds that seed's short rows, not a
+    second set of long rows."""
+    dense = load("dense")
+    assert all(not long for _, _, long in dense.rows_wanted([1], None))
+    assert {(m, s) for m, s, long in dense.rows_wanted([0, 1, 2], None) if long} == {(m, 0) for m in dense.LONG}
+
+
+def test_the_peer_table_names_each_rows_seeds():
+    """Rows merged from jobs that reached different seeds say which they have."""
+    run = {"seeds": {"0": {}, "2": {}}, "aggregate": {"knn_top1": {"mean": 70.0, "std": 1.0, "n": 2}}}
+    report = {"budget": {"limit": 1, "batch": 1, "total_steps": 1, "n_local": 4, "bank": 1, "test": 1},
+              "seeds": [0, 1, 2], "runs": {"DINO": run, "stable-pretraining DINO": {**run, "seeds": {"0": {}}}},
+              "machine": "m", "threads": 1, "date": "d", "total_wall_s": 1.0, "total_cpu_s": 1.0,
+              "versions": {}, "command": "c"}
+    rows = [line for line in quality.peer_markdown(report, None).splitlines() if line.startswith("| DINO |")]
+    assert rows[0].startswith("| DINO | dinokit | 0, 2 |")
+    assert rows[1].startswith("| DINO | stable-pretraining | 0 |")

@@ -262,6 +262,13 @@ def fit_problems(module: nn.Module, state: Mapping[str, Tensor], *, optional: tu
     return parts
 
 
+def left_out_prefixes(checkpoint: Mapping[str, Any]) -> tuple[str, ...]:
+    """The state-dict key prefixes of the networks a training checkpoint left out on purpose (a
+    distillation's frozen teacher, recorded with its fingerprint under ``dinokit.external``): the
+    run rebuilds them from its config."""
+    return tuple(f"method.{name}." for name in ((checkpoint.get("dinokit") or {}).get("external") or {}))
+
+
 def first_mismatch(module: nn.Module, state: Mapping[str, Any],
                    left_out: tuple[str, ...] = ()) -> tuple[str | None, int]:
     """The first key of ``state`` that a strict ``module.load_state_dict`` would reject (unexpected,
@@ -286,10 +293,8 @@ def check_checkpoint_fits(path: str | Path, module: nn.Module) -> None:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise WeightsError(f"{path} does not load: {load_failure(e)}") from None
-    # networks the checkpoint left out on purpose (a distillation's frozen teacher) are rebuilt from
-    # the config; their fingerprints are checked when the checkpoint is loaded
-    left_out = tuple(f"method.{name}." for name in ((obj.get("dinokit") or {}).get("external") or {}))
-    first, n = first_mismatch(module, obj.get("state_dict") or {}, left_out)
+    # the networks left out are checked by their fingerprints when the checkpoint is loaded
+    first, n = first_mismatch(module, obj.get("state_dict") or {}, left_out_prefixes(obj))
     if first is not None:
         more = f" (and {n - 1} more)" if n > 1 else ""
         raise WeightsError(f"{path} does not fit the model of this config: {first}{more}")

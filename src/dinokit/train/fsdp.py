@@ -24,6 +24,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from dinokit.weights import left_out_prefixes
+
 
 def _raw(optimizer: Any) -> torch.optim.Optimizer:
     return getattr(optimizer, "_optimizer", optimizer)
@@ -78,7 +80,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         # networks the checkpoint left out (a distillation's frozen teacher, checked by its
         # fingerprint in on_load_checkpoint) keep the weights this run rebuilt: loaded non-strictly,
         # then every other key is required as a strict load requires it
-        left_out = tuple(f"method.{n}." for n in ((checkpoint.get("dinokit") or {}).get("external") or {}))
+        left_out = left_out_prefixes(checkpoint)
         strict = self.lightning_module.strict_loading
         options = StateDictOptions(full_state_dict=True, strict=strict and not left_out)
         result = set_model_state_dict(self.model, checkpoint.pop("state_dict"), options=options)
