@@ -271,10 +271,14 @@ def peer_recipe(cfg: Any) -> dict[str, Any]:
     from dinokit.methods.registry import method_spec, official_rules, resolve_settings
     from dinokit.settings import MethodSettings
     from dinokit.train.build import build_multicrop_config
+    from dinokit.train.step import resolve_rules
 
     s = resolve_settings(method_spec(cfg.model.method), MethodSettings.from_config(cfg))
-    rules = official_rules(cfg.model.method)
-    b, h, t, o = s.backbone, s.heads, s.teacher, cfg.optim
+    o = resolve_rules(cfg.optim, official_rules(cfg.model.method))
+    if (o.layer_decay, o.patch_embed_lr_mult) != (1.0, 1.0):
+        raise SystemExit(f"{cfg.model.method}: the peers' training loop has no layer-wise learning-rate decay; "
+                         "run the peer rows with optim.layer_decay=1 optim.patch_embed_lr_mult=1")
+    b, h, t = s.backbone, s.heads, s.teacher
     return {
         "method": cfg.model.method, "backbone": b.name, "backbone_kwargs": dict(b.kwargs),
         "n_registers": int(b.n_registers or 0), "hidden": h.hidden_dim, "bottleneck": h.bottleneck_dim,
@@ -290,7 +294,7 @@ def peer_recipe(cfg: Any) -> dict[str, Any]:
         "lr": o.lr, "lr_reference_batch": o.lr_reference_batch, "lr_scaling": o.lr_scaling,
         "min_lr": o.min_lr, "warmup_epochs": o.warmup_epochs, "weight_decay": o.weight_decay,
         "weight_decay_end": o.weight_decay_end, "betas": list(o.betas), "clip_grad": o.clip_grad,
-        "clip_mode": rules["clip_mode"] if o.clip_mode == "auto" else o.clip_mode,
+        "clip_mode": o.clip_mode,
         "freeze_last_layer_epochs": o.freeze_last_layer_epochs, "batch": cfg.data.batch_size,
         "epochs": cfg.trainer.epochs, "max_steps": cfg.trainer.max_steps, "seed": cfg.trainer.seed,
         "crops": build_multicrop_config(cfg).to_dict(),

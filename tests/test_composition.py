@@ -127,7 +127,9 @@ def test_registry_drives_config_validation_and_the_builder():
     from dinokit.train.build import build_method
 
     assert build_method(load_config("dinov2_tiny_cpu")).rules == {
-        "clip_mode": "per_module", "no_decay_rule": "dinov2", "freeze_last_layer_mode": "zero_lr"}
+        "clip_mode": "per_module", "no_decay_rule": "dinov2", "freeze_last_layer_mode": "zero_lr",
+        "layer_decay": 0.9, "patch_embed_lr_mult": 0.2, "lr": 0.004, "lr_scaling": "sqrt",
+        "lr_reference_batch": 1024}
     assert build_method(load_config("demo")).rules["clip_mode"] == "per_param"
     assert type(build_method(load_config("demo", ["model.method=ibot"]))).__name__ == "IBOT"
 

@@ -269,9 +269,15 @@ class OptimSettings:
     """Optimiser and its schedules (per optimiser step; LR scaled with the global batch)."""
 
     optimizer: Literal["adamw", "sgd", "lars"] = setting("adamw", "optimiser")
-    lr: float = setting(0.0005, "base learning rate for a global batch of lr_reference_batch", gt=0)
-    lr_scaling: Literal["linear", "sqrt", "none"] = setting("linear", "lr scaling rule with batch size")
-    lr_reference_batch: int = setting(256, "reference batch of the scaling rule", min=1, max=1 << 24)
+    lr: float | None = setting(
+        None, "base learning rate for a global batch of lr_reference_batch (None = official: DINO/iBOT "
+        "0.0005, DINOv2/v3 and distillation 0.004)", gt=0)
+    lr_scaling: Literal["linear", "sqrt", "none"] | None = setting(
+        None, "lr scaling rule with batch size (None = official: DINO/iBOT linear, DINOv2/v3 and "
+        "distillation sqrt)")
+    lr_reference_batch: int | None = setting(
+        None, "reference batch of the scaling rule (None = official: DINO/iBOT 256, DINOv2/v3 and "
+        "distillation 1024)", min=1, max=1 << 24)
     lr_schedule: Literal["warmup_cosine", "constant", "none"] = setting(
         "warmup_cosine", "warmup_cosine = linear warm-up then cosine to min_lr (official); constant; none "
         "= the caller owns the optimiser's lr (e.g. a torch scheduler)")
@@ -292,8 +298,12 @@ class OptimSettings:
     freeze_last_layer_mode: Literal["auto", "cancel_grad", "zero_lr"] = setting(
         "auto", "how prototypes are frozen (auto: DINO/iBOT cancel gradients, DINOv2/v3 LR 0)")
     freeze_last_layer_epochs: float = setting(1, "epochs during which the prototypes stay frozen", ge=0)
-    layer_decay: float = setting(1.0, "layer-wise lr decay for ViTs (DINOv2: 0.9; 1 = off)", gt=0, le=1)
-    patch_embed_lr_mult: float = setting(1.0, "lr multiplier of the patch embedding (DINOv2: 0.2)", gt=0)
+    layer_decay: float | None = setting(
+        None, "layer-wise lr decay over a ViT's blocks, 1 = off (None = official: DINO/iBOT 1, DINOv2/v3 "
+        "and distillation 0.9)", gt=0, le=1)
+    patch_embed_lr_mult: float | None = setting(
+        None, "lr multiplier of the patch embedding (None = official: DINO/iBOT 1, DINOv2/v3 and "
+        "distillation 0.2)", gt=0)
 
 
 @dataclass

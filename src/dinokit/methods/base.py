@@ -188,11 +188,12 @@ class SelfDistillationMethod(nn.Module):
         temperature_endpoint: the temperature warm-up reaches its final value at its last index
             (DINO, DINOv2: ``np.linspace``) or one index later (DINOv3's schedules).
         rules: the method's official optimiser choices (``no_decay_rule``, ``clip_mode``,
-            ``freeze_last_layer_mode``): what ``"auto"`` resolves to in every front door.
+            ``freeze_last_layer_mode``, ``layer_decay``, ``patch_embed_lr_mult``): what ``"auto"``
+            (or ``None``) resolves to in every front door.
     """
 
     def __init__(self, student: nn.ModuleDict, teacher: TeacherSettings, *, temperature_endpoint: bool = True,
-                 rules: Mapping[str, str] | None = None):
+                 rules: Mapping[str, Any] | None = None):
         super().__init__()
         self.student = student
         self.teacher = make_teacher(student)

@@ -86,7 +86,7 @@ class ComposedMethod(SelfDistillationMethod):
 
     def __init__(self, backbone: Backbone, terms: Sequence[LossTerm], *, teacher: TeacherSettings,
                  mask_ratio: float = 0.3, output_class: type[MethodOutput] | None = None,
-                 temperature_endpoint: bool = True, rules: Mapping[str, str] | None = None):
+                 temperature_endpoint: bool = True, rules: Mapping[str, Any] | None = None):
         terms = list(terms)
         if not terms:
             raise ValueError("a method needs at least one loss term")

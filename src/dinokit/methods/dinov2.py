@@ -19,7 +19,13 @@ from dinokit.backbones import Backbone
 from dinokit.methods.composed import ComposedMethod
 from dinokit.methods.dino import DEFAULT_BACKBONE
 from dinokit.methods.outputs import DINOv2Output
-from dinokit.methods.registry import make_backbone, method_spec, register_method, resolve_settings
+from dinokit.methods.registry import (
+    DINOV2_TRAINING,
+    make_backbone,
+    method_spec,
+    register_method,
+    resolve_settings,
+)
 from dinokit.methods.seed_keywords import apply_seed_keywords
 from dinokit.methods.terms import DINOClsTerm, IBOTPatchTerm, KoLeoTerm, LossTerm
 from dinokit.settings import MethodSettings
@@ -150,7 +156,7 @@ class DINOv2(ComposedMethod):
     official={"teacher.momentum": 0.992, "teacher.warmup_unit": "step", "teacher.centering": "sinkhorn",
               "heads.norm_last_layer": False, "heads.weight_norm": True, "ibot.shared_head": False,
               "backbone.n_registers": 0},
-    training={"no_decay_rule": "dinov2", "clip_mode": "per_module", "freeze_last_layer_mode": "zero_lr"},
+    training={"no_decay_rule": "dinov2", **DINOV2_TRAINING},
     summary="DINOv2 (Oquab et al. 2024): CLS + iBOT with Sinkhorn-Knopp, KoLeo",
     drop_path_uniform=True, drop_path_subset_above=0.1,
 )

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from dinokit.backbones import Backbone
 from dinokit.methods.dino import DEFAULT_BACKBONE
 from dinokit.methods.dinov2 import DINOv2, dinov2_terms
-from dinokit.methods.registry import register_method
+from dinokit.methods.registry import DINOV2_TRAINING, register_method
 from dinokit.methods.seed_keywords import apply_seed_keywords
 from dinokit.methods.terms import GramTerm, LossTerm
 from dinokit.settings import MethodSettings
@@ -134,7 +134,7 @@ class DINOv3(DINOv2):
     official={"teacher.momentum": 0.992, "teacher.warmup_unit": "step", "teacher.centering": "sinkhorn",
               "heads.norm_last_layer": False, "heads.weight_norm": False, "ibot.shared_head": False,
               "backbone.n_registers": 4},
-    training={"no_decay_rule": "dinov3", "clip_mode": "per_module", "freeze_last_layer_mode": "zero_lr"},
+    training={"no_decay_rule": "dinov3", **DINOV2_TRAINING},
     summary="DINOv3 (Siméoni et al. 2025): DINOv2 + registers + Gram anchoring",
     drop_path_uniform=True, drop_path_subset_above=0.0,
 )

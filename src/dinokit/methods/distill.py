@@ -55,7 +55,13 @@ from dinokit.losses.gram import resample_patch_grid
 from dinokit.methods.base import MethodOutput, SelfDistillationMethod, check_views, forward_views
 from dinokit.methods.composed import indices_from_masks, random_mask_indices
 from dinokit.methods.dinov2 import dinov2_terms
-from dinokit.methods.registry import make_backbone, method_spec, register_method, resolve_settings
+from dinokit.methods.registry import (
+    DINOV2_TRAINING,
+    make_backbone,
+    method_spec,
+    register_method,
+    resolve_settings,
+)
 from dinokit.methods.teacher_file import TeacherSource, read_teacher
 from dinokit.methods.terms import DINOClsTerm, IBOTPatchTerm, LossTerm, StepFeatures
 from dinokit.methods.terms.feature_distill import FeatureDistillTerm
@@ -407,7 +413,7 @@ class Distillation(SelfDistillationMethod):
     official={"teacher.momentum": 1.0, "teacher.warmup_unit": "step", "teacher.centering": "sinkhorn",
               "heads.norm_last_layer": False, "heads.weight_norm": False, "ibot.shared_head": False,
               "backbone.n_registers": 0},
-    training={"no_decay_rule": "dinov3", "clip_mode": "per_module", "freeze_last_layer_mode": "zero_lr"},
+    training={"no_decay_rule": "dinov3", **DINOV2_TRAINING},
     summary="distillation from a frozen teacher (model.teacher) into one or more students",
     deploys="student",
 )

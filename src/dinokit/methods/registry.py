@@ -40,8 +40,10 @@ class MethodSpec:
         sections: the config sections of its loss terms (``dino``, ``ibot``, ``koleo``, ``gram``).
         official: ``"section.key" -> value`` for every setting whose ``None`` means "official".
         needs_masks: batches carry iBOT masks (the collate makes them).
-        training: the official optimiser choices that ``"auto"`` resolves to: ``no_decay_rule``,
-            ``clip_mode``, ``freeze_last_layer_mode``.
+        training: the official optimiser choices that ``"auto"`` (or ``None``) resolves to:
+            ``no_decay_rule``, ``clip_mode``, ``freeze_last_layer_mode``, ``layer_decay``,
+            ``patch_embed_lr_mult``, ``lr``, ``lr_scaling``, ``lr_reference_batch`` (DINO's
+            where a method declares none: ``dinokit.train.step.DINO_RULES``).
         summary: one line for ``--help`` and errors.
         drop_path_uniform: the official per-block drop-path rates: all equal to the rate (DINOv2's
             ``drop_path_uniform: true``, DINOv3) or ``linspace(0, rate, depth)`` (DINO, iBOT).
@@ -59,13 +61,22 @@ class MethodSpec:
     sections: tuple[str, ...]
     official: Mapping[str, Any] = field(default_factory=dict)
     needs_masks: bool = False
-    training: Mapping[str, str] = field(default_factory=dict)
+    training: Mapping[str, Any] = field(default_factory=dict)
     summary: str = ""
     drop_path_uniform: bool = False
     drop_path_subset_above: float | None = None
     temperature_endpoint: bool = True
     deploys: str = "teacher"
 
+
+#: The optimiser of DINOv2's and DINOv3's ``ssl_default_config.yaml`` (their multi-distillation
+#: too): lr 0.004 per 1024 images scaled by the square root (DINOv2's ``base_lr: 0.004``; DINOv3
+#: writes it ``lr: 0.001`` times ``4 * sqrt``), each ViT block's lr decayed by 0.9 per block below
+#: the last and the patch embedding's times a further 0.2, blocks clipped per module, prototypes
+#: frozen by a zero lr. Each method adds its own weight-decay rule.
+DINOV2_TRAINING: Mapping[str, Any] = {
+    "clip_mode": "per_module", "freeze_last_layer_mode": "zero_lr", "layer_decay": 0.9,
+    "patch_embed_lr_mult": 0.2, "lr": 0.004, "lr_scaling": "sqrt", "lr_reference_batch": 1024}
 
 METHODS: dict[str, MethodSpec] = {}
 
@@ -149,6 +160,6 @@ def configure_stochastic_depth(spec: MethodSpec, backbone: Backbone, b: Backbone
         backbone.drop_path_subset_above = float(above or 0.0)
 
 
-def official_rules(name: str) -> dict[str, str]:
-    """The method's official ``no_decay_rule``, ``clip_mode`` and ``freeze_last_layer_mode``."""
+def official_rules(name: str) -> dict[str, Any]:
+    """The method's official optimiser choices (:attr:`MethodSpec.training`)."""
     return dict(method_spec(name).training)

@@ -46,8 +46,13 @@ from dinokit.train.optim import (
 from dinokit.train.strategy import clip_per_parameter_sharded_
 
 CLIP_MODES = ("per_param", "per_module", "global", "none")
-#: DINO's official rules: what ``"auto"`` resolves to for a method that declares none.
-DINO_RULES = {"no_decay_rule": "dino", "clip_mode": "per_param", "freeze_last_layer_mode": "cancel_grad"}
+#: DINO's official rules: what ``"auto"`` (or ``None``) resolves to for a method that declares
+#: none. ``main_dino.py``: lr 0.0005 per 256 images, scaled linearly; no layer-wise decay and no
+#: patch-embedding multiplier.
+DINO_RULES: dict[str, Any] = {"no_decay_rule": "dino", "clip_mode": "per_param",
+                              "freeze_last_layer_mode": "cancel_grad", "layer_decay": 1.0,
+                              "patch_embed_lr_mult": 1.0, "lr": 0.0005, "lr_scaling": "linear",
+                              "lr_reference_batch": 256}
 FREEZE_MODES = ("cancel_grad", "zero_lr")
 LR_SCHEDULES = ("warmup_cosine", "constant", "none")
 #: ``trainer.precision`` values the step runs: full fp32, or autocast to bf16 / fp16 (+ loss scaling).
@@ -87,22 +92,24 @@ class StepSettings:
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         o = self.optim
-        choices = {"lr_scaling": ("linear", "sqrt", "none"), "lr_schedule": LR_SCHEDULES,
+        choices = {"lr_scaling": (None, "linear", "sqrt", "none"), "lr_schedule": LR_SCHEDULES,
                    "clip_mode": ("auto", *CLIP_MODES), "freeze_last_layer_mode": ("auto", *FREEZE_MODES)}
         for name, allowed in choices.items():
             if getattr(o, name) not in allowed:
                 raise ValueError(f"optim.{name} must be one of {allowed}, got {getattr(o, name)!r}")
         for name in ("lr", "min_lr", "warmup_epochs", "warmup_start_lr", "clip_grad",
                      "freeze_last_layer_epochs"):
+            if name == "lr" and o.lr is None:
+                continue
             if not math.isfinite(getattr(o, name)) or getattr(o, name) < 0:
                 raise ValueError(f"optim.{name} must be a finite number >= 0, got {getattr(o, name)}")
 
 
-def resolve_rules(optim: OptimSettings, rules: Mapping[str, str]) -> OptimSettings:
-    """``optim`` with each ``"auto"`` rule (``no_decay_rule``, ``clip_mode``,
-    ``freeze_last_layer_mode``) replaced by the method's official one (``rules``; DINO's when the
-    method declares none)."""
-    changes = {k: rules.get(k, DINO_RULES[k]) for k in DINO_RULES if getattr(optim, k) == "auto"}
+def resolve_rules(optim: OptimSettings, rules: Mapping[str, Any]) -> OptimSettings:
+    """``optim`` with each rule left to the method (``"auto"``: ``no_decay_rule``, ``clip_mode``,
+    ``freeze_last_layer_mode``; ``None``: ``layer_decay``, ``patch_embed_lr_mult``) replaced by the
+    method's official one (``rules``; DINO's when the method declares none)."""
+    changes = {k: rules.get(k, DINO_RULES[k]) for k in DINO_RULES if getattr(optim, k) in ("auto", None)}
     return dataclasses.replace(optim, **changes) if changes else optim
 
 
