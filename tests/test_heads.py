@@ -145,3 +145,35 @@ def test_dinov3_head_has_plain_prototypes_and_every_option_is_named():
     assert [n for n, _ in head.last_layer.named_parameters()] == ["weight"]
     assert head.last_layer_parameters() == [head.last_layer.weight]
     assert "weight_norm" in inspect.signature(DINOHead).parameters
+
+
+def test_init_official_trunc_normal_or_torchs_own():
+    """``trunc_normal`` (official): weights N(0, 0.02) cut at +-2 (absolute), zero biases; ``torch``:
+    ``nn.Linear``'s kaiming-uniform, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases,
+    so a 256-wide input gives std 1/16/sqrt(3) = 0.036."""
+    torch.manual_seed(0)
+    official = DINOHead(256, out_dim=512, hidden_dim=1024, bottleneck_dim=256, weight_norm=False)
+    torch.manual_seed(0)
+    own = DINOHead(256, out_dim=512, hidden_dim=1024, bottleneck_dim=256, weight_norm=False, init="torch")
+    first, first_own = official.mlp[0], own.mlp[0]
+    assert first.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert torch.count_nonzero(first.bias) == 0
+    bound = 1 / 256**0.5
+    assert first_own.weight.abs().max().item() <= bound
+    assert first_own.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.02)
+    assert torch.count_nonzero(first_own.bias) == first_own.bias.numel()
+    assert official.last_layer.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert own.last_layer.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.02)
+    with pytest.raises(ValueError, match="init"):
+        DINOHead(8, out_dim=4, init="xavier")
+
+
+def test_head_init_setting_reaches_every_head():
+    from dinokit.config import load_config
+    from dinokit.train.build import build_method
+
+    method = build_method(load_config("dinov3_tiny_cpu", ["heads.init=torch"]))
+    for name in ("head", "patch_head"):
+        assert torch.count_nonzero(method.student[name].mlp[0].bias) > 0, name
+    method = build_method(load_config("dinov3_tiny_cpu"))
+    assert torch.count_nonzero(method.student["head"].mlp[0].bias) == 0

@@ -24,6 +24,10 @@ from torch import Tensor, nn
 from dinokit.settings import HeadSettings
 
 
+#: How a head's linear layers start (:class:`DINOHead`'s ``init``).
+HEAD_INITS = ("trunc_normal", "torch")
+
+
 class WeightNormLinear(nn.Module):
     """Bias-free ``Linear`` with weight normalisation ``W = g * V / ||V||`` per output row.
 
@@ -67,6 +71,9 @@ class DINOHead(nn.Module):
             DINOv2); only for ``weight_norm=True``.
         weight_norm: weight-normalised prototypes (True, DINO/DINOv2) or a plain bias-free
             ``Linear`` (False, DINOv3).
+        init: ``"trunc_normal"`` (official: every ``Linear`` of the MLP, and plain prototypes,
+            trunc-normal(0.02) with zero biases) or ``"torch"`` (``nn.Linear``'s own
+            kaiming-uniform weights and uniform biases, as stable-pretraining's heads keep them).
     """
 
     def __init__(
@@ -79,8 +86,11 @@ class DINOHead(nn.Module):
         batch_norm: bool = False,
         norm_last_layer: bool = True,
         weight_norm: bool = True,
+        init: str = "trunc_normal",
     ):
         super().__init__()
+        if init not in HEAD_INITS:
+            raise ValueError(f"DINOHead init must be one of {HEAD_INITS}, got {init!r}")
         for name, v in (("in_dim", in_dim), ("out_dim", out_dim), ("hidden_dim", hidden_dim),
                         ("bottleneck_dim", bottleneck_dim), ("layers", layers)):
             if int(v) < 1:
@@ -95,14 +105,16 @@ class DINOHead(nn.Module):
             dim = hidden_dim
         mlp.append(nn.Linear(dim, bottleneck_dim))
         self.mlp = nn.Sequential(*mlp)
-        self.mlp.apply(self._init)
+        if init == "trunc_normal":
+            self.mlp.apply(self._init)
         self.weight_norm = bool(weight_norm)
         self.last_layer: nn.Module
         if self.weight_norm:
             self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fixed_gain=norm_last_layer)
         else:
             self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
-            self._init(self.last_layer)
+            if init == "trunc_normal":
+                self._init(self.last_layer)
         self.out_dim = out_dim
 
     @classmethod
@@ -112,7 +124,7 @@ class DINOHead(nn.Module):
         return cls(in_dim, out_dim, hidden_dim=heads.hidden_dim, bottleneck_dim=heads.bottleneck_dim,
                    layers=heads.layers, batch_norm=heads.batch_norm,
                    norm_last_layer=True if heads.norm_last_layer is None else heads.norm_last_layer,
-                   weight_norm=True if heads.weight_norm is None else heads.weight_norm)
+                   weight_norm=True if heads.weight_norm is None else heads.weight_norm, init=heads.init)
 
     @staticmethod
     def _init(m: nn.Module) -> None:

@@ -102,6 +102,9 @@ class HeadSettings:
         None, "fix the prototype weight-norm gain at 1 (None = official: DINO/iBOT yes, DINOv2/v3 no)")
     weight_norm: bool | None = setting(
         None, "weight-normalised prototypes (None = official: DINO/iBOT/DINOv2 yes, DINOv3 no)")
+    init: Literal["trunc_normal", "torch"] = setting(
+        "trunc_normal", "how the head's linear layers start: trunc_normal = official (trunc-normal(0.02), "
+        "zero biases); torch = nn.Linear's default kaiming-uniform (stable-pretraining's heads)")
 
 
 @dataclass
