@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from dinokit.settings import HeadSettings
 
-
 #: How a head's linear layers start (:class:`DINOHead`'s ``init``).
 HEAD_INITS = ("trunc_normal", "torch")
 
