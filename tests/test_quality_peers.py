@@ -26,6 +26,16 @@ quality = load("quality")
 peer_quality = load("peer_quality")
 
 
+def test_the_recipe_takes_the_resolved_learning_rate_and_refuses_layer_decay():
+    """The peers' loop scales every learning rate alike: a recipe with the official DINOv2
+    layer-wise decay (what ``optim.layer_decay`` left unset means) cannot be given to it."""
+    v2 = quality.peer_recipe(load_config("dinov2_tiny_cpu"))
+    assert (v2["lr"], v2["lr_scaling"], v2["lr_reference_batch"]) == (0.008, "linear", 256)
+    official = load_config("dinov2_tiny_cpu", ["optim.layer_decay=null", "optim.patch_embed_lr_mult=null"])
+    with pytest.raises(SystemExit, match="layer-wise"):
+        quality.peer_recipe(official)
+
+
 def test_the_recipe_resolves_each_methods_official_choices():
     dino = quality.peer_recipe(load_config("demo", ["trainer.max_steps=7", "trainer.seed=3"]))
     v2 = quality.peer_recipe(load_config("dinov2_tiny_cpu"))
