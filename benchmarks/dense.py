@@ -74,12 +74,16 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "DINOv3 + Gram + high-res": ("dinov3_tiny_cpu", ["gram.weight=1.0", "gram.start_step={half}",
                                                      "gram.refresh_every={quarter}"]),
 }
-#: The budget: steps of a short row (3 seeds) and of a long row (1 seed, the Gram question), the
-#: checkpoint interval of the curves, scenes for training / the probe, items for k-NN.
-BUDGET = {"short_steps": 150, "long_steps": 600, "short_every": 50, "long_every": 100,
+#: The budget: steps of a short row (3 seeds), of a long row (1 seed, the Gram question) and of a
+#: row at the demo budget (1 seed, every method: the ``demo`` preset's 1,870 steps), the checkpoint
+#: interval of their curves, scenes for training / the probe, items for k-NN.
+BUDGET = {"short_steps": 150, "long_steps": 600, "demo_steps": 1870, "short_every": 50, "long_every": 100,
+          "demo_every": 374,
           "train_scenes": 4000, "seg_train": 500, "seg_test": 300, "knn_bank": 1000, "knn_test": 500,
           "probe_epochs": 10, "probe_lrs": list(PROBE_LRS), "linear_epochs": 20, "batch": 64, "n_local": 4}
 LONG = ("DINOv3", "DINOv3 + Gram")
+#: The row tiers: the short rows, the long rows, the rows at the demo budget; their file suffix and label.
+TIERS = {"short": ("", ""), "long": ("_long", " (long)"), "demo": ("_demo", " (demo budget)")}
 BASE_SIZE, HIGH_SIZE = 28, 56
 K = 20
 TRAIN = "import sys; from dinokit.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -117,15 +121,31 @@ def _pixel_features(ds: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return _patch_pixels(torch.stack(xs)), list(ms)
 
 
+def _patch_labels(masks: torch.Tensor, n_classes: int, grid: int) -> torch.Tensor:
+    """The class fractions of each cell of a ``grid x grid`` patch grid over the masks, ``[B,
+    n_classes, grid, grid]``: the patch features of a backbone that knew every pixel's class, the
+    most a patch grid can tell the linear head."""
+    onehot = torch.nn.functional.one_hot(masks.long(), n_classes).permute(0, 3, 1, 2).float()
+    return torch.nn.functional.adaptive_avg_pool2d(onehot, grid)
+
+
+def _label_features(ds: Any, n_classes: int, grid: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    ms = [ds[i][1] for i in range(len(ds))]
+    return _patch_labels(torch.stack(ms), n_classes, grid), ms
+
+
 def seg_scores(backbone: Any, prep: Any, size: int, seed: int) -> dict[str, float]:
     """mIoU and pixel accuracy (%) of the probe on the held-out scenes at ``size`` px
-    (``backbone=None``: raw 4x4 pixel patches)."""
+    (``backbone=None``: raw 4x4 pixel patches; ``"labels"``: each patch's class fractions)."""
     b = BUDGET
     view = DenseView.for_preprocessing(prep, size)
     train = scene_dataset("scenes", "train", view, b["seg_train"], target="mask")
     test = scene_dataset("scenes", "test", view, b["seg_test"], target="mask")
     if backbone is None:
         (f_tr, m_tr), (f_te, m_te) = _pixel_features(train), _pixel_features(test)
+    elif backbone == "labels":
+        n = len(train.classes)
+        (f_tr, m_tr), (f_te, m_te) = _label_features(train, n, size // 4), _label_features(test, n, size // 4)
     else:
         f_tr, m_tr = extract_patch_features(backbone, train, progress=False)
         f_te, m_te = extract_patch_features(backbone, test, progress=False)
@@ -164,10 +184,19 @@ def cpu_now() -> float:
     return time.process_time() + kids.ru_utime + kids.ru_stime
 
 
-def run_row(method: str, seed: int, long: bool) -> dict[str, Any]:
+def tier_of(row: dict[str, Any]) -> str:
+    """A row's tier (rows written before the demo tier carry ``long`` only)."""
+    return row.get("tier", "long" if row.get("long") else "short")
+
+
+def row_name(method: str, seed: int, tier: str) -> str:
+    return f"{slug(method)}_s{seed}{TIERS[tier][0]}"
+
+
+def run_row(method: str, seed: int, tier: str) -> dict[str, Any]:
     b = BUDGET
-    steps, every = (b["long_steps"], b["long_every"]) if long else (b["short_steps"], b["short_every"])
-    run_dir = WORK / f"{slug(method)}_s{seed}{'_long' if long else ''}"
+    steps, every = b[f"{tier}_steps"], b[f"{tier}_every"]
+    run_dir = WORK / row_name(method, seed, tier)
     if run_dir.exists():
         shutil.rmtree(run_dir)
     preset, over = overrides(method, seed, steps, every, run_dir)
@@ -188,7 +217,8 @@ def run_row(method: str, seed: int, long: bool) -> dict[str, Any]:
     loaded = load(str(run_dir))
     final = score_all(loaded.backbone, _prep(run_dir), seed, full=True)
     curve.append({"step": steps, **{k: v for k, v in final.items() if k.endswith(f"@{HIGH_SIZE}")}})
-    return {"method": method, "seed": seed, "steps": steps, "long": long, **final, "curve": curve,
+    return {"method": method, "seed": seed, "steps": steps, "tier": tier, "long": tier == "long", **final,
+            "curve": curve,
             **student_scores(run_dir, seed), "train_cpu_s": train_cpu, "train_wall_s": train_wall,
             "cpu_s": cpu_now() - c0}
 
@@ -222,26 +252,33 @@ def _prep(run_dir: Path) -> Any:
 
 
 def baseline_row(name: str) -> dict[str, Any]:
-    """Random init (the DINOv3 preset's tiny ViT at seed 0) or raw pixels."""
+    """Random init (the DINOv3 preset's tiny ViT at seed 0), raw pixels, or the patch labels (the
+    probe's ceiling on this task: segmentation only)."""
     c0 = cpu_now()
     preset, over = overrides("DINOv3", 0, BUDGET["short_steps"], BUDGET["short_every"], WORK / "init")
     cfg = load_config(preset, over)
     prep = build_preprocessing(cfg)
-    backbone = None
+    backbone: Any = None
     if name == "random init":
         torch.manual_seed(0)
         backbone = build_method(cfg).teacher_backbone.eval()
-    final = score_all(backbone, prep, 0, full=True)
-    return {"method": name, "seed": 0, "steps": 0, "long": False, **final, "curve": [], "cpu_s": cpu_now() - c0}
+    if name == "patch labels":
+        final = {**seg_scores("labels", prep, HIGH_SIZE, 0), **seg_scores("labels", prep, BASE_SIZE, 0)}
+    else:
+        final = score_all(backbone, prep, 0, full=True)
+    return {"method": name, "seed": 0, "steps": 0, "tier": "short", "long": False, **final, "curve": [],
+            "cpu_s": cpu_now() - c0}
 
 
-def rows_wanted(seeds: list[int], only: list[str] | None) -> list[tuple[str, int, bool]]:
-    # the first seed of every method, then the long rows (seed 0 only), then the other seeds: a cut
-    # run has one of each
-    out = [(m, s, False) for s in seeds[:1] for m in METHODS]
-    out += [(m, 0, True) for m in LONG if 0 in seeds]
-    out += [(m, s, False) for s in seeds[1:] for m in METHODS]
-    return [r for r in out if not only or r[0] in only]
+def rows_wanted(seeds: list[int], only: list[str] | None,
+                tiers: tuple[str, ...] = tuple(TIERS)) -> list[tuple[str, int, str]]:
+    # the first seed of every method, then the long rows and the demo-budget rows (seed 0 only),
+    # then the other seeds: a cut run has one of each
+    out = [(m, s, "short") for s in seeds[:1] for m in METHODS]
+    out += [(m, 0, "long") for m in LONG if 0 in seeds]
+    out += [(m, 0, "demo") for m in METHODS if 0 in seeds]
+    out += [(m, s, "short") for s in seeds[1:] for m in METHODS]
+    return [r for r in out if (not only or r[0] in only) and r[2] in tiers]
 
 
 # ------------------------------------------------------------------------------- report
@@ -273,33 +310,35 @@ def table(rows: list[dict[str, Any]]) -> str:
             ("student_miou@56", "student mIoU @56"), ("student_knn_top1", "student k-NN"))
     head = "| row | steps | seeds | " + " | ".join(c[1] for c in cols) + " | CPU s / run |"
     lines = [head, "|" + "---|" * (len(cols) + 4)]
-    order = ["raw pixels", "random init", *METHODS]
-    for long in (False, True):
+    order = ["patch labels", "raw pixels", "random init", *METHODS]
+    for tier, (_, label) in TIERS.items():
         for name in order:
-            group = [r for r in rows if r["method"] == name and r["long"] == long]
+            group = [r for r in rows if r["method"] == name and tier_of(r) == tier]
             if not group:
                 continue
             vals = [_mean_std([r[k] for r in group if r.get(k) is not None]) for k, _ in cols]
             cpu = statistics.fmean(r["cpu_s"] for r in group)
-            lines.append(f"| {name}{' (long)' if long else ''} | {group[0]['steps']} | {len(group)} | "
+            lines.append(f"| {name}{label} | {group[0]['steps']} | {len(group)} | "
                          + " | ".join(vals) + f" | {cpu:.0f} |")
     return "\n".join(lines)
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path:
-    fig = new_figure(10, 3.6)
-    for i, long in enumerate((False, True)):
-        ax = fig.add_subplot(1, 2, i + 1)
+    tiers = [t for t in TIERS if any(tier_of(r) == t and r["curve"] for r in rows)]
+    fig = new_figure(5 * len(tiers), 3.6)
+    titles = {"short": "short runs (seed 0)", "long": "long runs (seed 0)", "demo": "demo budget (seed 0)"}
+    for i, tier in enumerate(tiers):
+        ax = fig.add_subplot(1, len(tiers), i + 1)
         base = next((r for r in rows if r["method"] == "random init"), None)
         for r in rows:
-            if r["long"] != long or r["seed"] != 0 or not r["curve"]:
+            if tier_of(r) != tier or r["seed"] != 0 or not r["curve"]:
                 continue
             pts = [(0, base["miou@56"])] if base else []
             pts += [(c["step"], c["miou@56"]) for c in r["curve"]]
             ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=r["method"])
         ax.set_xlabel("training step")
         ax.set_ylabel("mIoU (%) at 56 px, held-out scenes")
-        ax.set_title("long runs (seed 0)" if long else "short runs (seed 0)", fontsize=9)
+        ax.set_title(titles[tier], fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return save(fig, path)
@@ -322,7 +361,10 @@ def write_report() -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--only", nargs="+", default=None, help="row names (methods, 'random init', 'raw pixels')")
+    p.add_argument("--only", nargs="+", default=None, help="row names (methods, 'random init', 'raw pixels', "
+                   "'patch labels')")
+    p.add_argument("--tiers", nargs="+", choices=list(TIERS), default=list(TIERS),
+                   help="row tiers to run: short (3 seeds), long (seed 0), demo (the demo budget, seed 0)")
     p.add_argument("--report", action="store_true", help="only write the table and the curves")
     p.add_argument("--students", action="store_true",
                    help="only score the students of finished rows that lack them, then report")
@@ -334,19 +376,19 @@ def main(argv: list[str] | None = None) -> int:
     if a.students:
         add_student_scores()
     elif not a.report:
-        for name in ("raw pixels", "random init"):
+        for name in ("patch labels", "raw pixels", "random init"):
             out = ROWS_DIR / f"{slug(name)}.json"
             if (not a.only or name in a.only) and not current(out):
                 row = {**baseline_row(name), "probe": probe_tag()}
                 atomic.write_text(out, json.dumps(row, indent=1))
                 print(f"{name}: mIoU@56 {row['miou@56']:.1f}  ({row['cpu_s']:.0f} CPU s)", flush=True)
-        for method, seed, long in rows_wanted(a.seeds, a.only):
-            out = ROWS_DIR / f"{slug(method)}_s{seed}{'_long' if long else ''}.json"
+        for method, seed, tier in rows_wanted(a.seeds, a.only, tuple(a.tiers)):
+            out = ROWS_DIR / f"{row_name(method, seed, tier)}.json"
             if current(out):
                 continue
-            row = {**run_row(method, seed, long), "probe": probe_tag()}
+            row = {**run_row(method, seed, tier), "probe": probe_tag()}
             atomic.write_text(out, json.dumps(row, indent=1))
-            print(f"{method} seed {seed}{' long' if long else ''}: mIoU@56 {row['miou@56']:.1f} "
+            print(f"{method} seed {seed}{TIERS[tier][1]}: mIoU@56 {row['miou@56']:.1f} "
                   f"k-NN {row['knn_top1']:.1f} ({row['cpu_s']:.0f} CPU s)", flush=True)
     write_report()
     return 0

@@ -6,7 +6,10 @@ The teacher is the tiny ViT of the ``dinov3_tiny_cpu`` preset, trained here once
 and cached in the results folder; each student is distilled with ``distill_tiny_cpu`` (the
 DINOv3-style objective: the student's heads learn the teacher's centred DINO and iBOT targets)
 and trained from scratch with DINO (``demo_cnn`` for resnet10t, ``demo`` for the ViT) for the same
-``--steps``, over ``--seeds`` seeds. Every network is scored with ``benchmarks/quality.py``'s
+``--steps``, over ``--seeds`` seeds. resnet10t is also distilled with the feature objective on one
+view per image (``--one-view``), the work of a lightly-train step, next to lightly-train's own
+distillation; those rows run seed by seed between dinokit's, so that the shared cores' load weighs
+on both alike. Every network is scored with ``benchmarks/quality.py``'s
 code: k-NN top-1 (k=20) and a linear probe on a bank of training images, on the test split.
 
     .venv/bin/python benchmarks/distill.py                        # the BENCHMARKS.md table (~1,400 CPU-s)
@@ -58,6 +61,9 @@ STUDENTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
 }
 
 LABELS = {"resnet10t": "resnet10t", "vit_2x32": "ViT 2x32 (half the teacher's width, 2 blocks)"}
+#: dinokit's feature objective on the peer's views: one global crop per image, no local crop, so
+#: that a step does the work of the peer's step (a student and a teacher forward of one view)
+ONE_VIEW = ("distillation.objective=features", "crops.n_global=1", "crops.n_local=0")
 
 
 def common(args: argparse.Namespace, seed: int, out: Path, name: str, steps: int) -> list[str]:
@@ -171,7 +177,8 @@ def markdown(rows: dict[str, dict[str, Any]], args: argparse.Namespace, seeds: l
     teacher = rows["teacher"]
     lines = [
         f"Fashion-MNIST ({args.limit} training images, k-NN bank {args.bank}, {args.test} test images), "
-        f"batch 64, 2 global + 4 local crops, {args.steps} student steps, seeds {seeds}; teacher: "
+        f"batch 64, 2 global + 4 local crops (the one-view rows: one global crop), {args.steps} student "
+        f"steps, seeds {seeds}; teacher: "
         f"`dinov3_tiny_cpu` ({teacher['steps']} steps, seed 0). k-NN top-1 (k=20) and linear probe top-1 "
         "(%), mean ± std over seeds; time per step on this machine's CPU (1 thread).",
         "",
@@ -183,6 +190,8 @@ def markdown(rows: dict[str, dict[str, Any]], args: argparse.Namespace, seeds: l
     ]
     for student in STUDENTS:
         for kind, label in (("distill", "distilled (`distill_tiny_cpu`)"), ("scratch", "DINO from scratch"),
+                            ("features_1view", "feature distillation, one view per image (the peer's views: "
+                             "`distillation.objective=features crops.n_global=1 crops.n_local=0`)"),
                             ("peer", f"{PEER} (same teacher, steps, batch)"),
                             ("peer_long", f"{PEER}, {args.peer_long_steps} steps (about dinokit's CPU time)")):
             rs = [rows[f"{student}/{kind}/{s}"] for s in seeds if f"{student}/{kind}/{s}" in rows]
@@ -219,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-long-steps", type=int, default=300,
                    help=f"also run the {PEER} rows for this many steps (0 = no)")
     p.add_argument("--peer-python", type=Path, default=PEER_PY, help="python of lightly-train's own venv")
+    p.add_argument("--one-view", action=argparse.BooleanOptionalAction, default=True,
+                   help="also distil resnet10t with the feature objective on one view per image (the peer's)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     demo_data(strict=True, what="distill.py")
@@ -239,18 +250,27 @@ def main(argv: list[str] | None = None) -> int:
             rows[key] = row(args.out / f"{key}.json", lambda s=seed, st=student, pr=scratch_preset,
                             ex=scratch_extra: train_and_score(
                 pr, [*common(args, s, runs, f"scratch-{st}-{s}", args.steps), *ex], args, s))
-            print(json.dumps({k: {m: v.get(m) for m in ("knn_top1", "linear_top1", "cpu_s_per_step")}
-                              for k, v in rows.items()}), flush=True)
+            if student != "resnet10t":
+                continue
+            # the peer's comparison, interleaved with dinokit's rows seed by seed (the shared cores'
+            # load then weighs on both alike): dinokit on the peer's views, then the peer
+            if args.one_view:
+                key = f"{student}/features_1view/{seed}"
+                rows[key] = row(args.out / f"{key}.json", lambda s=seed: train_and_score(
+                    "distill_tiny_cpu", [*common(args, s, runs, f"features-1view-{s}", args.steps),
+                                         f"model.teacher={teacher_dir}", *ONE_VIEW], args, s))
+            if seed < args.peer_seeds and args.peer_python.is_file():
+                key = f"resnet10t/peer/{seed}"
+                rows[key] = row(args.out / f"{key}.json",
+                                lambda s=seed: peer_and_score(args, s, teacher_dir, args.steps))
+                if args.peer_long_steps:
+                    key = f"resnet10t/peer_long/{seed}"
+                    rows[key] = row(args.out / f"{key}.json",
+                                    lambda s=seed: peer_and_score(args, s, teacher_dir, args.peer_long_steps))
+        print(json.dumps({k: {m: v.get(m) for m in ("knn_top1", "linear_top1", "cpu_s_per_step")}
+                          for k, v in rows.items()}), flush=True)
     if args.peer_seeds and not args.peer_python.is_file():
         print(f"no {PEER} rows: {args.peer_python} is missing (see BENCHMARKS.md for its environment)")
-        args.peer_seeds = 0
-    for seed in range(args.peer_seeds):
-        key = f"resnet10t/peer/{seed}"
-        rows[key] = row(args.out / f"{key}.json", lambda s=seed: peer_and_score(args, s, teacher_dir, args.steps))
-        if args.peer_long_steps:
-            key = f"resnet10t/peer_long/{seed}"
-            rows[key] = row(args.out / f"{key}.json",
-                            lambda s=seed: peer_and_score(args, s, teacher_dir, args.peer_long_steps))
     write_section(args.md, "distill", "Distillation: students from a tiny DINOv3 teacher", markdown(rows, args, seeds))
     return 0
 

@@ -262,6 +262,34 @@ def test_cls_only_feature_distillation_needs_no_feature_map():
         Distillation(tiny_teacher(heads=False), Pooled(), settings=settings())
 
 
+def test_feature_distillation_learns_from_one_view_per_image(tmp_path):
+    """The feature objective matches the student's features of a view to the teacher's of the same
+    view, so one global crop per image is a whole step (lightly-train's setting); the DINOv3-style
+    objective compares different crops and keeps the two-crop rule. Local crops, which the feature
+    objective never reads, are named when asked for."""
+    from dinokit.config import ConfigError, load_config
+    from dinokit.export import export_timm_folder
+    from dinokit.train.build import build_method
+
+    method = Distillation(tiny_teacher(heads=False), MapNet(), settings=settings())
+    out = method(global_views=views()[0][:1])
+    assert torch.isfinite(out.loss) and out.loss > 0
+    out.loss.backward()
+    assert all(p.grad is not None for p in method.student_parameters())
+
+    export_timm_folder(tiny_teacher(heads=False)["backbone"], tmp_path / "teacher")
+    one_view = ["model.teacher=" + str(tmp_path / "teacher"), "crops.n_global=1", "crops.n_local=0",
+                "distillation.objective=features", *STUDENT_RUN[:-1]]
+    assert load_config("distill_tiny_cpu", one_view).crops.n_global == 1
+    with pytest.raises(ConfigError, match="at least two crops"):
+        load_config("distill_tiny_cpu", [*one_view, "distillation.objective=auto"])
+    with pytest.warns(UserWarning, match="crops.n_local=2: feature distillation reads the global crops only"):
+        build_method(load_config("distill_tiny_cpu", [*one_view, "crops.n_local=2"]))
+    assert main(["train", "--config", "distill_tiny_cpu", *one_view, "trainer.max_steps=2",
+                 f"trainer.output_dir={tmp_path}", "trainer.run_name=one"]) == 0
+    assert torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
 # ----------------------------------------------------------------------------- grid resampling
 def test_grid_resampling_equals_hand_computed_values():
     # 2x2 -> 4x4, bilinear, align_corners=False: each axis samples the source at -0.25, 0.25, 0.75,

@@ -190,13 +190,21 @@ def test_eval_seg_reports_a_mask_folder_mistake_in_one_line_and_exits_2(tmp_path
 def test_eval_seg_on_a_folder_writes_scores_and_a_picture(tmp_path, tiny_run, capsys):
     data = _folder(tmp_path / "d", n=4, size=(28, 20), ids=(0, 1, 255))
     code = main(["eval", "seg", "--checkpoint", str(tiny_run), "--train-data", str(data), "--val-data", str(data),
-                 "--epochs", "2", "--show", "2", "--out", str(tmp_path / "out")])
+                 "--epochs", "2", "--lrs", "0.01", "--show", "2", "--out", str(tmp_path / "out")])
     assert code == 0
     result = json.loads((tmp_path / "out" / "seg.json").read_text())
     assert result["n_classes"] == 2 and result["ignore_index"] == 255 and result["size"] == 28
+    assert result["lr"] == 0.01
     assert 0 <= result["miou"] <= 100 and set(result["per_class"]) == {"0", "1"}
     assert (tmp_path / "out" / "seg.png").stat().st_size > 0
     assert "mIoU" in capsys.readouterr().out
+
+
+def test_eval_seg_refuses_a_learning_rate_that_is_not_positive_in_one_line(tiny_run, capsys):
+    code = main(["eval", "seg", "--checkpoint", str(tiny_run), "--train-data", "scenes", "--val-data", "scenes",
+                 "--lrs", "0.01", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--lrs" in err and "Traceback" not in err
 
 
 def test_eval_seg_on_the_built_in_scenes_writes_into_the_run(tiny_run):

@@ -123,10 +123,14 @@ class Config:
             if d.augment_on == "device":
                 raise ConfigError("data.augment_on: 'device' crops uint8 images; multi-band data is "
                                   "cropped in the loader workers (data.augment_on=workers)")
-        if c.n_global + c.n_local < 2:
+        # one view per image is enough where the student matches the teacher's features of that
+        # same view (feature distillation); every other objective compares two different crops
+        one_view = self.model.method == "distill" and self.distillation.objective == "features"
+        if c.n_global + c.n_local < 2 and not one_view:
             raise ConfigError(
                 "crops.n_local: the DINO loss needs at least two crops per image "
-                f"(n_global={c.n_global}, n_local={c.n_local})"
+                f"(n_global={c.n_global}, n_local={c.n_local}; one is enough only with "
+                "model.method=distill and distillation.objective=features)"
             )
         if self.trainer.max_steps == 0:
             raise ConfigError("trainer.max_steps: must be -1 (epochs decide) or >= 1, got 0")

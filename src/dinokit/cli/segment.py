@@ -47,7 +47,7 @@ def add_parser(kinds: Any) -> None:
                    help="class ids 0..N-1 (default: one more than the largest id in the training masks)")
     q.add_argument("--ignore-index", type=int, default=DEFAULT_IGNORE_INDEX, help="mask value not scored")
     q.add_argument("--epochs", type=int, default=20)
-    q.add_argument("--lr", type=float, nargs="+", default=list(PROBE_LRS),
+    q.add_argument("--lrs", type=float, nargs="+", default=list(PROBE_LRS),
                    help="learning rate(s); with several, each is scored on a held-out fifth of the training "
                    f"images and the best retrained on all (default {' '.join(map(str, PROBE_LRS))}; the "
                    f"official protocol: {DEFAULT_LR} for 40,000 iterations)")
@@ -86,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("epochs", "batch_size", "n_last_blocks"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-    if min(args.lr) <= 0:
-        raise ConfigError(f"--lr: learning rates must be > 0, got {' '.join(map(str, args.lr))}")
+    if min(args.lrs) <= 0:
+        raise ConfigError(f"--lrs: learning rates must be > 0, got {' '.join(map(str, args.lrs))}")
     model = load(args.checkpoint, which_of(args))
     backbone = model.backbone
     if backbone.patch_size is None:
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     f_va, m_va = extract_patch_features(backbone, val, n_last_blocks=args.n_last_blocks,
                                         batch_size=args.batch_size)
     res = segmentation_probe(f_tr, m_tr, f_va, m_va, n_classes, ignore_index=ignore, class_names=names,
-                             epochs=args.epochs, lrs=args.lr)
+                             epochs=args.epochs, lrs=args.lrs)
     print(f"linear segmentation probe ({args.n_last_blocks} last block(s), {size} px, {len(train)} train / "
           f"{len(val)} val images):")
     print(f"  mIoU {res.miou:.2f}   pixel accuracy {res.pixel_accuracy:.2f}")

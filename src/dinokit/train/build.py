@@ -76,6 +76,10 @@ def build_method(cfg: Config) -> SelfDistillationMethod:
         if not hasattr(method, "load_gram_teacher"):
             raise ConfigError(f"gram.teacher_path: method {cfg.model.method!r} has no Gram teacher")
         method.load_gram_teacher(cfg.gram.teacher_path)
+    if getattr(method, "objective", None) == "features" and cfg.crops.n_local > 0:
+        warnings.warn(f"crops.n_local={cfg.crops.n_local}: feature distillation reads the global crops only; "
+                      "the local crops are made and never used (crops.n_local=0 saves making them)",
+                      UserWarning, stacklevel=2)
     mc = build_multicrop_config(cfg)
     check_crop_sizes(method.student_backbone.patch_size, {"crops.global_size": mc.global_size,
                                                           "crops.local_size": mc.local_size})
