@@ -103,6 +103,28 @@ def test_seeded_views_do_not_depend_on_order_or_global_rng():
     assert sample_seed(0, 0, 1) != sample_seed(0, 1, 0)
 
 
+def test_a_samples_seed_touches_the_cpu_generator_only(monkeypatch):
+    """A sample's crops and a batch's masks are drawn from the CPU generator, seeded per sample and
+    restored after: the accelerators' generators are left alone (seeding them costs a formatted
+    stack trace a sample where CUDA is not initialised, and would reseed the training device's
+    generator from the loader where it is)."""
+    from dinokit.train.loader import SeededCollate
+
+    def refuse(*_a, **_k):
+        raise AssertionError("an accelerator generator was seeded")
+
+    for module in (torch.cuda, torch.xpu, torch.mtia):
+        monkeypatch.setattr(module, "manual_seed_all", refuse)
+    ds = SeededViews([torch.zeros(1)] * 4, lambda x: torch.rand(3), seed=5)
+    before = torch.get_rng_state()
+    a = ds[2]
+    assert torch.equal(torch.get_rng_state(), before)  # the CPU generator restored
+    torch.default_generator.manual_seed(sample_seed(5, 0, 2))
+    assert torch.equal(a[0], torch.rand(3))  # the sample's own seed drew its crops
+    batch = ds.__getitems__([0, 1])
+    SeededCollate(lambda items: torch.rand(2), seed=5)(batch)
+
+
 def test_loader_state_round_trip():
     ds = SeededViews(list(torch.arange(12.0)), lambda x: x, seed=0)
     dl = ResumableDataLoader(ds, batch_size=3, seed=0)

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dinokit.atomic import atomic_write, write_text
 from dinokit.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, ImageFolderDataset, read_image
 from dinokit.distributed import rank_world as _rank_world
-from dinokit.seeding import sample_seed
+from dinokit.seeding import cpu_rng, sample_seed
 from dinokit.worker_signals import stop_signals_blocked
 
 INDEX_FILE = "index.json"
@@ -249,8 +249,7 @@ class ShardStream(IterableDataset):
         image, label = decode_sample(sample, self.max_pixels)
         if self.transform is None:
             return image, label
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, pass_, _key_hash(sample["__key__"])))
+        with cpu_rng(sample_seed(self.seed, pass_, _key_hash(sample["__key__"]))):
             return self.transform(image), label
 
     def __iter__(self) -> Iterator[tuple[Any, int, int, int]]:
@@ -266,8 +265,7 @@ class ShardStream(IterableDataset):
         for pass_, pos, sample in self._samples(slot, n_slots):
             batch.append(self._view(sample, pass_))
             if len(batch) == self.batch_size:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(sample_seed(self.seed ^ _MASK_SALT, pass_, slot * 2**32 + pos))
+                with cpu_rng(sample_seed(self.seed ^ _MASK_SALT, pass_, slot * 2**32 + pos)):
                     out = self.collate(batch)
                 yield out, slot, pass_, pos
                 batch = []

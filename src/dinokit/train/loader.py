@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from dinokit.config import ConfigError
 from dinokit.distributed import rank_world
-from dinokit.seeding import sample_seed
+from dinokit.seeding import cpu_rng, sample_seed
 from dinokit.worker_signals import IgnoreStopSignals, stop_signals_blocked
 
 _MASK_SALT = 0x5EED_0F_3A5C
@@ -118,8 +118,7 @@ class SeededViews(Dataset):
             image, label = item, -1
         pos = getattr(key, "pos", None)
         transform = self.transform if self.staged is None or pos is None else self.staged(epoch, pos)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+        with cpu_rng(sample_seed(self.seed, epoch, index)):
             views = transform(image)
         return views, label
 
@@ -171,8 +170,7 @@ class SeededCollate:
         kwargs = {}
         if getattr(collate, "mask_sampling", "batch") == "sample":
             kwargs["sample_seeds"] = [self.item_seed(k, n) for k in keys]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.batch_seed(keys[0], n))
+        with cpu_rng(self.batch_seed(keys[0], n)):
             return collate(list(batch), **kwargs)
 
 
