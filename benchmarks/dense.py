@@ -10,9 +10,15 @@ here with the same code:
 - mIoU / pixel accuracy of the linear segmentation probe (:mod:`dinokit.eval.segmentation`) on the
   held-out scenes, at 56 px (twice the base training crops) and at 28 px;
 - k-NN (k=20) and linear-probe top-1 on ``scene-items`` (one item per 56 px scene, random position
-  and scale), next to the random-init backbone and raw pixels (4x4 pixel patches for the probe).
+  and scale), next to the random-init backbone and raw pixels (4x4 pixel patches for the probe);
+- the probe's ceiling on the task: each patch's class fractions, read from the masks, as its
+  features ("patch labels").
 
-    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/dense.py            # every row (about 40 min of one CPU core)
+Three tiers of rows: short (150 steps, 3 seeds), long (600 steps, seed 0: DINOv3 with and without
+Gram anchoring) and the demo budget (1,870 steps, seed 0, every method).
+
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/dense.py            # every row (about 3 h of one CPU core)
+    .venv/bin/python benchmarks/dense.py --tiers short long                       # without the demo-budget rows (40 min)
     .venv/bin/python benchmarks/dense.py --only "DINO" --seeds 0                 # one row
     .venv/bin/python benchmarks/dense.py --report                                # table + curves only
 
