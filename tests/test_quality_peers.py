@@ -116,12 +116,16 @@ def test_a_benchmark_never_mixes_digits_with_fashion_mnist(monkeypatch, tmp_path
         quality.merge_reports(paths)
 
 
-def test_dense_benchmark_trains_the_long_rows_for_seed_0_only():
+def test_dense_benchmark_trains_the_long_and_demo_budget_rows_for_seed_0_only():
     """``dense.py --seeds 1`` (a later start for one more seed) adds that seed's short rows, not a
-    second set of long rows."""
+    second set of long or demo-budget rows; ``--tiers`` keeps the tiers named."""
     dense = load("dense")
-    assert all(not long for _, _, long in dense.rows_wanted([1], None))
-    assert {(m, s) for m, s, long in dense.rows_wanted([0, 1, 2], None) if long} == {(m, 0) for m in dense.LONG}
+    assert {tier for _, _, tier in dense.rows_wanted([1], None)} == {"short"}
+    rows = dense.rows_wanted([0, 1, 2], None)
+    assert {(m, s) for m, s, tier in rows if tier == "long"} == {(m, 0) for m in dense.LONG}
+    assert {(m, s) for m, s, tier in rows if tier == "demo"} == {(m, 0) for m in dense.METHODS}
+    assert {tier for _, _, tier in dense.rows_wanted([0], None, ("demo",))} == {"demo"}
+    assert dense.tier_of({"long": True}) == "long" and dense.tier_of({"long": False}) == "short"
 
 
 def test_the_peer_table_names_each_rows_seeds():
