@@ -191,7 +191,7 @@ def cpu_now() -> float:
 
 
 def tier_of(row: dict[str, Any]) -> str:
-    """A row's tier (rows written before the demo tier carry ``long`` only)."""
+    """A row's tier: its ``tier``, else its ``long`` flag (``long`` or ``short``)."""
     return row.get("tier", "long" if row.get("long") else "short")
 
 

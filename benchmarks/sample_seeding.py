@@ -44,16 +44,13 @@ from dinokit.seeding import cpu_rng
 ROOT = Path(__file__).resolve().parents[1]
 
 RUN = """
-import contextlib, json, sys, time
+import json, sys, time
 import torch
 import dinokit.data.streaming as S
 import dinokit.train.loader as L
+sys.path.insert(0, BENCHMARKS)
+from sample_seeding import everywhere
 if sys.argv[1] == "torch.manual_seed":
-    @contextlib.contextmanager
-    def everywhere(seed):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            yield
     L.cpu_rng = S.cpu_rng = everywhere
 from dinokit.config import load_config
 from dinokit.train.fit import fit
@@ -62,7 +59,7 @@ cfg = load_config(sys.argv[2], sys.argv[4:])
 c0 = time.process_time()
 result = fit(cfg)
 print(json.dumps({"cpu_s_per_step": (time.process_time() - c0) / int(sys.argv[3])}))
-"""
+""".replace("BENCHMARKS", repr(str(Path(__file__).resolve().parent)))
 
 
 @contextlib.contextmanager

@@ -31,9 +31,9 @@ def cpu_rng(seed: int) -> Iterator[None]:
 
     Only the CPU generator, which draws the loaders' crops and masks: ``torch.manual_seed`` would
     also seed every accelerator's generator, which where CUDA is not initialised (a loader worker,
-    a CPU machine) queues the seed with a formatted stack trace, a few milliseconds a sample, and
-    where it is (a GPU loader in the main process) resets the training device's generator from the
-    loader, sample after sample."""
+    a CPU machine) queues the seed with a formatted stack trace for every sample, and where it is
+    (a GPU loader in the main process) resets the training device's generator from the loader,
+    sample after sample."""
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         yield
