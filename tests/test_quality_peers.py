@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dinokit.config import load_config
 
@@ -126,6 +127,22 @@ def test_dense_benchmark_trains_the_long_and_demo_budget_rows_for_seed_0_only():
     assert {(m, s) for m, s, tier in rows if tier == "demo"} == {(m, 0) for m in dense.METHODS}
     assert {tier for _, _, tier in dense.rows_wanted([0], None, ("demo",))} == {"demo"}
     assert dense.tier_of({"long": True}) == "long" and dense.tier_of({"long": False}) == "short"
+
+
+def test_the_dense_ceiling_row_reads_each_patchs_class_fractions():
+    """The "patch labels" features: the share of each class among the pixels of each grid cell,
+    against fractions counted by hand on a 4 x 4 mask cut into 2 x 2 cells."""
+    dense = load("dense")
+    mask = torch.tensor([[0, 0, 1, 1],
+                         [0, 2, 1, 1],
+                         [2, 2, 0, 0],
+                         [2, 2, 0, 1]])
+    f = dense._patch_labels(mask[None], 3, 2)
+    assert f.shape == (1, 3, 2, 2)
+    torch.testing.assert_close(f[0, :, 0, 0], torch.tensor([0.75, 0.0, 0.25]))
+    torch.testing.assert_close(f[0, :, 0, 1], torch.tensor([0.0, 1.0, 0.0]))
+    torch.testing.assert_close(f[0, :, 1, 0], torch.tensor([0.0, 0.0, 1.0]))
+    torch.testing.assert_close(f[0, :, 1, 1], torch.tensor([0.75, 0.25, 0.0]))
 
 
 def test_the_peer_table_names_each_rows_seeds():
