@@ -12,7 +12,7 @@ distillation; those rows run seed by seed between dinokit's, so that the shared 
 on both alike. Every network is scored with ``benchmarks/quality.py``'s
 code: k-NN top-1 (k=20) and a linear probe on a bank of training images, on the test split.
 
-    .venv/bin/python benchmarks/distill.py                        # the BENCHMARKS.md table (~1,400 CPU-s)
+    .venv/bin/python benchmarks/distill.py                        # the BENCHMARKS.md table (~1,600 CPU-s)
     .venv/bin/python benchmarks/distill.py --steps 5 --teacher-steps 5 --seeds 1 --peer-seeds 0 \
         --peer-long-steps 0 --out /tmp/d --md /tmp/B.md                          # a smoke run
 
