@@ -15,11 +15,14 @@ here with the same code:
   features ("patch labels").
 
 Three tiers of rows: short (150 steps, 3 seeds), long (600 steps, seed 0: DINOv3 with and without
-Gram anchoring) and the demo budget (1,870 steps, seed 0, every method).
+Gram anchoring) and the demo budget (1,870 steps, every method; seed 0 unless ``--demo-seeds``
+names more).
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/dense.py            # every row (about 3 h of one CPU core)
     .venv/bin/python benchmarks/dense.py --tiers short long                       # without the demo-budget rows (40 min)
     .venv/bin/python benchmarks/dense.py --only "DINO" --seeds 0                 # one row
+    .venv/bin/python benchmarks/dense.py --tiers demo --seeds 1 2 --demo-seeds 1 2 \
+        --only DINO DINOv2 DINOv3                                                 # demo-budget spread
     .venv/bin/python benchmarks/dense.py --report                                # table + curves only
 
 Each row writes ``benchmarks/results/dense/<row>.json`` and is skipped when that file exists (a
@@ -276,14 +279,18 @@ def baseline_row(name: str) -> dict[str, Any]:
             "cpu_s": cpu_now() - c0}
 
 
-def rows_wanted(seeds: list[int], only: list[str] | None,
-                tiers: tuple[str, ...] = tuple(TIERS)) -> list[tuple[str, int, str]]:
-    # the first seed of every method, then the long rows and the demo-budget rows (seed 0 only),
-    # then the other seeds: a cut run has one of each
+def rows_wanted(seeds: list[int], only: list[str] | None, tiers: tuple[str, ...] = tuple(TIERS),
+                demo_seeds: tuple[int, ...] = (0,)) -> list[tuple[str, int, str]]:
+    """The (method, seed, tier) rows to train, in order: the first seed of every method, then the
+    long rows (seed 0) and the demo-budget rows of the first demo seed, then the other seeds, so a
+    cut run has one row of each. Long rows run for seed 0 and demo-budget rows for ``demo_seeds``,
+    each only where ``seeds`` names it: a later start with ``--seeds 1`` adds short rows only."""
+    demo = [s for s in demo_seeds if s in seeds]
     out = [(m, s, "short") for s in seeds[:1] for m in METHODS]
     out += [(m, 0, "long") for m in LONG if 0 in seeds]
-    out += [(m, 0, "demo") for m in METHODS if 0 in seeds]
+    out += [(m, s, "demo") for s in demo[:1] for m in METHODS]
     out += [(m, s, "short") for s in seeds[1:] for m in METHODS]
+    out += [(m, s, "demo") for s in demo[1:] for m in METHODS]
     return [r for r in out if (not only or r[0] in only) and r[2] in tiers]
 
 
@@ -370,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", default=None, help="row names (methods, 'random init', 'raw pixels', "
                    "'patch labels')")
     p.add_argument("--tiers", nargs="+", choices=list(TIERS), default=list(TIERS),
-                   help="row tiers to run: short (3 seeds), long (seed 0), demo (the demo budget, seed 0)")
+                   help="row tiers to run: short (3 seeds), long (seed 0), demo (the demo budget, --demo-seeds)")
+    p.add_argument("--demo-seeds", type=int, nargs="+", default=[0],
+                   help="seeds of the demo-budget rows (among --seeds); 0 by default, 0 1 2 for the spread")
     p.add_argument("--report", action="store_true", help="only write the table and the curves")
     p.add_argument("--students", action="store_true",
                    help="only score the students of finished rows that lack them, then report")
@@ -388,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {**baseline_row(name), "probe": probe_tag()}
                 atomic.write_text(out, json.dumps(row, indent=1))
                 print(f"{name}: mIoU@56 {row['miou@56']:.1f}  ({row['cpu_s']:.0f} CPU s)", flush=True)
-        for method, seed, tier in rows_wanted(a.seeds, a.only, tuple(a.tiers)):
+        for method, seed, tier in rows_wanted(a.seeds, a.only, tuple(a.tiers), tuple(a.demo_seeds)):
             out = ROWS_DIR / f"{row_name(method, seed, tier)}.json"
             if current(out):
                 continue

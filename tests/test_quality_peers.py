@@ -117,15 +117,20 @@ def test_a_benchmark_never_mixes_digits_with_fashion_mnist(monkeypatch, tmp_path
         quality.merge_reports(paths)
 
 
-def test_dense_benchmark_trains_the_long_and_demo_budget_rows_for_seed_0_only():
+def test_dense_benchmark_trains_long_rows_for_seed_0_and_demo_rows_for_the_demo_seeds():
     """``dense.py --seeds 1`` (a later start for one more seed) adds that seed's short rows, not a
-    second set of long or demo-budget rows; ``--tiers`` keeps the tiers named."""
+    second set of long or demo-budget rows; ``--tiers`` keeps the tiers named; the demo-budget rows
+    run for ``--demo-seeds`` (seed 0 by default)."""
     dense = load("dense")
     assert {tier for _, _, tier in dense.rows_wanted([1], None)} == {"short"}
     rows = dense.rows_wanted([0, 1, 2], None)
     assert {(m, s) for m, s, tier in rows if tier == "long"} == {(m, 0) for m in dense.LONG}
     assert {(m, s) for m, s, tier in rows if tier == "demo"} == {(m, 0) for m in dense.METHODS}
     assert {tier for _, _, tier in dense.rows_wanted([0], None, ("demo",))} == {"demo"}
+    # ``--demo-seeds 1 2`` adds those seeds' demo-budget rows, after every short row, and no long row
+    spread = dense.rows_wanted([1, 2], ["DINO"], ("short", "long", "demo"), (1, 2))
+    assert spread == [("DINO", 1, "short"), ("DINO", 1, "demo"), ("DINO", 2, "short"), ("DINO", 2, "demo")]
+    assert dense.rows_wanted([1], ["DINO"], ("demo",), (0, 2)) == []
     assert dense.tier_of({"long": True}) == "long" and dense.tier_of({"long": False}) == "short"
 
 
