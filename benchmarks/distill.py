@@ -48,19 +48,27 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "distill"
 PEER_PY = ROOT / ".bench-venv-lightly-train" / "bin" / "python"
 PEER = "lightly-train distillation"
-#: the smaller ViT student: the teacher's patch size (4) and grid, half its width, 2 blocks
-#: The small ViT student; both its runs (distilled, and DINO from scratch with `demo`, whose own ViT
-#: starts from xavier) start from one initialisation, timm's, so the comparison has one difference.
+#: the small ViT student: the teacher's patch size (4) and grid, half its width, 2 blocks (18 % of its
+#: parameters). Both its runs (distilled, and DINO from scratch with `demo`, whose own ViT starts
+#: from xavier) start from one initialisation, timm's, so the comparison has one difference.
 SMALL_VIT = ("backbone.name=vit_tiny_patch16_224",
              "backbone.kwargs={img_size: 28, patch_size: 4, depth: 2, embed_dim: 32, num_heads: 2, in_chans: 1}",
              "backbone.init=timm")
+#: a ViT of 57 % of the teacher's parameters: its 3 blocks at three quarters of its width
+MID_VIT = ("backbone.name=vit_tiny_patch16_224",
+           "backbone.kwargs={img_size: 28, patch_size: 4, depth: 3, embed_dim: 48, num_heads: 2, in_chans: 1}",
+           "backbone.init=timm")
 #: student -> (preset trained from scratch with DINO, overrides of the scratch run, overrides of the distillation)
 STUDENTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "resnet10t": ("demo_cnn", (), ()),
     "vit_2x32": ("demo", SMALL_VIT, (*SMALL_VIT, "heads.batch_norm=false")),
+    "vit_3x48": ("demo", MID_VIT, (*MID_VIT, "heads.batch_norm=false")),
 }
+#: the students of the default run (``--students`` names others)
+DEFAULT_STUDENTS = ["resnet10t", "vit_2x32"]
 
-LABELS = {"resnet10t": "resnet10t", "vit_2x32": "ViT 2x32 (half the teacher's width, 2 blocks)"}
+LABELS = {"resnet10t": "resnet10t", "vit_2x32": "ViT 2x32 (half the teacher's width, 2 blocks)",
+          "vit_3x48": "ViT 3x48 (the teacher's 3 blocks, 57 % of its parameters)"}
 #: dinokit's feature objective on the peer's views: one global crop per image, no local crop, so
 #: that a step does the work of the peer's step (a student and a teacher forward of one view)
 ONE_VIEW = ("distillation.objective=features", "crops.n_global=1", "crops.n_local=0")
@@ -220,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bank", type=int, default=2000, help="k-NN bank / linear-probe training images")
     p.add_argument("--test", type=int, default=1000, help="test images")
     p.add_argument("--probe-epochs", type=int, default=30)
-    p.add_argument("--students", nargs="*", default=list(STUDENTS), help=f"subset of {list(STUDENTS)}")
+    p.add_argument("--students", nargs="*", default=DEFAULT_STUDENTS, choices=list(STUDENTS),
+                   help=f"students to distil (default {DEFAULT_STUDENTS})")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=OUT, help="per-row results and run folders")
     p.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md")
