@@ -222,7 +222,8 @@ def markdown(rows: dict[str, dict[str, Any]], args: argparse.Namespace, seeds: l
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=100, help="optimiser steps of every student run")
-    p.add_argument("--teacher-steps", type=int, default=400, help="optimiser steps of the teacher run")
+    p.add_argument("--teacher-steps", type=int, default=1870,
+                   help="optimiser steps of the teacher run (1,870: the demo budget)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--limit", type=int, default=12000, help="training images")
     p.add_argument("--bank", type=int, default=2000, help="k-NN bank / linear-probe training images")
@@ -245,16 +246,28 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.seeds))
     runs = args.out / "runs"
     rows: dict[str, dict[str, Any]] = {}
-    rows["teacher"] = row(args.out / "teacher.json", lambda: train_and_score(
-        "dinov3_tiny_cpu", common(args, 0, runs, "teacher", args.teacher_steps), args, 0))
-    teacher_dir = rows["teacher"]["run_dir"]
+    teacher_json = args.out / "teacher.json"
+
+    def train_teacher() -> dict[str, Any]:
+        return train_and_score("dinov3_tiny_cpu", common(args, 0, runs, "teacher", args.teacher_steps), args, 0)
+
+    rows["teacher"] = row(teacher_json, train_teacher)
+
+    def teacher_dir() -> str:
+        """The teacher's run folder, trained again where its cached row outlived it (results kept
+        without their run folders): a student needs the teacher's weights, the table its scores."""
+        if not Path(rows["teacher"]["run_dir"]).is_dir():
+            print(f"{teacher_json}: the teacher's run folder is gone; training it again", flush=True)
+            teacher_json.unlink()
+            rows["teacher"] = row(teacher_json, train_teacher)
+        return rows["teacher"]["run_dir"]
     for seed in seeds:
         for student in args.students:
             scratch_preset, scratch_extra, distill_extra = STUDENTS[student]
             key = f"{student}/distill/{seed}"
             rows[key] = row(args.out / f"{key}.json", lambda s=seed, st=student, ex=distill_extra: train_and_score(
                 "distill_tiny_cpu", [*common(args, s, runs, f"distill-{st}-{s}", args.steps),
-                                     f"model.teacher={teacher_dir}", *ex], args, s))
+                                     f"model.teacher={teacher_dir()}", *ex], args, s))
             key = f"{student}/scratch/{seed}"
             rows[key] = row(args.out / f"{key}.json", lambda s=seed, st=student, pr=scratch_preset,
                             ex=scratch_extra: train_and_score(
@@ -267,15 +280,15 @@ def main(argv: list[str] | None = None) -> int:
                 key = f"{student}/features_1view/{seed}"
                 rows[key] = row(args.out / f"{key}.json", lambda s=seed: train_and_score(
                     "distill_tiny_cpu", [*common(args, s, runs, f"features-1view-{s}", args.steps),
-                                         f"model.teacher={teacher_dir}", *ONE_VIEW], args, s))
+                                         f"model.teacher={teacher_dir()}", *ONE_VIEW], args, s))
             if seed < args.peer_seeds and args.peer_python.is_file():
                 key = f"resnet10t/peer/{seed}"
                 rows[key] = row(args.out / f"{key}.json",
-                                lambda s=seed: peer_and_score(args, s, teacher_dir, args.steps))
+                                lambda s=seed: peer_and_score(args, s, teacher_dir(), args.steps))
                 if args.peer_long_steps:
                     key = f"resnet10t/peer_long/{seed}"
                     rows[key] = row(args.out / f"{key}.json",
-                                    lambda s=seed: peer_and_score(args, s, teacher_dir, args.peer_long_steps))
+                                    lambda s=seed: peer_and_score(args, s, teacher_dir(), args.peer_long_steps))
         print(json.dumps({k: {m: v.get(m) for m in ("knn_top1", "linear_top1", "cpu_s_per_step")}
                           for k, v in rows.items()}), flush=True)
     if args.peer_seeds and not args.peer_python.is_file():

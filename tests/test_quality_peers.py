@@ -4,6 +4,7 @@ the peer training loop's schedules (benchmarks/peer_quality.py), without running
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -160,3 +161,38 @@ def test_the_peer_table_names_each_rows_seeds():
     rows = [line for line in quality.peer_markdown(report, None).splitlines() if line.startswith("| DINO |")]
     assert rows[0].startswith("| DINO | dinokit | 0, 2 |")
     assert rows[1].startswith("| DINO | stable-pretraining | 0 |")
+
+
+def test_distill_benchmark_trains_its_teacher_again_only_when_a_student_needs_its_weights(tmp_path, monkeypatch):
+    """Results kept without their run folders: the table is made from the cached rows without any
+    training; a missing student row first trains the teacher again (its weights are gone), then
+    the student against the new teacher's folder."""
+    distill = load("distill")
+    calls: list[tuple[str, str]] = []
+
+    def fake_train(preset, overrides, args, seed, score_network="deployed"):
+        name = next(o.split("=", 1)[1] for o in overrides if o.startswith("trainer.run_name="))
+        teacher = next((o.split("=", 1)[1] for o in overrides if o.startswith("model.teacher=")), "")
+        calls.append((name, teacher))
+        run_dir = tmp_path / "runs" / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return {"knn_top1": 1.0, "linear_top1": 2.0, "wall_s_per_step": 0.1, "cpu_s_per_step": 0.1,
+                "steps": 1, "run_dir": str(run_dir)}
+
+    monkeypatch.setattr(distill, "train_and_score", fake_train)
+    monkeypatch.setattr(distill, "demo_data", lambda **_: "fashion-mnist")
+    argv = ["--seeds", "1", "--students", "vit_2x32", "--peer-seeds", "0", "--no-one-view",
+            "--out", str(tmp_path / "out"), "--md", str(tmp_path / "B.md")]
+    assert distill.main(argv) == 0
+    assert [c[0] for c in calls] == ["teacher", "distill-vit_2x32-0", "scratch-vit_2x32-0"]
+    teacher_dir = str(tmp_path / "runs" / "teacher")
+    assert calls[1][1] == teacher_dir
+
+    shutil.rmtree(teacher_dir)
+    calls.clear()
+    assert distill.main(argv) == 0          # every row cached: nothing trains
+    assert calls == []
+    (tmp_path / "out" / "vit_2x32" / "distill" / "0.json").unlink()
+    assert distill.main(argv) == 0
+    assert calls == [("teacher", ""), ("distill-vit_2x32-0", teacher_dir)]
+    assert (tmp_path / "runs" / "teacher").is_dir()
