@@ -224,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=100, help="optimiser steps of every student run")
     p.add_argument("--teacher-steps", type=int, default=1870,
                    help="optimiser steps of the teacher run (1,870: the demo budget)")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="how many seeds: --first-seed and those after it")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the first student seed (runs of one command split over processes; the teacher's is 0)")
     p.add_argument("--limit", type=int, default=12000, help="training images")
     p.add_argument("--bank", type=int, default=2000, help="k-NN bank / linear-probe training images")
     p.add_argument("--test", type=int, default=1000, help="test images")
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     demo_data(strict=True, what="distill.py")
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     runs = args.out / "runs"
     rows: dict[str, dict[str, Any]] = {}
     teacher_json = args.out / "teacher.json"

@@ -196,3 +196,6 @@ def test_distill_benchmark_trains_its_teacher_again_only_when_a_student_needs_it
     assert distill.main(argv) == 0
     assert calls == [("teacher", ""), ("distill-vit_2x32-0", teacher_dir)]
     assert (tmp_path / "runs" / "teacher").is_dir()
+    calls.clear()                           # --first-seed: one seed of the command in another process
+    assert distill.main([*argv, "--first-seed", "1"]) == 0
+    assert calls == [("distill-vit_2x32-1", teacher_dir), ("scratch-vit_2x32-1", "")]
