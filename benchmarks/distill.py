@@ -2,8 +2,8 @@
 smaller ViT on Fashion-MNIST, against the same students trained by DINO from scratch for the same
 number of steps, and against the teacher.
 
-The teacher is the tiny ViT of the ``dinov3_tiny_cpu`` preset, trained here once (``--teacher-steps``)
-and cached in the results folder; each student is distilled with ``distill_tiny_cpu`` (the
+The teacher is the tiny ViT of the ``dinov3_tiny_cpu`` preset, trained here once (``--teacher-steps``,
+the demo budget by default) and cached in the results folder; each student is distilled with ``distill_tiny_cpu`` (the
 DINOv3-style objective: the student's heads learn the teacher's centred DINO and iBOT targets)
 and trained from scratch with DINO (``demo_cnn`` for resnet10t, ``demo`` for the ViT) for the same
 ``--steps``, over ``--seeds`` seeds. resnet10t is also distilled with the feature objective on one
@@ -12,7 +12,9 @@ distillation; those rows run seed by seed between dinokit's, so that the shared 
 on both alike. Every network is scored with ``benchmarks/quality.py``'s
 code: k-NN top-1 (k=20) and a linear probe on a bank of training images, on the test split.
 
-    .venv/bin/python benchmarks/distill.py                        # the BENCHMARKS.md table (~1,600 CPU-s)
+    .venv/bin/python benchmarks/distill.py                        # the BENCHMARKS.md table (~3,300 CPU-s)
+    .venv/bin/python benchmarks/distill.py --steps 2000 --students vit_2x32 vit_3x48 --peer-seeds 0 \
+        --no-one-view --out /tmp/d2000 --md /tmp/d2000.md                       # the ViT students, longer
     .venv/bin/python benchmarks/distill.py --steps 5 --teacher-steps 5 --seeds 1 --peer-seeds 0 \
         --peer-long-steps 0 --out /tmp/d --md /tmp/B.md                          # a smoke run
 
