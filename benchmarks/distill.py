@@ -253,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher_json = args.out / "teacher.json"
 
     def train_teacher() -> dict[str, Any]:
+        if args.first_seed:  # processes sharing --out would each train it, into one folder
+            p.error(f"the teacher of {args.out} is not trained: run --first-seed 0 first, in one process")
         return train_and_score("dinov3_tiny_cpu", common(args, 0, runs, "teacher", args.teacher_steps), args, 0)
 
     rows["teacher"] = row(teacher_json, train_teacher)

@@ -199,3 +199,7 @@ def test_distill_benchmark_trains_its_teacher_again_only_when_a_student_needs_it
     calls.clear()                           # --first-seed: one seed of the command in another process
     assert distill.main([*argv, "--first-seed", "1"]) == 0
     assert calls == [("distill-vit_2x32-1", teacher_dir), ("scratch-vit_2x32-1", "")]
+    # a later seed in a fresh --out does not train the teacher: processes would race on its folder
+    with pytest.raises(SystemExit) as stop:
+        distill.main([*argv[:-4], "--out", str(tmp_path / "fresh"), "--md", str(tmp_path / "B.md"), "--first-seed", "1"])
+    assert stop.value.code == 2 and calls[-1][0] == "scratch-vit_2x32-1"
